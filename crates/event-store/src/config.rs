@@ -1,0 +1,71 @@
+//! Command-line pieces the services share. Every option has an environment twin (the names the
+//! compose file uses), a doc comment (which becomes `--help`) and, where one makes sense, a default.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Where the events database is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection string of the events database, e.g.
+    /// postgres://user:password@host:5432/dbname (key=value form works too).
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// Logging.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
+    /// "info,consumer=debug".
+    #[arg(long = "log-level", env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// The operations endpoint.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// Address for the HTTP endpoint serving /healthz and /metrics (Prometheus), e.g. 0.0.0.0:9100.
+    /// Off when unset.
+    #[arg(long = "http-addr", env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// Parses durations such as `250ms`, `30s`, `5m`, `7d` (clap value parser).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (expected a duration such as 250ms, 30s, 5m, 1h or 7d)"))
+}
+
+/// Ends `main`: prints the error chain once, as `error: what: cause`, and picks the exit code.
+pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "Exiting on an unrecoverable error."
+            );
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_explain_bad_input() {
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        let err = parse_duration("seven days").unwrap_err();
+        assert!(err.contains("expected a duration"), "{err}");
+        assert!(parse_duration("10").is_err(), "a bare number has no unit");
+    }
+}

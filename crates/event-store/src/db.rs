@@ -1,0 +1,96 @@
+//! Connections: a pool for request-style work and dedicated connections for LISTEN.
+//!
+//! Every connection gets TCP keepalives (a dead peer is noticed in well under a minute, which
+//! matters for a LISTEN connection that otherwise only reads), a connect timeout, and an
+//! `application_name` so operators can tell our backends apart in `pg_stat_activity`.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Config, Connection, NoTls, Socket};
+
+use crate::error::{Error, Result};
+
+/// Parses a `DATABASE_URL` (URL or key=value form) and applies our connection settings. The
+/// error never echoes the URL, which may hold a password.
+pub fn config(url: &str, application_name: &str) -> Result<Config> {
+    let mut config: Config = url.parse().map_err(|e| {
+        Error::Config(format!(
+            "DATABASE_URL is not a valid PostgreSQL connection string ({e}); expected e.g. \
+             postgres://user:password@host:5432/dbname"
+        ))
+    })?;
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    Ok(config)
+}
+
+/// Where a config points, for logs and errors: `host:port/dbname as user`, never the password.
+pub fn describe(config: &Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{} as {}",
+        config.get_dbname().unwrap_or("(default database)"),
+        config.get_user().unwrap_or("(default user)")
+    )
+}
+
+/// A pool of at most `size` connections. Connections are made lazily: a database that is down at
+/// start-up shows as errors on use, which callers retry.
+pub fn pool(config: Config, size: usize) -> Result<Pool> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(15)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))
+}
+
+/// A connection of its own (not pooled). The caller must drive `Connection` — spawn it, or poll
+/// it for notifications as the consumer's LISTEN loop does.
+pub async fn connect(config: &Config) -> Result<(Client, Connection<Socket, NoTlsStream>)> {
+    config.connect(NoTls).await.map_err(|e| {
+        Error::database(
+            format!(
+                "cannot connect to PostgreSQL at {} — is it running? check DATABASE_URL",
+                describe(config)
+            ),
+            e,
+        )
+    })
+}
+
+/// A connection whose I/O runs on its own task; for one-shot tools and tests.
+pub async fn connect_spawned(config: &Config) -> Result<Client> {
+    let (client, connection) = connect(config).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "PostgreSQL connection closed.");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,35 @@
+//! The shared core of the event stream: everything the producer, consumer and purger agree on.
+//!
+//! - [`event`]: what an event is, and the validation every producer applies before touching the
+//!   database (the same rules as the schema's CHECK constraints).
+//! - [`position`]: the position model. Event ids are handed out at INSERT but become visible at
+//!   COMMIT, so a reader that simply follows `id` skips events whose transaction commits late.
+//!   Every row therefore carries its writing transaction's id (`tx_id`), readers walk `(tx_id, id)`
+//!   and read only below the *visibility horizon* (the oldest transaction still running): no row
+//!   can ever appear behind a position once it has been read. All SQL that reads events by
+//!   position lives in that module, and nowhere else.
+//! - [`db`]: connection pools and dedicated connections, with errors that say what to do.
+//! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
+//!   service runs at start-up that the schema is there and its role may do its job.
+//! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
+//!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod event;
+pub mod migrations;
+pub mod ops;
+pub mod position;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::{Error, Result};
+pub use event::{Event, NewEvent, Topic};
+pub use position::Position;
+
+/// The fixed name of the outbox table (users type `select count(*) from events`).
+pub const EVENTS_TABLE: &str = "events";
+
+/// The default NOTIFY channel that producers wake consumers on.
+pub const DEFAULT_CHANNEL: &str = "events";

@@ -1,0 +1,35 @@
+//! Throwaway **real** database servers for integration tests and benchmarks.
+//!
+//! Every test that touches a database starts its own servers here, so tests never share state,
+//! two test binaries running at the same time never clash on ports, and nothing is mocked:
+//!
+//! - [`Postgres`]: `initdb` + `postgres` on a free loopback port with a private socket directory and
+//!   a temporary data directory (`fsync=off`: throwaway clusters only). When the tests run as root
+//!   the server runs as the `postgres` OS user, because PostgreSQL refuses to run as root.
+//! - [`Mongo`]: a MongoDB-wire server. `TEST_MONGODB_URI` wins when set (an external server that the
+//!   harness cannot stop); otherwise a real `mongod` from `PATH`; otherwise SecantusDB from the
+//!   project's git-ignored virtualenv (`scripts/test` installs it).
+//!
+//! Both can be stopped (cleanly or with `SIGKILL`) and started again on the same port with their
+//! data intact, which is what the outage tests need. Dropping a server kills it and removes its
+//! directories, also when the test panics.
+//!
+//! The calls block (they wait for the server to accept connections). From an async test, prefer the
+//! multi-threaded runtime (`#[tokio::test(flavor = "multi_thread")]`) so that code under test keeps
+//! running while a server restarts.
+
+mod mongo;
+mod postgres;
+mod process;
+
+pub use mongo::{Mongo, MongoKind};
+pub use postgres::Postgres;
+
+/// The workspace root, where `.venv` and `.tools` live.
+pub fn workspace_root() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .and_then(|p| p.parent())
+        .expect("testbed lives in <root>/crates/testbed")
+        .to_path_buf()
+}
