@@ -112,6 +112,11 @@ impl Mongo {
         self.process = Some(process);
     }
 
+    /// The temporary storage directory (None for an external server); removed on drop.
+    pub fn root_dir(&self) -> Option<&std::path::Path> {
+        self.storage.as_ref().map(|d| d.path())
+    }
+
     pub fn kind(&self) -> MongoKind {
         self.kind
     }

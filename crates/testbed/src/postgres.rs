@@ -189,6 +189,11 @@ impl Postgres {
         self.data_root.path().join("postgres.log")
     }
 
+    /// The temporary directory holding the data directory, socket-free; removed on drop.
+    pub fn root_dir(&self) -> &Path {
+        self.data_root.path()
+    }
+
     /// The directory holding `psql`, `pgbench` and the server binaries in use.
     pub fn bindir(&self) -> &Path {
         &self.bindir

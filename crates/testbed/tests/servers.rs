@@ -161,3 +161,47 @@ fn dropping_a_server_removes_its_process() {
         "a dropped server must not keep listening"
     );
 }
+
+/// Run by `a_panicking_test_leaves_no_server_behind` in a child process.
+#[test]
+#[ignore = "run as a child of a_panicking_test_leaves_no_server_behind"]
+fn child_panics_while_servers_run() {
+    let pg = Postgres::start();
+    let mongo = Mongo::start();
+    println!("PG {} {}", pg.port(), pg.root_dir().display());
+    if let Some(dir) = mongo.root_dir() {
+        println!("MONGO {} {}", mongo.uri(), dir.display());
+    }
+    panic!("deliberate panic with both servers running");
+}
+
+#[test]
+fn a_panicking_test_leaves_no_server_behind() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_panics_while_servers_run",
+            "--ignored",
+            "--nocapture",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child test must fail");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let pg_line = stdout
+        .lines()
+        .find(|l| l.starts_with("PG "))
+        .expect("child printed PG");
+    let mut parts = pg_line.split_whitespace().skip(1);
+    let port: u16 = parts.next().unwrap().parse().unwrap();
+    let dir = parts.next().unwrap();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "postgres still listens"
+    );
+    assert!(!std::path::Path::new(dir).exists(), "{dir} was left behind");
+    if let Some(line) = stdout.lines().find(|l| l.starts_with("MONGO ")) {
+        let dir = line.split_whitespace().nth(2).unwrap();
+        assert!(!std::path::Path::new(dir).exists(), "{dir} was left behind");
+    }
+}
