@@ -1,0 +1,436 @@
+//! Appending events: inside the caller's transaction, or in a transaction of their own.
+//!
+//! Every append is **one statement and one round trip**, however many events it carries: a batch
+//! is a single `INSERT … SELECT FROM unnest(…)` of column arrays, sent as an unnamed statement with
+//! its parameter types given, so there is no separate prepare round trip and nothing to cache per
+//! connection. In the in-transaction wake-up mode the same statement also calls `pg_notify`.
+//!
+//! Event ids (`event_id`, a UUID) are generated here when the caller gives none, so a caller who
+//! loses the connection during COMMIT can look the events up afterwards and never has to guess.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Pool;
+use event_store::event::InvalidEvent;
+use event_store::{NewEvent, Topic};
+use serde_json::Value;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
+use uuid::Uuid;
+
+use crate::channel::Channel;
+use crate::error::AppendError;
+use crate::notifier::Notifier;
+
+/// Payloads larger than this (as JSON text) are refused unless configured otherwise.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// What the database assigned to one appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Receipt {
+    /// The `id` column: the event's place in the sequence (within a batch, ids ascend in input
+    /// order; across transactions they do not follow commit order).
+    pub id: i64,
+    /// The event's unique id: the caller's, or one generated for it.
+    pub event_id: Uuid,
+}
+
+/// How consumers are woken when events commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NotifyMode {
+    /// After a successful commit, ask the background notifier for a wake-up: at most one NOTIFY
+    /// per short interval from a side connection, off the commit path. Much faster when many
+    /// small transactions commit concurrently; the wake-up leaves ~1 round trip after the commit.
+    #[default]
+    AfterCommit,
+    /// `pg_notify` inside the appending transaction: the wake-up commits with the events, but
+    /// PostgreSQL serialises the commits of all notifying transactions.
+    InTransaction,
+}
+
+impl std::fmt::Display for NotifyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotifyMode::AfterCommit => "after-commit",
+            NotifyMode::InTransaction => "in-transaction",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Wake {
+    InTransaction(Channel),
+    AfterCommit(Notifier),
+}
+
+/// Appends events to the `events` table and wakes consumers. Cheap to clone; share one per
+/// process.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    wake: Wake,
+    max_payload_bytes: usize,
+}
+
+/// Events appended inside a transaction that has not committed yet.
+///
+/// In the after-commit wake-up mode the consumers are woken only when you say the transaction
+/// committed: call [`Appended::committed`] after your COMMIT succeeds, or let
+/// [`Producer::commit`] do both. Dropping it (say, after a rollback) sends no wake-up. In the
+/// in-transaction mode the wake-up is part of the transaction and `committed` just returns the
+/// receipts.
+#[must_use = "call `.committed()` after your transaction commits (or use `Producer::commit`) so consumers wake up at once"]
+#[derive(Debug)]
+pub struct Appended<T> {
+    receipts: T,
+    wake: Option<(Notifier, Vec<Topic>)>,
+}
+
+impl<T> Appended<T> {
+    /// The receipts, before the commit.
+    pub fn receipts(&self) -> &T {
+        &self.receipts
+    }
+
+    /// Says the transaction committed: wakes consumers (after-commit mode) and returns the
+    /// receipts.
+    pub fn committed(self) -> T {
+        if let Some((notifier, topics)) = self.wake {
+            notifier.wake(topics.iter().map(Topic::as_str));
+        }
+        self.receipts
+    }
+}
+
+impl Producer {
+    /// Wakes consumers with `pg_notify(channel, topic)` inside each appending transaction.
+    pub fn in_transaction(channel: Channel) -> Producer {
+        Producer {
+            wake: Wake::InTransaction(channel),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// Wakes consumers after commit through `notifier` (see [`Notifier::spawn`]).
+    pub fn after_commit(notifier: Notifier) -> Producer {
+        Producer {
+            wake: Wake::AfterCommit(notifier),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// Refuses payloads whose JSON text is longer than `bytes`.
+    pub fn with_max_payload_bytes(mut self, bytes: usize) -> Producer {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+    }
+
+    pub fn notify_mode(&self) -> NotifyMode {
+        match self.wake {
+            Wake::InTransaction(_) => NotifyMode::InTransaction,
+            Wake::AfterCommit(_) => NotifyMode::AfterCommit,
+        }
+    }
+
+    /// Appends one event inside the caller's transaction (or, given a `Client`, as a statement of
+    /// its own). Validation happens before anything is sent.
+    pub async fn append_in<C>(
+        &self,
+        client: &C,
+        event: &NewEvent,
+    ) -> Result<Appended<Receipt>, AppendError>
+    where
+        C: GenericClient + Sync,
+    {
+        let mut receipts = self
+            .append_batch_in(client, std::slice::from_ref(event))
+            .await?;
+        Ok(Appended {
+            receipts: receipts.receipts.pop().expect("one receipt per event"),
+            wake: receipts.wake.take(),
+        })
+    }
+
+    /// Appends a batch inside the caller's transaction with one statement. Receipts come back in
+    /// input order. An empty batch sends nothing.
+    pub async fn append_batch_in<C>(
+        &self,
+        client: &C,
+        events: &[NewEvent],
+    ) -> Result<Appended<Vec<Receipt>>, AppendError>
+    where
+        C: GenericClient + Sync,
+    {
+        let columns = Columns::encode(events, self.max_payload_bytes)?;
+        let receipts = self.insert(client, &columns).await?;
+        let wake = match &self.wake {
+            Wake::AfterCommit(notifier) if !events.is_empty() => Some((
+                notifier.clone(),
+                distinct_topics(events).into_iter().cloned().collect(),
+            )),
+            _ => None,
+        };
+        Ok(Appended { receipts, wake })
+    }
+
+    /// Commits the caller's transaction, then wakes consumers (after-commit mode).
+    ///
+    /// If the COMMIT fails with [`AppendError::outcome_unknown`] the events may or may not be
+    /// stored: look them up by `event_id` before appending them again.
+    pub async fn commit<T>(
+        &self,
+        transaction: Transaction<'_>,
+        appended: Appended<T>,
+    ) -> Result<T, AppendError> {
+        transaction
+            .commit()
+            .await
+            .map_err(|e| AppendError::database("commit the transaction holding the events", e))?;
+        Ok(appended.committed())
+    }
+
+    /// Appends a batch in a transaction of its own — one statement, which PostgreSQL runs as its
+    /// own transaction — and wakes consumers once it has committed. `client` must not be inside
+    /// an open transaction (use [`Producer::append_batch_in`] for that).
+    pub async fn append(
+        &self,
+        client: &Client,
+        events: &[NewEvent],
+    ) -> Result<Vec<Receipt>, AppendError> {
+        Ok(self.append_batch_in(client, events).await?.committed())
+    }
+
+    /// [`Producer::append`] on a connection taken from `pool`.
+    pub async fn append_pooled(
+        &self,
+        pool: &Pool,
+        events: &[NewEvent],
+    ) -> Result<Vec<Receipt>, AppendError> {
+        let client = pool.get().await.map_err(AppendError::Pool)?;
+        self.append(&client, events).await
+    }
+
+    /// Wakes consumers for events that committed without going through this producer's own
+    /// commit path (for instance, events found committed after a COMMIT of unknown outcome).
+    /// Does nothing in the in-transaction mode, whose wake-ups commit with the events.
+    pub fn wake_committed<'a>(&self, topics: impl IntoIterator<Item = &'a Topic>) {
+        if let Wake::AfterCommit(notifier) = &self.wake {
+            notifier.wake(topics.into_iter().map(Topic::as_str));
+        }
+    }
+
+    async fn insert<C>(
+        &self,
+        client: &C,
+        columns: &Columns<'_>,
+    ) -> Result<Vec<Receipt>, AppendError>
+    where
+        C: GenericClient + Sync,
+    {
+        if columns.event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::with_capacity(8);
+        let single = columns.event_ids.len() == 1;
+        if single {
+            params.extend([
+                (&columns.event_ids[0] as &(dyn ToSql + Sync), Type::UUID),
+                (&columns.topics[0], Type::TEXT),
+                (&columns.keys[0], Type::TEXT),
+                (&columns.types[0], Type::TEXT),
+                (&columns.payloads[0], Type::TEXT),
+                (&columns.headers[0], Type::TEXT),
+            ]);
+        } else {
+            params.extend([
+                (&columns.event_ids as &(dyn ToSql + Sync), Type::UUID_ARRAY),
+                (&columns.topics, Type::TEXT_ARRAY),
+                (&columns.keys, Type::TEXT_ARRAY),
+                (&columns.types, Type::TEXT_ARRAY),
+                (&columns.payloads, Type::TEXT_ARRAY),
+                (&columns.headers, Type::TEXT_ARRAY),
+            ]);
+        }
+        let wake_topics;
+        let sql = match (&self.wake, single) {
+            (Wake::AfterCommit(_), true) => sql::INSERT_ONE,
+            (Wake::AfterCommit(_), false) => sql::INSERT_MANY,
+            (Wake::InTransaction(channel), single) => {
+                wake_topics = columns.distinct_topics();
+                params.push((channel.as_string(), Type::TEXT));
+                params.push((&wake_topics, Type::TEXT_ARRAY));
+                if single {
+                    sql::INSERT_ONE_NOTIFY
+                } else {
+                    sql::INSERT_MANY_NOTIFY
+                }
+            }
+        };
+        let rows = client
+            .query_typed(sql, &params)
+            .await
+            .map_err(|e| AppendError::database("append events", e))?;
+        receipts_in_input_order(&columns.event_ids, rows)
+    }
+}
+
+mod sql {
+    // `WITH ORDINALITY … ORDER BY ord` makes the INSERT take rows, and so draw ids, in input
+    // order. The receipts are matched back to the input by event_id regardless, so nothing relies
+    // on the order of RETURNING.
+    macro_rules! insert_many {
+        () => {
+            "INSERT INTO events (event_id, topic, key, type, payload, headers)
+             SELECT e.event_id, e.topic, e.key, e.type, e.payload::jsonb, e.headers::jsonb
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                    WITH ORDINALITY AS e(event_id, topic, key, type, payload, headers, ord)
+              ORDER BY e.ord
+             RETURNING id, event_id"
+        };
+    }
+    macro_rules! insert_one {
+        () => {
+            "INSERT INTO events (event_id, topic, key, type, payload, headers)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)
+             RETURNING id, event_id"
+        };
+    }
+
+    pub const INSERT_ONE: &str = insert_one!();
+    pub const INSERT_MANY: &str = insert_many!();
+    // The wake-up rides in the same statement (no extra round trip). `woken` is referenced, and
+    // volatile CTEs are never inlined or skipped, so pg_notify runs exactly once per topic; the
+    // count() keeps it to one row for the join.
+    pub const INSERT_ONE_NOTIFY: &str = concat!(
+        "WITH appended AS (",
+        insert_one!(),
+        "), woken AS (SELECT count(pg_notify($7, topic)) AS n FROM unnest($8::text[]) AS topic)
+         SELECT appended.id, appended.event_id FROM appended CROSS JOIN woken"
+    );
+    pub const INSERT_MANY_NOTIFY: &str = concat!(
+        "WITH appended AS (",
+        insert_many!(),
+        "), woken AS (SELECT count(pg_notify($7, topic)) AS n FROM unnest($8::text[]) AS topic)
+         SELECT appended.id, appended.event_id FROM appended CROSS JOIN woken"
+    );
+}
+
+/// The batch as column arrays, validated and serialised once.
+struct Columns<'a> {
+    event_ids: Vec<Uuid>,
+    topics: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    types: Vec<Option<&'a str>>,
+    payloads: Vec<String>,
+    headers: Vec<String>,
+}
+
+impl<'a> Columns<'a> {
+    fn encode(
+        events: &'a [NewEvent],
+        max_payload_bytes: usize,
+    ) -> Result<Columns<'a>, AppendError> {
+        let n = events.len();
+        let mut columns = Columns {
+            event_ids: Vec::with_capacity(n),
+            topics: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+        };
+        for (index, event) in events.iter().enumerate() {
+            let invalid = |source| AppendError::Invalid { index, source };
+            let payload = serde_json::to_string(&event.payload)
+                .map_err(|e| invalid(InvalidEvent::PayloadNotJson(e.to_string())))?;
+            if payload.len() > max_payload_bytes {
+                return Err(invalid(InvalidEvent::PayloadTooLarge {
+                    size: payload.len(),
+                    limit: max_payload_bytes,
+                }));
+            }
+            let headers = match &event.headers {
+                Value::Object(map) if map.is_empty() => "{}".to_string(),
+                headers @ Value::Object(_) => serde_json::to_string(headers)
+                    .map_err(|_| invalid(InvalidEvent::HeadersNotObject))?,
+                _ => return Err(invalid(InvalidEvent::HeadersNotObject)),
+            };
+            columns
+                .event_ids
+                .push(event.event_id.unwrap_or_else(Uuid::new_v4));
+            columns.topics.push(event.topic.as_str());
+            columns.keys.push(event.key.as_deref());
+            columns.types.push(event.event_type.as_deref());
+            columns.payloads.push(payload);
+            columns.headers.push(headers);
+        }
+        // Caller-chosen ids could repeat within the batch; generated ones never do.
+        if events
+            .iter()
+            .filter(|e| e.event_id.is_some())
+            .nth(1)
+            .is_some()
+        {
+            let mut seen = HashMap::with_capacity(n);
+            for (index, id) in columns.event_ids.iter().enumerate() {
+                if seen.insert(*id, index).is_some() {
+                    return Err(AppendError::DuplicateEventId {
+                        index,
+                        event_id: *id,
+                    });
+                }
+            }
+        }
+        Ok(columns)
+    }
+
+    fn distinct_topics(&self) -> Vec<&'a str> {
+        let mut topics: Vec<&str> = Vec::new();
+        for topic in &self.topics {
+            if !topics.contains(topic) {
+                topics.push(topic);
+            }
+        }
+        topics
+    }
+}
+
+fn distinct_topics(events: &[NewEvent]) -> Vec<&Topic> {
+    let mut topics: Vec<&Topic> = Vec::new();
+    for event in events {
+        if !topics.contains(&&event.topic) {
+            topics.push(&event.topic);
+        }
+    }
+    topics
+}
+
+fn receipts_in_input_order(
+    event_ids: &[Uuid],
+    rows: Vec<Row>,
+) -> Result<Vec<Receipt>, AppendError> {
+    let receipts: Vec<Receipt> = rows
+        .iter()
+        .map(|row| Receipt {
+            id: row.get(0),
+            event_id: row.get(1),
+        })
+        .collect();
+    assert_eq!(
+        receipts.len(),
+        event_ids.len(),
+        "INSERT … RETURNING returned one row per event"
+    );
+    if receipts
+        .iter()
+        .zip(event_ids)
+        .all(|(r, id)| r.event_id == *id)
+    {
+        return Ok(receipts);
+    }
+    let by_id: HashMap<Uuid, Receipt> = receipts.into_iter().map(|r| (r.event_id, r)).collect();
+    Ok(event_ids.iter().map(|id| by_id[id]).collect())
+}
