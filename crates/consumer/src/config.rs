@@ -1,0 +1,226 @@
+//! The `consumer` command line. Every option has an environment twin (the names the compose file
+//! uses) and a doc comment, which becomes `--help`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use event_store::config::{parse_duration, HttpArgs, LogArgs, PostgresArgs};
+use event_store::event::{validate_name, Topic};
+
+use crate::error::{Error, Result};
+
+/// Copies every committed event from the PostgreSQL outbox into MongoDB, in commit order, exactly
+/// once: woken by NOTIFY, catching up from its checkpoint after any downtime or outage.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "consumer", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    /// MongoDB connection string, e.g. mongodb://mongo:27017/?replicaSet=rs0 (a replica set, or a
+    /// single-node one, gives transactional batches; a standalone server works with idempotent
+    /// writes). Required unless --sink null.
+    #[arg(long = "mongodb-uri", env = "MONGODB_URI", hide_env_values = true)]
+    pub mongodb_uri: Option<String>,
+
+    /// MongoDB database holding the events collection and the `checkpoints` collection.
+    #[arg(
+        long = "mongodb-database",
+        env = "MONGODB_DATABASE",
+        default_value = "consumer"
+    )]
+    pub mongodb_database: String,
+
+    /// MongoDB collection the events are written to (document `_id` = the event's `id`).
+    #[arg(
+        long = "mongodb-collection",
+        env = "MONGODB_COLLECTION",
+        default_value = "receivedEvents"
+    )]
+    pub mongodb_collection: String,
+
+    /// This consumer's name: the `_id` of its checkpoint in MongoDB and its row in the PostgreSQL
+    /// `consumer_positions` table. Consumers with different names run side by side, each at its
+    /// own position. Letters, digits, '_', '.', '-'.
+    #[arg(long = "name", env = "CONSUMER_NAME", default_value = "consumer")]
+    pub name: String,
+
+    /// Deliver only these topics (comma-separated); default: all. The position still advances over
+    /// events of other topics.
+    #[arg(long = "topics", env = "CONSUMER_TOPICS", value_delimiter = ',')]
+    pub topics: Vec<String>,
+
+    /// Events fetched from PostgreSQL and written to MongoDB per batch (one MongoDB transaction).
+    #[arg(
+        long = "batch-size",
+        env = "CONSUMER_BATCH_SIZE",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    pub batch_size: u32,
+
+    /// Fallback poll: the longest a lost or never-sent wake-up can delay delivery (e.g. 500ms, 1s).
+    #[arg(
+        long = "poll-interval",
+        env = "CONSUMER_POLL_INTERVAL",
+        default_value = "1s",
+        value_parser = parse_duration
+    )]
+    pub poll_interval: Duration,
+
+    /// The PostgreSQL NOTIFY channel producers wake consumers on.
+    #[arg(
+        long = "notify-channel",
+        env = "NOTIFY_CHANNEL",
+        default_value = event_store::DEFAULT_CHANNEL
+    )]
+    pub notify_channel: String,
+
+    /// /healthz reports delivery as stuck when events are waiting and none has been delivered for
+    /// this long (a MongoDB that refuses writes, a transaction holding the horizon back, ...).
+    #[arg(
+        long = "stall-timeout",
+        env = "CONSUMER_STALL_TIMEOUT",
+        default_value = "1m",
+        value_parser = parse_duration
+    )]
+    pub stall_timeout: Duration,
+
+    /// How often the lag is measured (for /metrics) and both databases are probed (for /healthz).
+    #[arg(
+        long = "monitor-interval",
+        env = "CONSUMER_MONITOR_INTERVAL",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub monitor_interval: Duration,
+
+    /// Where events go: `mongodb`, or `null` to discard them and keep the position in memory only
+    /// (for benchmarks and for measuring the PostgreSQL side alone).
+    #[arg(long = "sink", env = "CONSUMER_SINK", value_enum, default_value_t = SinkKind::Mongodb)]
+    pub sink: SinkKind,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// The `--sink` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    /// MongoDB (the product).
+    Mongodb,
+    /// Discard events (benchmarks).
+    Null,
+}
+
+impl Config {
+    /// A configuration with every default, for tests and benchmarks (the binary parses its own).
+    pub fn new(database_url: impl Into<String>, mongodb_uri: Option<String>) -> Config {
+        let mut args = vec![
+            "consumer".to_string(),
+            "--database-url".into(),
+            database_url.into(),
+        ];
+        match mongodb_uri {
+            Some(uri) => args.extend(["--mongodb-uri".into(), uri]),
+            None => args.extend(["--sink".into(), "null".into()]),
+        }
+        Config::try_parse_from(args).expect("the defaults parse")
+    }
+
+    /// Checks what clap cannot: names, topics, the channel. Errors are configuration errors.
+    pub fn validate(&self) -> Result<()> {
+        validate_name(&self.name).map_err(|reason| {
+            Error::Config(format!("--name / CONSUMER_NAME {:?}: {reason}", self.name))
+        })?;
+        for topic in &self.topics {
+            Topic::new(topic.as_str())
+                .map_err(|e| Error::Config(format!("--topics / CONSUMER_TOPICS: {e}")))?;
+        }
+        if self.notify_channel.is_empty() || self.notify_channel.len() > 63 {
+            return Err(Error::Config(
+                "--notify-channel / NOTIFY_CHANNEL must be 1 to 63 characters".into(),
+            ));
+        }
+        if self.sink == SinkKind::Mongodb {
+            if self.mongodb_uri.as_deref().unwrap_or("").is_empty() {
+                return Err(Error::Config(
+                    "MONGODB_URI (--mongodb-uri) is required, e.g. \
+                     mongodb://127.0.0.1:27017/?directConnection=true"
+                        .into(),
+                ));
+            }
+            for (what, name) in [
+                ("MONGODB_DATABASE", &self.mongodb_database),
+                ("MONGODB_COLLECTION", &self.mongodb_collection),
+            ] {
+                if name.is_empty() || name.contains(['$', '\0', '/', ' ']) {
+                    return Err(Error::Config(format!(
+                        "{what} {name:?} is not a usable MongoDB name"
+                    )));
+                }
+            }
+        }
+        if self.poll_interval.is_zero() || self.monitor_interval.is_zero() {
+            return Err(Error::Config(
+                "--poll-interval and --monitor-interval must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The topic filter as the position SQL takes it: `None` for all topics.
+    pub fn topic_filter(&self) -> Option<Vec<String>> {
+        (!self.topics.is_empty()).then(|| self.topics.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Config, clap::Error> {
+        let mut all = vec!["consumer", "--database-url", "postgres://u@h/db"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = parse(&["--mongodb-uri", "mongodb://m"]).unwrap();
+        assert_eq!(c.mongodb_database, "consumer");
+        assert_eq!(c.mongodb_collection, "receivedEvents");
+        assert_eq!(c.name, "consumer");
+        assert_eq!(c.notify_channel, "events");
+        assert_eq!(c.poll_interval, Duration::from_secs(1));
+        assert!(c.topic_filter().is_none());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn topics_split_on_commas_and_are_checked() {
+        let c = parse(&["--mongodb-uri", "m", "--topics", "courses,policies"]).unwrap();
+        assert_eq!(c.topic_filter().unwrap(), vec!["courses", "policies"]);
+        let bad = parse(&["--mongodb-uri", "m", "--topics", "ok,not ok"]).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("CONSUMER_TOPICS"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_option_named() {
+        assert!(parse(&["--mongodb-uri", "m", "--batch-size", "0"]).is_err());
+        assert!(parse(&["--mongodb-uri", "m", "--poll-interval", "soon"]).is_err());
+        let err = parse(&[]).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("MONGODB_URI"), "{err}");
+        let err = parse(&["--mongodb-uri", "m", "--name=-x"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CONSUMER_NAME"), "{err}");
+        parse(&["--sink", "null"]).unwrap().validate().unwrap();
+    }
+}

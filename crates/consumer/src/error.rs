@@ -1,0 +1,64 @@
+//! What can go wrong, and the one question the delivery loop asks: retry, or stop?
+
+use std::fmt;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration cannot work: fix it and restart. Never retried.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// PostgreSQL (or the shared crate's checks: schema, privileges).
+    #[error(transparent)]
+    Store(#[from] event_store::Error),
+    /// A MongoDB call failed; `context` says what we were doing.
+    #[error("{context}: {source}")]
+    Mongo {
+        context: String,
+        #[source]
+        source: Box<mongodb::error::Error>,
+    },
+    /// Carrying on would lose or corrupt events (a checkpoint from another cluster, a collection
+    /// holding other events under our ids). Needs an operator.
+    #[error("{0}")]
+    Integrity(String),
+    /// A call took too long (the peer may be gone); worth retrying.
+    #[error("{0} timed out")]
+    Timeout(String),
+}
+
+impl Error {
+    pub fn mongo(context: impl fmt::Display, source: mongodb::error::Error) -> Error {
+        Error::Mongo {
+            context: context.to_string(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Worth retrying after a pause. Configuration and integrity errors are not; neither are
+    /// PostgreSQL schema/privilege errors or MongoDB authentication failures, which a retry cannot
+    /// fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Integrity(_) => false,
+            Error::Timeout(_) => true,
+            Error::Store(e) => e.is_transient(),
+            Error::Mongo { source, .. } => mongo_is_transient(source),
+        }
+    }
+}
+
+/// MongoDB failures worth retrying: everything except bad credentials, missing privileges and
+/// invalid arguments (the driver retries the rest once itself; we keep retrying with backoff).
+pub fn mongo_is_transient(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    match e.kind.as_ref() {
+        ErrorKind::Authentication { .. }
+        | ErrorKind::InvalidArgument { .. }
+        | ErrorKind::InvalidTlsConfig { .. } => false,
+        // 13 Unauthorized, 18 AuthenticationFailed.
+        ErrorKind::Command(c) => !matches!(c.code, 13 | 18),
+        _ => true,
+    }
+}

@@ -1,0 +1,77 @@
+//! Publishes the committed position to PostgreSQL (`consumer_positions`), where the purger reads
+//! what every consumer still needs. Best effort and off the delivery path: it follows the latest
+//! committed position (intermediate ones are skipped when it lags), retries with backoff when
+//! PostgreSQL is away, and publishes once at start so the purger knows the consumer exists (a new
+//! consumer publishes the very beginning, holding every event for it).
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use event_store::position::{self, Position};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn publish_loop(
+    pool: Pool,
+    name: String,
+    mut committed: watch::Receiver<Position>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::reconnect();
+    let mut failures = 0u32;
+    loop {
+        let position = *committed.borrow_and_update();
+        match publish(&pool, &name, position).await {
+            Ok(()) => {
+                if failures > 0 {
+                    info!(attempts = failures, position = %position, "Publishing the position works again.");
+                }
+                failures = 0;
+                backoff.reset();
+            }
+            Err(e) => {
+                failures += 1;
+                // Quiet after the first few: the fetcher already reports PostgreSQL outages.
+                if failures <= 3 || failures % 20 == 0 {
+                    warn!(error = %e, attempt = failures,
+                          "Cannot publish the position to PostgreSQL for the purger; retrying.");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_pause()) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+        tokio::select! {
+            changed = committed.changed() => if changed.is_err() { break },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // The last position, so the purger does not hold back more than needed while we are away.
+    let position = *committed.borrow();
+    if let Err(e) = publish(&pool, &name, position).await {
+        warn!(error = %e, "Cannot publish the final position.");
+    }
+}
+
+async fn publish(pool: &Pool, name: &str, position: Position) -> Result<()> {
+    let work = async {
+        let client = pool.get().await.map_err(|e| {
+            Error::Store(event_store::Error::Pool {
+                context: "get a PostgreSQL connection".into(),
+                source: e,
+            })
+        })?;
+        position::publish(&client, name, position).await?;
+        Ok(())
+    };
+    tokio::time::timeout(PUBLISH_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(Error::Timeout("publishing the position".into())))
+}
