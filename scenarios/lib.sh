@@ -85,8 +85,8 @@ scenario_begin() { # short description
             twin up >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; fail "could not start the local twin"; }
         fi
     else
-        step "docker compose up -d --wait"
-        compose up -d --wait
+        step "docker compose up -d --wait producer consumer purger"
+        compose up -d --wait producer consumer purger
     fi
 }
 
@@ -176,7 +176,7 @@ produced_total() { # file: the N of its last `produced N events` line
     [ -n "$n" ] || { tail -n 20 "$1" >&2; fail "no 'produced N events' line in the producer's output"; }
     echo "$n"
 }
-# The same in the background; `wait_background` collects the totals.
+# The same in the background; `wait_background` collects the total.
 produce_bg() { # name count [args...]
     local name=$1
     shift
@@ -184,11 +184,22 @@ produce_bg() { # name count [args...]
     BG_PIDS+=($!)
     echo "$!" >"$WORK/bg.$name.pid"
 }
-wait_background() { # name: waits for that background producer, prints its total
+# Waits for a background producer (in this shell: `wait` cannot wait from a subshell) and sets
+# BG_TOTAL to the total it reported.
+wait_background() { # name
     local pid
     pid=$(cat "$WORK/bg.$1.pid")
     wait "$pid" || { tail -n 20 "$WORK/bg.$1.out" >&2; fail "background producer $1 failed"; }
-    produced_total "$WORK/bg.$1.out"
+    # shellcheck disable=SC2034 # read by the scenarios
+    BG_TOTAL=$(produced_total "$WORK/bg.$1.out")
+}
+# Prints the lines of a service's log since a mark that match a pattern: how many, and a few.
+show_log() { # service mark pattern what
+    local lines n
+    lines=$(log_since "$1" "$2" | grep -i -E "$3" || true)
+    n=$(printf '%s' "$lines" | grep -c . || true)
+    info "the $1 logged $n lines about $4"
+    [ "$n" = 0 ] || printf '%s\n' "$lines" | sed -n '1p;$p' | uniq | cut -c1-220 | sed 's/^/      | /'
 }
 # Sum of the `produced N events` lines a service logged since a mark (one per run of the service).
 produced_since() { # mark
@@ -229,12 +240,18 @@ mongo_wait_range() { # lo hi want timeout-seconds
         while (n < $3 && Date.now() < deadline) { sleep(250); n = c.countDocuments(range); }
         print(n);"
 }
-# Waits until the consumer has delivered everything PostgreSQL holds now.
-wait_caught_up() {
+# Waits until the consumer has delivered everything PostgreSQL holds now; fails if it does not
+# within VERIFY_TIMEOUT (with --no-fail: only says so, and returns 1).
+wait_caught_up() { # [--no-fail]
     local timeout=$VERIFY_TIMEOUT count lo hi n
     IFS='|' read -r count lo hi <<<"$(psql_q "select count(*), coalesce(min(id), 0), coalesce(max(id), 0) from events")"
     n=$(mongo_wait_range "$lo" "$hi" "$count" "$timeout")
-    [ "$n" -ge "$count" ] || fail "the consumer did not catch up within ${timeout}s: MongoDB holds $n of the $count events with ids $lo..$hi"
+    if [ "$n" -lt "$count" ]; then
+        local what="the consumer did not catch up within ${timeout}s: MongoDB holds $n of the $count events with ids $lo..$hi"
+        [ "${1:-}" = --no-fail ] || fail "$what"
+        info "$what"
+        return 1
+    fi
     info "the consumer has all $count events with ids $lo..$hi"
 }
 
@@ -249,7 +266,8 @@ verify() {
     local purged=0
     [ "$(psql_q "select count(*) from purge_watermark")" = 0 ] || purged=1
     step "verifying: PostgreSQL events vs MongoDB $MONGO_DB.$MONGO_COLL"
-    wait_caught_up
+    # Not caught up in time: the comparison below names what is missing.
+    wait_caught_up --no-fail || true
     psql_q "select id from events order by id" >"$WORK/pg.ids"
     mongo_eval "db.getCollection('$MONGO_COLL').find({}, {_id: 1}).toArray().map(d => d._id.toString()).join('\n')" \
         | sed '/^$/d' >"$WORK/mongo.ids"
