@@ -133,6 +133,11 @@ svc_start() { # service...
         done
     fi
 }
+# After the verification: leaves a twin or compose project that the scenario did not start as it
+# found it (a twin it started is removed anyway).
+svc_restore() { # service...
+    [ "$OWNED_TWIN" = 1 ] || svc_start "$@"
+}
 svc_log() { # service: its whole log
     if [ "$TARGET" = local ]; then cat "$TWIN_DIR/logs/$1.log"
     else compose logs --no-color "$1"; fi
@@ -151,7 +156,7 @@ consumer_health() { # prints "<http status> <body>"
     if [ "$TARGET" = local ]; then
         port=$(twin env consumer | sed -n 's/^HTTP_ADDR=.*:\([0-9]*\)$/\1/p')
     fi
-    curl -s -m 5 -w ' (HTTP %{http_code})' "http://127.0.0.1:$port/healthz" || echo "(no answer)"
+    curl -s -m 5 -w ' (HTTP %{http_code})' "http://127.0.0.1:$port/healthz" | tr -d '\n' || echo "(no answer)"
 }
 
 # --- producing -----------------------------------------------------------------------------------
@@ -310,7 +315,11 @@ verify() {
         problems=1
     fi
     [ "$problems" = 0 ] || fail "PostgreSQL and MongoDB disagree (see above)"
-    info "OK: every event in PostgreSQL is in MongoDB, exactly once; no duplicates, no gaps"
+    if [ "$purged" = 1 ]; then
+        info "OK: every event still in PostgreSQL is in MongoDB, exactly once; no duplicates"
+    else
+        info "OK: every event in PostgreSQL is in MongoDB, exactly once; no duplicates, no gaps"
+    fi
 }
 
 # The producers' own totals must match the rows they added.
