@@ -39,6 +39,18 @@ pub struct Config {
     )]
     pub mongodb_collection: String,
 
+    /// `auto`: write each batch and the checkpoint in one transaction when the server supports
+    /// transactions (a replica set or sharded cluster), else idempotent inserts then the
+    /// checkpoint. `off`: always the latter (no duplicates either way; transactions make a batch
+    /// appear all at once).
+    #[arg(
+        long = "mongodb-transactions",
+        env = "MONGODB_TRANSACTIONS",
+        value_enum,
+        default_value_t = Transactions::Auto
+    )]
+    pub mongodb_transactions: Transactions,
+
     /// This consumer's name: the `_id` of its checkpoint in MongoDB and its row in the PostgreSQL
     /// `consumer_positions` table. Consumers with different names run side by side, each at its
     /// own position. Letters, digits, '_', '.', '-'.
@@ -105,6 +117,15 @@ pub struct Config {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// The `--mongodb-transactions` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transactions {
+    /// Use them when the server has them.
+    Auto,
+    /// Never: idempotent inserts, then the checkpoint.
+    Off,
 }
 
 /// The `--sink` choices.

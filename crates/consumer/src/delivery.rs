@@ -25,6 +25,7 @@
 //! grace period) and stops between batches. Queued batches are simply fetched again on restart,
 //! from the checkpoint — nothing is lost, and `_id` = event id means nothing is doubled.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -77,6 +78,8 @@ pub struct Status {
     held_back_by: Mutex<Option<String>>,
     postgres_error: Mutex<Option<String>>,
     sink_error: Mutex<Option<String>>,
+    /// A write or a probe found the sink unreachable, and nothing has succeeded since.
+    sink_down: std::sync::atomic::AtomicBool,
 }
 
 impl Status {
@@ -99,6 +102,30 @@ impl Status {
 }
 
 impl Context {
+    /// A sink write (`write_error`) or probe failed.
+    pub fn sink_failing(&self, reason: String, write_error: bool) {
+        self.health.failing(self.sink_check, reason.clone());
+        self.status.sink_down.store(true, Ordering::Relaxed);
+        if write_error {
+            *self.status.sink_error.lock().unwrap() = Some(reason);
+        }
+    }
+
+    /// A sink write (`write_ok`) or probe succeeded. Counts a recovery when the sink had been
+    /// found unreachable; a probe cannot clear a failing write.
+    pub fn sink_ok(&self, write_ok: bool) {
+        if write_ok {
+            self.status.sink_error.lock().unwrap().take();
+        } else if self.status.sink_error.lock().unwrap().is_some() {
+            return;
+        }
+        if self.status.sink_down.swap(false, Ordering::Relaxed) {
+            info!(sink = self.sink_check, "The sink is reachable again.");
+            self.metrics.reconnects_mongodb.increment(1);
+            self.health.ok(self.sink_check);
+        }
+    }
+
     fn postgres_failing(&self, error: &Error) {
         let reason = error.to_string();
         self.health.failing(POSTGRES, reason.clone());
@@ -167,13 +194,11 @@ pub async fn fetch_loop(
             Some(live) if !live.0.is_closed() => live,
             _ => match connect(&ctx, after).await {
                 Ok(live) => {
-                    if failures > 0 {
-                        info!(
-                            attempts = failures,
-                            "Reconnected to PostgreSQL; catching up."
-                        );
-                        ctx.metrics.reconnects_postgres.increment(1);
-                    }
+                    info!(
+                        attempts = failures + 1,
+                        "Reconnected to PostgreSQL; catching up."
+                    );
+                    ctx.metrics.reconnects_postgres.increment(1);
                     failures = 0;
                     reconnect.reset();
                     ctx.postgres_ok();
@@ -406,9 +431,7 @@ pub async fn write_loop(
                     failures += 1;
                     warn!(error = %e, attempt = failures, events = delivery.events.len(),
                           "Writing a batch failed; retrying.");
-                    let reason = e.to_string();
-                    ctx.health.failing(ctx.sink_check, reason.clone());
-                    *ctx.status.sink_error.lock().unwrap() = Some(reason);
+                    ctx.sink_failing(e.to_string(), true);
                     if pause(backoff.next_pause(), &shutdown).await.is_break() {
                         return Ok(());
                     }

@@ -13,7 +13,7 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] event_store::Error),
     /// A MongoDB call failed; `context` says what we were doing.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", compact(source))]
     Mongo {
         context: String,
         #[source]
@@ -61,4 +61,31 @@ pub fn mongo_is_transient(e: &mongodb::error::Error) -> bool {
         ErrorKind::Command(c) => !matches!(c.code, 13 | 18),
         _ => true,
     }
+}
+
+/// A MongoDB error in one readable line: the driver's `Display` includes the raw server response
+/// as hex, and an insert's every write error.
+pub fn compact(e: &mongodb::error::Error) -> String {
+    use mongodb::error::ErrorKind;
+    let mut text = match e.kind.as_ref() {
+        ErrorKind::InsertMany(failure) => {
+            let errors = failure.write_errors.as_deref().unwrap_or_default();
+            let mut text = format!("insert failed: {} write errors", errors.len());
+            if let Some(first) = errors.first() {
+                text += &format!(" (first: code {} {})", first.code, first.message);
+            }
+            if let Some(concern) = &failure.write_concern_error {
+                text += &format!("; write concern: {}", concern.message);
+            }
+            text
+        }
+        kind => kind.to_string(),
+    };
+    let mut labels: Vec<&String> = e.labels().iter().collect();
+    if !labels.is_empty() {
+        labels.sort();
+        let labels: Vec<&str> = labels.iter().map(|l| l.as_str()).collect();
+        text += &format!(" [{}]", labels.join(", "));
+    }
+    text
 }

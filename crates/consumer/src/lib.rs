@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{Config, SinkKind};
+pub use config::{Config, SinkKind, Transactions};
 pub use error::{Error, Result};
 use sink::{MongoSink, NullSink, Sink};
 
@@ -71,6 +71,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     &config.mongodb_database,
                     &config.mongodb_collection,
                     &config.name,
+                    config.mongodb_transactions,
                 )
                 .await?,
             ))
@@ -100,9 +101,14 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
     info!(consumer = %name, postgres = %db::describe(&pg), sink = %sink.describe(),
           topics = ?config.topic_filter(), "Starting the consumer.");
 
+    // The LISTEN connection gets a name of its own, so operators (and tests) can tell it from the
+    // pool's connections in pg_stat_activity.
+    let mut listen_pg = pg.clone();
+    let base = pg.get_application_name().unwrap_or("events-consumer");
+    listen_pg.application_name(format!("{base}:listen"));
     let ctx = Arc::new(Context {
         name: name.clone(),
-        pg: pg.clone(),
+        pg: listen_pg,
         channel: config.notify_channel.clone(),
         topics: config.topic_filter(),
         batch_size: config.batch_size as usize,

@@ -60,10 +60,9 @@ pub async fn monitor_loop(
             }
             Err(e) => ctx.health.failing(POSTGRES, e.to_string()),
         }
-        match &sink {
-            Ok(()) if ctx.status.sink_error().is_none() => ctx.health.ok(ctx.sink_check),
-            Ok(()) => {}
-            Err(e) => ctx.health.failing(ctx.sink_check, e.to_string()),
+        match sink {
+            Ok(()) => ctx.sink_ok(false),
+            Err(e) => ctx.sink_failing(e.to_string(), false),
         }
 
         let idle = ctx.status.since_last_commit(started);

@@ -39,7 +39,8 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Collection};
 
 use super::{Delivery, Written};
-use crate::error::{Error, Result};
+use crate::config::Transactions;
+use crate::error::{compact, Error, Result};
 
 /// The checkpoints collection, next to the events collection.
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -54,6 +55,10 @@ pub struct MongoSink {
     checkpoints: Collection<Document>,
     name: String,
     where_: String,
+    /// `--mongodb-transactions auto`.
+    allow_transactions: bool,
+    /// The mode last logged, to log changes only.
+    logged_mode: Option<bool>,
     /// `None` until detected, and again after any failure (the deployment may have changed).
     transactions: Option<bool>,
     session: Option<ClientSession>,
@@ -62,7 +67,13 @@ pub struct MongoSink {
 impl MongoSink {
     /// Parses the URI (an unparseable one is a configuration error) and prepares a client; no
     /// connection is made until [`MongoSink::open`].
-    pub async fn new(uri: &str, database: &str, collection: &str, name: &str) -> Result<MongoSink> {
+    pub async fn new(
+        uri: &str,
+        database: &str,
+        collection: &str,
+        name: &str,
+        transactions: Transactions,
+    ) -> Result<MongoSink> {
         let mut options = ClientOptions::parse(uri).await.map_err(|e| match *e.kind {
             ErrorKind::InvalidArgument { .. } => Error::Config(format!(
                 "MONGODB_URI is not a valid MongoDB connection string ({e}); expected e.g. \
@@ -95,7 +106,9 @@ impl MongoSink {
             client,
             name: name.to_string(),
             where_,
+            allow_transactions: transactions == Transactions::Auto,
             transactions: None,
+            logged_mode: None,
             session: None,
         })
     }
@@ -114,45 +127,66 @@ impl MongoSink {
     /// Detects whether transactions are available and reads the checkpoint.
     pub async fn open(&mut self) -> Result<Option<Position>> {
         self.detect().await?;
-        self.checkpoint().await
-    }
-
-    /// The stored checkpoint of this consumer, `None` if it never committed a batch.
-    pub async fn checkpoint(&self) -> Result<Option<Position>> {
         let found = self
             .checkpoints
             .find_one(doc! {"_id": &self.name})
             .await
             .map_err(|e| self.error("read the checkpoint", e))?;
-        found
-            .map(|d| checkpoint_position(&d, &self.name))
-            .transpose()
+        let Some(found) = found else { return Ok(None) };
+        if let Ok(session) = found.get_document("session") {
+            self.end_orphaned_transaction(session).await;
+        }
+        checkpoint_position(&found, &self.name).map(Some)
+    }
+
+    /// A consumer killed mid-transaction leaves that transaction open on the server, holding
+    /// write locks on the checkpoint and on the batch's documents until the server's transaction
+    /// lifetime limit (60 s by default) aborts it; until then every write of ours would fail with
+    /// a write conflict. Each checkpoint records the session that wrote it, and the previous
+    /// process's last transaction almost always ran on that session: ending the session aborts
+    /// the orphan now. Users may kill their own sessions; a failure only costs the wait.
+    async fn end_orphaned_transaction(&self, session: &Document) {
+        let killed = self
+            .client
+            .database("admin")
+            .run_command(doc! {"killSessions": [session.clone()]})
+            .await;
+        match killed {
+            Ok(_) => tracing::debug!("Ended the previous run's MongoDB session."),
+            Err(e) => tracing::debug!(
+                error = %compact(&e),
+                "Cannot end the previous run's MongoDB session; a transaction it left open may \
+                 delay the first write until the server aborts it."
+            ),
+        }
     }
 
     async fn detect(&mut self) -> Result<bool> {
         if let Some(known) = self.transactions {
             return Ok(known);
         }
-        let hello = self
-            .client
-            .database("admin")
-            .run_command(doc! {"hello": 1})
-            .await
-            .map_err(|e| self.error("ask the server what it is (hello)", e))?;
-        let replica_set = hello.get_str("setName").is_ok();
-        let router = hello.get_str("msg") == Ok("isdbgrid");
-        let sessions = hello.contains_key("logicalSessionTimeoutMinutes");
-        let transactions = (replica_set || router) && sessions;
-        tracing::info!(
-            transactions,
-            server = %self.where_,
-            "{}",
+        let transactions = self.allow_transactions && {
+            let hello = self
+                .client
+                .database("admin")
+                .run_command(doc! {"hello": 1})
+                .await
+                .map_err(|e| self.error("ask the server what it is (hello)", e))?;
+            let replica_set = hello.get_str("setName").is_ok();
+            let router = hello.get_str("msg") == Ok("isdbgrid");
+            let sessions = hello.contains_key("logicalSessionTimeoutMinutes");
+            (replica_set || router) && sessions
+        };
+        if self.logged_mode != Some(transactions) {
+            self.logged_mode = Some(transactions);
             if transactions {
-                "Writing each batch and the checkpoint in one MongoDB transaction."
+                tracing::info!(server = %self.where_,
+                    "Writing each batch and the checkpoint in one MongoDB transaction.");
             } else {
-                "MongoDB is a standalone server: writing batches idempotently, then the checkpoint."
+                tracing::info!(server = %self.where_, allowed = self.allow_transactions,
+                    "No MongoDB transactions: writing batches idempotently, then the checkpoint.");
             }
-        );
+        }
         self.transactions = Some(transactions);
         Ok(transactions)
     }
@@ -240,7 +274,7 @@ impl MongoSink {
                         && !is_duplicate_key(&e)
                         && attempt < TRANSACTION_ATTEMPTS =>
                 {
-                    tracing::debug!(error = %e, attempt, "Retrying a MongoDB transaction.");
+                    tracing::debug!(error = %compact(&e), attempt, "Retrying a MongoDB transaction.");
                     self.session = None;
                 }
                 other => return other,
@@ -260,11 +294,13 @@ impl MongoSink {
         session.start_transaction().await?;
         let writes = async {
             self.events.insert_many(docs).session(&mut *session).await?;
+            let mut update = checkpoint_update(end, DateTime::now());
+            update
+                .get_document_mut("$set")
+                .expect("built with $set")
+                .insert("session", session.id().clone());
             self.checkpoints
-                .update_one(
-                    doc! {"_id": &self.name},
-                    checkpoint_update(end, DateTime::now()),
-                )
+                .update_one(doc! {"_id": &self.name}, update)
                 .upsert(true)
                 .session(&mut *session)
                 .await?;
@@ -283,7 +319,7 @@ impl MongoSink {
             commits += 1;
             match session.commit_transaction().await {
                 Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) && commits < 3 => {
-                    tracing::debug!(error = %e, "Retrying a MongoDB commit of unknown outcome.");
+                    tracing::debug!(error = %compact(&e), "Retrying a MongoDB commit of unknown outcome.");
                 }
                 other => return other,
             }
