@@ -16,6 +16,7 @@ use event_store::{NewEvent, Topic};
 use serde_json::Value;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
+
 use uuid::Uuid;
 
 use crate::channel::Channel;
@@ -145,17 +146,17 @@ impl Producer {
     where
         C: GenericClient + Sync,
     {
-        let mut receipts = self
+        let appended = self
             .append_batch_in(client, std::slice::from_ref(event))
             .await?;
-        Ok(Appended {
-            receipts: receipts.receipts.pop().expect("one receipt per event"),
-            wake: receipts.wake.take(),
-        })
+        Ok(appended.map(|mut receipts| receipts.pop().expect("one receipt per event")))
     }
 
     /// Appends a batch inside the caller's transaction with one statement. Receipts come back in
     /// input order. An empty batch sends nothing.
+    ///
+    /// The statement is sent unnamed, so the server parses and plans it each time; on a
+    /// long-lived connection [`Producer::prepare`] saves that work.
     pub async fn append_batch_in<C>(
         &self,
         client: &C,
@@ -165,15 +166,8 @@ impl Producer {
         C: GenericClient + Sync,
     {
         let columns = Columns::encode(events, self.max_payload_bytes)?;
-        let receipts = self.insert(client, &columns).await?;
-        let wake = match &self.wake {
-            Wake::AfterCommit(notifier) if !events.is_empty() => Some((
-                notifier.clone(),
-                distinct_topics(events).into_iter().cloned().collect(),
-            )),
-            _ => None,
-        };
-        Ok(Appended { receipts, wake })
+        let receipts = self.insert(client, Statement::Unnamed, &columns).await?;
+        Ok(self.appended(receipts, events))
     }
 
     /// Commits the caller's transaction, then wakes consumers (after-commit mode).
@@ -203,14 +197,51 @@ impl Producer {
         Ok(self.append_batch_in(client, events).await?.committed())
     }
 
-    /// [`Producer::append`] on a connection taken from `pool`.
+    /// [`Producer::append`] on a connection taken from `pool`, with the statement prepared once
+    /// per pooled connection (deadpool's statement cache).
     pub async fn append_pooled(
         &self,
         pool: &Pool,
         events: &[NewEvent],
     ) -> Result<Vec<Receipt>, AppendError> {
+        let columns = Columns::encode(events, self.max_payload_bytes)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let client = pool.get().await.map_err(AppendError::Pool)?;
-        self.append(&client, events).await
+        let (sql, types) = self.statement(Shape::of(events.len()));
+        let statement = client
+            .prepare_typed_cached(sql, types)
+            .await
+            .map_err(|e| AppendError::database("prepare the append statement", e))?;
+        let pg: &Client = &client;
+        let receipts = self
+            .insert(pg, Statement::Prepared(&statement), &columns)
+            .await?;
+        Ok(self.appended(receipts, events).committed())
+    }
+
+    /// Prepares this producer's statements on one connection (a single round trip), for
+    /// appending over it without the server parsing and planning every statement again. Use the
+    /// result with that connection — or transactions on it — only, and prepare again after
+    /// reconnecting.
+    pub async fn prepare<C>(&self, client: &C) -> Result<Prepared, AppendError>
+    where
+        C: GenericClient + Sync,
+    {
+        let (one_sql, one_types) = self.statement(Shape::One);
+        let (many_sql, many_types) = self.statement(Shape::Many);
+        // Both requests go out before either answer is awaited: one round trip.
+        let (one, many) = tokio::try_join!(
+            client.prepare_typed(one_sql, one_types),
+            client.prepare_typed(many_sql, many_types),
+        )
+        .map_err(|e| AppendError::database("prepare the append statements", e))?;
+        Ok(Prepared {
+            producer: self.clone(),
+            one,
+            many,
+        })
     }
 
     /// Wakes consumers for events that committed without going through this producer's own
@@ -222,9 +253,31 @@ impl Producer {
         }
     }
 
+    fn appended<T>(&self, receipts: T, events: &[NewEvent]) -> Appended<T> {
+        let wake = match &self.wake {
+            Wake::AfterCommit(notifier) if !events.is_empty() => Some((
+                notifier.clone(),
+                distinct_topics(events).into_iter().cloned().collect(),
+            )),
+            _ => None,
+        };
+        Appended { receipts, wake }
+    }
+
+    /// The SQL and parameter types for a batch of this shape in this producer's wake-up mode.
+    fn statement(&self, shape: Shape) -> (&'static str, &'static [Type]) {
+        match (&self.wake, shape) {
+            (Wake::AfterCommit(_), Shape::One) => (sql::INSERT_ONE, &ONE_TYPES[..6]),
+            (Wake::AfterCommit(_), Shape::Many) => (sql::INSERT_MANY, &MANY_TYPES[..6]),
+            (Wake::InTransaction(_), Shape::One) => (sql::INSERT_ONE_NOTIFY, &ONE_TYPES),
+            (Wake::InTransaction(_), Shape::Many) => (sql::INSERT_MANY_NOTIFY, &MANY_TYPES),
+        }
+    }
+
     async fn insert<C>(
         &self,
         client: &C,
+        statement: Statement<'_>,
         columns: &Columns<'_>,
     ) -> Result<Vec<Receipt>, AppendError>
     where
@@ -233,49 +286,162 @@ impl Producer {
         if columns.event_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::with_capacity(8);
-        let single = columns.event_ids.len() == 1;
-        if single {
-            params.extend([
-                (&columns.event_ids[0] as &(dyn ToSql + Sync), Type::UUID),
-                (&columns.topics[0], Type::TEXT),
-                (&columns.keys[0], Type::TEXT),
-                (&columns.types[0], Type::TEXT),
-                (&columns.payloads[0], Type::TEXT),
-                (&columns.headers[0], Type::TEXT),
-            ]);
-        } else {
-            params.extend([
-                (&columns.event_ids as &(dyn ToSql + Sync), Type::UUID_ARRAY),
-                (&columns.topics, Type::TEXT_ARRAY),
-                (&columns.keys, Type::TEXT_ARRAY),
-                (&columns.types, Type::TEXT_ARRAY),
-                (&columns.payloads, Type::TEXT_ARRAY),
-                (&columns.headers, Type::TEXT_ARRAY),
-            ]);
+        let shape = Shape::of(columns.event_ids.len());
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(8);
+        match shape {
+            Shape::One => params.extend([
+                &columns.event_ids[0] as &(dyn ToSql + Sync),
+                &columns.topics[0],
+                &columns.keys[0],
+                &columns.types[0],
+                &columns.payloads[0],
+                &columns.headers[0],
+            ]),
+            Shape::Many => params.extend([
+                &columns.event_ids as &(dyn ToSql + Sync),
+                &columns.topics,
+                &columns.keys,
+                &columns.types,
+                &columns.payloads,
+                &columns.headers,
+            ]),
         }
         let wake_topics;
-        let sql = match (&self.wake, single) {
-            (Wake::AfterCommit(_), true) => sql::INSERT_ONE,
-            (Wake::AfterCommit(_), false) => sql::INSERT_MANY,
-            (Wake::InTransaction(channel), single) => {
-                wake_topics = columns.distinct_topics();
-                params.push((channel.as_string(), Type::TEXT));
-                params.push((&wake_topics, Type::TEXT_ARRAY));
-                if single {
-                    sql::INSERT_ONE_NOTIFY
-                } else {
-                    sql::INSERT_MANY_NOTIFY
-                }
+        if let Wake::InTransaction(channel) = &self.wake {
+            wake_topics = columns.distinct_topics();
+            params.push(channel.as_string());
+            params.push(&wake_topics);
+        }
+        let rows = match statement {
+            Statement::Prepared(statement) => client.query(statement, &params).await,
+            Statement::Unnamed => {
+                let (sql, types) = self.statement(shape);
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                    params.iter().copied().zip(types.iter().cloned()).collect();
+                client.query_typed(sql, &typed).await
             }
-        };
-        let rows = client
-            .query_typed(sql, &params)
-            .await
-            .map_err(|e| AppendError::database("append events", e))?;
+        }
+        .map_err(|e| AppendError::database("append events", e))?;
         receipts_in_input_order(&columns.event_ids, rows)
     }
 }
+
+impl<T> Appended<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Appended<U> {
+        Appended {
+            receipts: f(self.receipts),
+            wake: self.wake,
+        }
+    }
+}
+
+/// A [`Producer`] with its statements prepared on one connection: the same appends, without the
+/// server parsing and planning each statement. Made by [`Producer::prepare`]; valid for that
+/// connection (and transactions on it) only.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    producer: Producer,
+    one: tokio_postgres::Statement,
+    many: tokio_postgres::Statement,
+}
+
+impl Prepared {
+    /// [`Producer::append_batch_in`] with the prepared statements.
+    pub async fn append_batch_in<C>(
+        &self,
+        client: &C,
+        events: &[NewEvent],
+    ) -> Result<Appended<Vec<Receipt>>, AppendError>
+    where
+        C: GenericClient + Sync,
+    {
+        let columns = Columns::encode(events, self.producer.max_payload_bytes)?;
+        let statement = match Shape::of(events.len()) {
+            Shape::One => &self.one,
+            Shape::Many => &self.many,
+        };
+        let receipts = self
+            .producer
+            .insert(client, Statement::Prepared(statement), &columns)
+            .await?;
+        Ok(self.producer.appended(receipts, events))
+    }
+
+    /// [`Producer::append_in`] with the prepared statements.
+    pub async fn append_in<C>(
+        &self,
+        client: &C,
+        event: &NewEvent,
+    ) -> Result<Appended<Receipt>, AppendError>
+    where
+        C: GenericClient + Sync,
+    {
+        let appended = self
+            .append_batch_in(client, std::slice::from_ref(event))
+            .await?;
+        Ok(appended.map(|mut receipts| receipts.pop().expect("one receipt per event")))
+    }
+
+    /// [`Producer::append`] with the prepared statements.
+    pub async fn append(
+        &self,
+        client: &Client,
+        events: &[NewEvent],
+    ) -> Result<Vec<Receipt>, AppendError> {
+        Ok(self.append_batch_in(client, events).await?.committed())
+    }
+
+    /// The producer these statements belong to.
+    pub fn producer(&self) -> &Producer {
+        &self.producer
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// One event: a plain `VALUES` row.
+    One,
+    /// Several: column arrays through `unnest`.
+    Many,
+}
+
+impl Shape {
+    fn of(events: usize) -> Shape {
+        if events == 1 {
+            Shape::One
+        } else {
+            Shape::Many
+        }
+    }
+}
+
+enum Statement<'a> {
+    Unnamed,
+    Prepared(&'a tokio_postgres::Statement),
+}
+
+/// `event_id, topic, key, type, payload, headers` and, in the in-transaction mode, the channel
+/// and the distinct topics to wake. JSON travels as text and is cast on the server.
+const ONE_TYPES: [Type; 8] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+];
+const MANY_TYPES: [Type; 8] = [
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+];
 
 mod sql {
     // `WITH ORDINALITY … ORDER BY ord` makes the INSERT take rows, and so draw ids, in input

@@ -24,6 +24,9 @@
 //!   transaction (anything implementing [`tokio_postgres::GenericClient`]: a `Transaction`, or a
 //!   `Client` for a statement of its own). A batch is one statement and one round trip.
 //! - [`Producer::append`] / [`Producer::append_pooled`] append in a transaction of their own.
+//! - [`Producer::prepare`] prepares the statements once on a long-lived connection; the
+//!   [`Prepared`] producer then appends without the server parsing and planning every statement
+//!   (the pooled path does the same through deadpool's statement cache).
 //! - Input is validated before anything is sent ([`AppendError::Invalid`]): payload size (JSON
 //!   text, [`DEFAULT_MAX_PAYLOAD_BYTES`] unless configured), headers a JSON object. Topics and JSON
 //!   text are validated when the [`event_store::NewEvent`] is built ([`event_store::Topic::new`],
@@ -43,7 +46,7 @@ pub mod pace;
 pub mod payload;
 pub mod service;
 
-pub use append::{Appended, NotifyMode, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
+pub use append::{Appended, NotifyMode, Prepared, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use backoff::Backoff;
 pub use channel::{Channel, InvalidChannel};
 pub use config::Args;

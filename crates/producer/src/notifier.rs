@@ -7,6 +7,9 @@
 //! and a channel send, no I/O); one background task turns any number of those calls within an
 //! interval into one `pg_notify` per distinct topic, in one statement on its own connection.
 //!
+//! The notifier's own transactions commit with `synchronous_commit = off`: a NOTIFY commit must
+//! flush nothing, so it holds the queue lock only briefly and its hint leaves at once.
+//!
 //! The price is latency: a wake-up leaves one round trip after the commit instead of with it, plus
 //! at most one interval (default 1 ms) when appends arrive faster than that. A crash between
 //! commit and hint loses the hint, never the event: the consumer's fallback poll finds it.
@@ -170,16 +173,26 @@ impl Worker {
         }
     }
 
-    async fn connect(&mut self) -> Result<&Client, event_store::Error> {
+    async fn connect(&mut self) -> Result<&Client, String> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(db::connect_spawned(&self.db).await?);
+            self.client = None;
+            let client = db::connect_spawned(&self.db)
+                .await
+                .map_err(|e| e.to_string())?;
+            // A wake-up needs no durability (a crash loses hints, never events), so its commit
+            // need not wait for a WAL flush — nor hold the NOTIFY queue lock through one.
+            client
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .map_err(|e| format!("configure the notifier's connection: {e}"))?;
+            self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("connected above"))
     }
 
     async fn send(&mut self, topics: &[String]) -> Result<(), String> {
         let channel = self.channel.as_str().to_string();
-        let client = self.connect().await.map_err(|e| e.to_string())?;
+        let client = self.connect().await?;
         client
             .query_typed(
                 NOTIFY_TOPICS,

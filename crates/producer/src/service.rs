@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::append::{NotifyMode, Producer};
+use crate::append::{NotifyMode, Prepared, Producer};
 use crate::backoff::Backoff;
 use crate::config::Args;
+use crate::error::AppendError;
 use crate::notifier::{Notifier, NotifierTask};
 use crate::pace::{Budget, Pace};
 use crate::payload::Generator;
@@ -172,7 +173,7 @@ struct Shared {
 
 impl Shared {
     async fn work(&self, task: u32, stop: CancellationToken) -> anyhow::Result<()> {
-        let mut connection = Connection::new(self.db.clone());
+        let mut connection = Connection::new(self.db.clone(), self.producer.clone());
         let mut backoff = Backoff::default();
         loop {
             if stop.is_cancelled() {
@@ -226,8 +227,8 @@ impl Shared {
                     return Ok(());
                 }
             }
-            let client = match connection.get().await {
-                Ok(client) => client,
+            let (client, prepared) = match connection.get().await {
+                Ok((client, prepared)) => (client, prepared),
                 Err(error) if error.is_transient() => {
                     self.pause(backoff, &error, stop).await;
                     continue;
@@ -260,7 +261,7 @@ impl Shared {
                     }
                 }
             }
-            match self.producer.append(client, &pending).await {
+            match prepared.append(client, &pending).await {
                 Ok(_) => {
                     self.count(&pending);
                     if backoff.attempt() > 0 {
@@ -335,26 +336,52 @@ async fn stored(client: &Client, events: &[NewEvent]) -> anyhow::Result<HashSet<
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// One task's connection, made again after it breaks.
+/// One task's connection with the producer's statements prepared on it, made again after it
+/// breaks.
 struct Connection {
     db: Config,
-    client: Option<Client>,
+    producer: Producer,
+    live: Option<(Client, Prepared)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Connect(#[from] event_store::Error),
+    #[error(transparent)]
+    Prepare(#[from] AppendError),
+}
+
+impl ConnectError {
+    fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Connect(e) => e.is_transient(),
+            ConnectError::Prepare(e) => e.is_transient(),
+        }
+    }
 }
 
 impl Connection {
-    fn new(db: Config) -> Connection {
-        Connection { db, client: None }
+    fn new(db: Config, producer: Producer) -> Connection {
+        Connection {
+            db,
+            producer,
+            live: None,
+        }
     }
 
-    async fn get(&mut self) -> event_store::Result<&Client> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(db::connect_spawned(&self.db).await?);
+    async fn get(&mut self) -> Result<&(Client, Prepared), ConnectError> {
+        if self.live.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            self.live = None;
+            let client = db::connect_spawned(&self.db).await?;
+            let prepared = self.producer.prepare(&client).await?;
+            self.live = Some((client, prepared));
         }
-        Ok(self.client.as_ref().expect("connected above"))
+        Ok(self.live.as_ref().expect("connected above"))
     }
 
     fn reset(&mut self) {
-        self.client = None;
+        self.live = None;
     }
 }
 

@@ -145,6 +145,8 @@ async fn a_commit_makes_the_events_visible_and_wakes_a_listener() {
     for (producer, _task) in producers(&config) {
         let mode = producer.notify_mode();
         let before = count(&pg);
+        // Statements prepared on this connection serve its transactions too.
+        let prepared = producer.prepare(&client).await.unwrap();
         let tx = client.transaction().await.unwrap();
         let one = producer
             .append_in(
@@ -153,7 +155,7 @@ async fn a_commit_makes_the_events_visible_and_wakes_a_listener() {
             )
             .await
             .unwrap();
-        let more = producer
+        let more = prepared
             .append_batch_in(
                 &tx,
                 &[
@@ -212,7 +214,10 @@ async fn commit_helper_commits_then_wakes() {
 async fn a_batch_is_stored_in_input_order_with_matching_receipts() {
     let (pg, config) = setup().await;
     let client = connect(&config).await;
-    for (producer, _task) in producers(&config) {
+    for ((producer, _task), prepare) in producers(&config).into_iter().flat_map(|p| {
+        let again = (p.0.clone(), None);
+        [(p, false), (again, true)]
+    }) {
         pg.psql("TRUNCATE events");
         let chosen = Uuid::new_v4();
         let events: Vec<NewEvent> = (0..500)
@@ -226,7 +231,12 @@ async fn a_batch_is_stored_in_input_order_with_matching_receipts() {
                 }
             })
             .collect();
-        let receipts = producer.append(&client, &events).await.unwrap();
+        let receipts = if prepare {
+            let prepared = producer.prepare(&client).await.unwrap();
+            prepared.append(&client, &events).await.unwrap()
+        } else {
+            producer.append(&client, &events).await.unwrap()
+        };
         assert_eq!(receipts.len(), 500);
         assert_eq!(receipts[7].event_id, chosen, "a caller's event_id is kept");
         assert!(
@@ -392,7 +402,10 @@ async fn an_event_id_is_stored_once() {
     let client = connect(&config).await;
     let producer = Producer::in_transaction(Channel::default());
     let event = NewEvent::new(topic("t"), json!({})).with_event_id(Uuid::new_v4());
-    let first = producer.append(&client, std::slice::from_ref(&event)).await.unwrap();
+    let first = producer
+        .append(&client, std::slice::from_ref(&event))
+        .await
+        .unwrap();
     assert_eq!(first[0].event_id, event.event_id.unwrap());
     let err = producer.append(&client, &[event]).await.unwrap_err();
     assert!(err.is_duplicate() && !err.is_transient(), "{err:?}");
