@@ -53,13 +53,14 @@ pause() { # seconds reason
 
 # --- the target ----------------------------------------------------------------------------------
 twin() { "$SC_DIR/local" "$@"; }
+# Docker Compose v2 (`docker compose`): the scenarios use `up --wait`, `ps --status`, `logs --since`.
 compose() {
-    if [ -z "${COMPOSE_CMD:-}" ]; then
-        if docker compose version >/dev/null 2>&1; then COMPOSE_CMD="docker compose"
-        elif command -v docker-compose >/dev/null; then COMPOSE_CMD=docker-compose
-        else fail "neither 'docker compose' nor docker-compose is available"; fi
+    if [ -z "${COMPOSE_CHECKED:-}" ]; then
+        docker compose version >/dev/null 2>&1 \
+            || fail "the scenarios need Docker Compose v2 ('docker compose'); without Docker, run them on the local twin"
+        COMPOSE_CHECKED=1
     fi
-    $COMPOSE_CMD -f "$ROOT/docker-compose.yml" "$@"
+    docker compose -f "$ROOT/docker-compose.yml" "$@"
 }
 
 mongosh_bin() {
