@@ -21,14 +21,14 @@ pub enum AppendError {
     #[error("event #{index} repeats event_id {event_id} of an earlier event in the same batch")]
     DuplicateEventId { index: usize, event_id: Uuid },
     /// A database call failed; `context` says what we were doing.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", pg_detail(source))]
     Database {
         context: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
     /// No pooled connection could be had.
-    #[error("cannot get a PostgreSQL connection from the pool: {0}")]
+    #[error("cannot get a PostgreSQL connection from the pool: {}", pool_detail(.0))]
     Pool(#[source] deadpool_postgres::PoolError),
 }
 
@@ -78,5 +78,34 @@ impl AppendError {
             AppendError::Pool(deadpool_postgres::PoolError::Backend(e)) => e.code(),
             _ => None,
         }
+    }
+}
+
+/// A PostgreSQL error with what the server said (tokio-postgres's own text is just "db error",
+/// with the server's message one `source()` down).
+pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return db.to_string().replace('\n', " ");
+    }
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+fn pool_detail(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => pg_detail(e),
+        other => other.to_string(),
+    }
+}
+
+/// The shared crate's errors, with the server's message (see [`pg_detail`]).
+pub(crate) fn store_detail(error: &event_store::Error) -> String {
+    match error {
+        event_store::Error::Database { context, source } => {
+            format!("{context}: {}", pg_detail(source))
+        }
+        other => other.to_string(),
     }
 }

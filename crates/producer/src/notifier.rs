@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::channel::Channel;
+use crate::error::{pg_detail, store_detail};
 
 /// More distinct topics than this in one interval wake consumers with the first ones only: a hint
 /// for a few topics wakes every consumer anyway, and one statement stays small.
@@ -178,13 +179,13 @@ impl Worker {
             self.client = None;
             let client = db::connect_spawned(&self.db)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| store_detail(&e))?;
             // A wake-up needs no durability (a crash loses hints, never events), so its commit
             // need not wait for a WAL flush — nor hold the NOTIFY queue lock through one.
             client
                 .batch_execute("SET synchronous_commit = off")
                 .await
-                .map_err(|e| format!("configure the notifier's connection: {e}"))?;
+                .map_err(|e| format!("configure the notifier's connection: {}", pg_detail(&e)))?;
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("connected above"))
@@ -199,7 +200,7 @@ impl Worker {
                 &[(&channel, Type::TEXT), (&topics, Type::TEXT_ARRAY)],
             )
             .await
-            .map_err(|e| format!("send NOTIFY on channel {channel:?}: {e}"))?;
+            .map_err(|e| format!("send NOTIFY on channel {channel:?}: {}", pg_detail(&e)))?;
         Ok(())
     }
 }

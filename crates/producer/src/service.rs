@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::append::{NotifyMode, Prepared, Producer};
 use crate::backoff::Backoff;
 use crate::config::Args;
-use crate::error::AppendError;
+use crate::error::{store_detail, AppendError};
 use crate::notifier::{Notifier, NotifierTask};
 use crate::pace::{Budget, Pace};
 use crate::payload::Generator;
@@ -68,7 +68,9 @@ pub async fn start(
         "Starting the producer."
     );
     if let Some(client) = connect_with_retry(&db, &health, &shutdown).await? {
-        migrations::check(&client, Role::Producer).await?;
+        migrations::check(&client, Role::Producer)
+            .await
+            .map_err(|e| anyhow::anyhow!(store_detail(&e)))?;
         check_read_back(&client).await?;
         health.ok("postgres");
     }
@@ -233,7 +235,7 @@ impl Shared {
                     self.pause(backoff, &error, stop).await;
                     continue;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(anyhow::anyhow!("{error}")),
             };
             if unknown {
                 match stored(client, &pending).await {
@@ -346,7 +348,7 @@ struct Connection {
 
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
-    #[error(transparent)]
+    #[error("{}", store_detail(.0))]
     Connect(#[from] event_store::Error),
     #[error(transparent)]
     Prepare(#[from] AppendError),
@@ -397,15 +399,16 @@ async fn connect_with_retry(
         match db::connect_spawned(db).await {
             Ok(client) => return Ok(Some(client)),
             Err(error) if error.is_transient() => {
+                let error = store_detail(&error);
                 let delay = backoff.next_delay();
                 warn!(%error, attempt = backoff.attempt(), ?delay, "Cannot reach PostgreSQL yet; retrying.");
-                health.failing("postgres", error.to_string());
+                health.failing("postgres", error.clone());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Ok(None),
                 }
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(anyhow::anyhow!(store_detail(&error))),
         }
     }
 }

@@ -349,3 +349,59 @@ fn help_documents_every_option_with_its_environment_variable() {
     }
     assert!(help.contains("after-commit"), "{help}");
 }
+
+/// A plain HTTP/1.1 GET; returns the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.lines().next().unwrap_or_default().to_string();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+#[test]
+fn serves_health_and_metrics() {
+    let pg = migrated();
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let child = producer(
+        &pg.url_for("p", None),
+        &["--rate", "500", "--http-addr", &addr],
+    )
+    .spawn()
+    .unwrap();
+    wait_for_events(&pg, 100);
+    let (status, body) = http_get(&addr, "/healthz");
+    assert!(status.contains("200"), "{status} {body}");
+    // The counter lags the table by at most the batches in flight; wait for it to show.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(&addr, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        if body.contains("producer_events_total") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no producer_events_total in {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let output = wait(child, Duration::from_secs(30));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(produced(&output), count(&pg));
+}
