@@ -94,3 +94,14 @@ pub async fn connect_spawned(config: &Config) -> Result<Client> {
     });
     Ok(client)
 }
+
+/// The database server's clock. Retention cut-offs and consumer idle times are measured against
+/// it, not the local clock, because `created_at` and `updated_at` are stamped by the server: a
+/// skewed client clock must not make events look older than they are.
+pub async fn now(client: &Client) -> Result<std::time::SystemTime> {
+    let row = client
+        .query_one("SELECT now()", &[])
+        .await
+        .map_err(|e| Error::database("read the database clock", e))?;
+    Ok(row.get(0))
+}
