@@ -1,1 +1,338 @@
-fn main() {}
+//! Catch-up throughput and memory, each against a raw baseline measured in the same run
+//! (`cargo bench -p consumer --bench catch_up`).
+//!
+//! 1. **Into MongoDB** (the MongoDB-wire test server): the consumer catching up a backlog of
+//!    `BENCH_MONGO_EVENTS` (default 100 000 — the server takes ~10k documents/s, so a million
+//!    would take minutes per run) vs raw `insert_many` of the *same documents* (built by the
+//!    consumer's own `event_document`) in batches of the same size, without transaction or
+//!    checkpoint. Each run writes into a fresh database.
+//! 2. **Null sink**: the consumer catching up `BENCH_EVENTS` (default 1 000 000) with the null
+//!    sink vs a raw keyset `SELECT` of the same rows and columns in the same batch size, decoded
+//!    into the same Rust types.
+//! 3. **Peak RSS**: the `consumer` binary (`--sink null`) as a child process catching up the
+//!    Mongo-sized backlog and then the full one; `VmHWM` from `/proc/<pid>/status` once caught up.
+//!
+//! Runs alternate (raw, consumer, raw, consumer, …; `BENCH_ROUNDS`, default 3) and the best of
+//! each is reported. Batch size `BENCH_BATCH` (default 1000, the consumer's default).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use consumer::sink::{mongo::event_document, Delivered, NullSink, Sink};
+use consumer::Config;
+use event_store::position::{Position, Reader};
+use event_store::{db, migrations};
+use mongodb::bson::{DateTime, Document};
+use testbed::{Mongo, Postgres};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let total = env_or("BENCH_EVENTS", 1_000_000);
+    let mongo_events = env_or("BENCH_MONGO_EVENTS", 100_000).min(total);
+    let rounds = env_or("BENCH_ROUNDS", 3);
+    let batch = env_or("BENCH_BATCH", 1000);
+    eprintln!("load before: {}", load());
+
+    let pg = Postgres::start();
+    let mut admin = connect(&pg.url()).await;
+    migrations::run(&mut admin).await.unwrap();
+    admin
+        .batch_execute("CREATE ROLE bench_consumer LOGIN IN ROLE events_consumer")
+        .await
+        .unwrap();
+    let url = pg.url_for("bench_consumer", None);
+    let mongo = Mongo::start();
+
+    // --- into MongoDB, on the first part of the backlog --------------------------------------
+    generate(&admin, mongo_events).await;
+    let last = last_position(&admin).await;
+    let docs = documents(&url, batch).await;
+    let mut raw_mongo = Vec::new();
+    let mut ours_mongo = Vec::new();
+    for round in 0..rounds {
+        let client = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
+        let coll = client
+            .database(&mongo.unique_database("raw"))
+            .collection::<Document>("receivedEvents");
+        let started = Instant::now();
+        for chunk in &docs {
+            coll.insert_many(chunk).await.unwrap();
+        }
+        raw_mongo.push(started.elapsed());
+
+        let mut config = Config::new(url.clone(), Some(mongo.uri()));
+        config.name = format!("mongo{round}");
+        config.batch_size = batch as u32;
+        config.mongodb_database = mongo.unique_database("ours");
+        let elapsed = run_consumer_until(config, None, &admin, last).await;
+        ours_mongo.push(elapsed);
+        eprintln!(
+            "round {round}: mongo raw {:?}, consumer {:?}",
+            raw_mongo[round], elapsed
+        );
+    }
+    let rss_small = binary_rss(&url, &admin, last).await;
+    drop(docs);
+
+    // --- null sink, on the whole backlog -----------------------------------------------------
+    generate(&admin, total - mongo_events).await;
+    let last = last_position(&admin).await;
+    let mut raw_null = Vec::new();
+    let mut ours_null = Vec::new();
+    for round in 0..rounds {
+        let (rows, elapsed) = raw_select(&url, batch).await;
+        assert_eq!(rows, total);
+        raw_null.push(elapsed);
+        let mut config = Config::new(url.clone(), None);
+        config.name = format!("null{round}");
+        config.batch_size = batch as u32;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delivered>();
+        let counter = tokio::spawn(async move {
+            let mut n = 0usize;
+            while let Some(d) = rx.recv().await {
+                n += d.ids.len();
+            }
+            n
+        });
+        let elapsed = run_consumer_until(
+            config,
+            Some(Sink::Null(NullSink::observed(tx))),
+            &admin,
+            last,
+        )
+        .await;
+        assert_eq!(counter.await.unwrap(), total, "every event delivered once");
+        ours_null.push(elapsed);
+        eprintln!(
+            "round {round}: null raw {:?}, consumer {:?}",
+            raw_null[round], elapsed
+        );
+    }
+    let rss_large = binary_rss(&url, &admin, last).await;
+
+    let best = |v: &[Duration]| *v.iter().min().unwrap();
+    let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+    let (rm, om) = (
+        rate(mongo_events, best(&raw_mongo)),
+        rate(mongo_events, best(&ours_mongo)),
+    );
+    let (rn, on) = (rate(total, best(&raw_null)), rate(total, best(&ours_null)));
+    println!(
+        "\nCatch-up, batch size {batch}, best of {rounds} (load during run: {})\n",
+        load()
+    );
+    println!("| case | events | raw baseline | consumer | ratio | target |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| null sink vs raw keyset SELECT | {total} | {rn:.0}/s | {on:.0}/s | {:.2}× | ≥ 0.80× |",
+        on / rn
+    );
+    println!(
+        "| MongoDB-wire server vs raw insert_many | {mongo_events} | {rm:.0}/s | {om:.0}/s | {:.2}× | ≥ 0.85× |",
+        om / rm
+    );
+    println!("\nPeak RSS of the `consumer` binary (`--sink null`), VmHWM once caught up\n");
+    println!("| backlog | peak RSS | catch-up time | target |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for (n, (kb, took)) in [(mongo_events, rss_small), (total, rss_large)] {
+        println!(
+            "| {n} | {:.1} MB | {:.1} s | ≤ 30 MB, flat |",
+            kb as f64 / 1024.0,
+            took.as_secs_f64()
+        );
+    }
+}
+
+async fn connect(url: &str) -> Client {
+    db::connect_spawned(&db::config(url, "bench").unwrap())
+        .await
+        .unwrap()
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `n` events of ~200-byte payloads, 10 000 per transaction.
+async fn generate(admin: &Client, n: usize) {
+    let started = Instant::now();
+    let mut left = n as i64;
+    while left > 0 {
+        let chunk = left.min(10_000);
+        admin
+            .execute(
+                "INSERT INTO events (topic, key, type, payload, headers)
+                 SELECT CASE WHEN g % 2 = 0 THEN 'courses' ELSE 'policies' END,
+                        'key-' || g, 'updated',
+                        jsonb_build_object('seq', g, 'title', 'Course number ' || g,
+                                           'credits', g % 7, 'active', g % 3 = 0,
+                                           'tags', jsonb_build_array('a', 'b', g % 10),
+                                           'teacher', jsonb_build_object('id', g % 97, 'name', 'Teacher ' || g % 97)),
+                        jsonb_build_object('trace_id', md5(g::text))
+                   FROM generate_series(1, $1::bigint) g",
+                &[&chunk],
+            )
+            .await
+            .unwrap();
+        left -= chunk;
+    }
+    admin.batch_execute("VACUUM ANALYZE events").await.unwrap();
+    eprintln!("generated {n} events in {:?}", started.elapsed());
+}
+
+async fn last_position(admin: &Client) -> Position {
+    let row = admin
+        .query_one(
+            "SELECT tx_id::text, id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    Position::new(row.get::<_, &str>(0).parse().unwrap(), row.get(1))
+}
+
+/// The documents the consumer would write, in batches, read with the shared position SQL.
+async fn documents(url: &str, batch: usize) -> Vec<Vec<Document>> {
+    let client = connect(url).await;
+    let reader = Reader::prepare(&client).await.unwrap();
+    let mut after = Position::START;
+    let mut out = Vec::new();
+    loop {
+        let b = reader.fetch(&client, after, batch, None).await.unwrap();
+        let Some(end) = b.end else { break };
+        let now = DateTime::now();
+        out.push(b.events.iter().map(|e| event_document(e, now)).collect());
+        after = end;
+    }
+    out
+}
+
+/// The raw baseline: a keyset SELECT of the same rows and columns, decoded into the same types.
+async fn raw_select(url: &str, batch: usize) -> (usize, Duration) {
+    let client = connect(url).await;
+    let stmt = client
+        .prepare(
+            "SELECT id, tx_id::text, event_id, topic, key, type, created_at, payload, headers
+               FROM events
+              WHERE (tx_id, id) > ($1::text::xid8, $2::bigint)
+              ORDER BY tx_id, id
+              LIMIT $3",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (mut tx, mut id, mut rows) = ("0".to_string(), 0i64, 0usize);
+    loop {
+        let page = client
+            .query(&stmt, &[&tx, &id, &(batch as i64)])
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for row in &page {
+            let decoded: (
+                i64,
+                String,
+                uuid::Uuid,
+                String,
+                Option<String>,
+                Option<String>,
+                SystemTime,
+                serde_json::Value,
+                serde_json::Value,
+            ) = (
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                row.get(5),
+                row.get(6),
+                row.get(7),
+                row.get(8),
+            );
+            std::hint::black_box(&decoded);
+            id = decoded.0;
+            tx = decoded.1;
+        }
+        rows += page.len();
+    }
+    (rows, started.elapsed())
+}
+
+/// Runs a consumer in-process until its published position reaches `last`.
+async fn run_consumer_until(
+    config: Config,
+    sink: Option<Sink>,
+    admin: &Client,
+    last: Position,
+) -> Duration {
+    let name = config.name.clone();
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let handle = match sink {
+        Some(sink) => tokio::spawn(consumer::run_with(config, sink, shutdown.clone())),
+        None => tokio::spawn(consumer::run(config, shutdown.clone())),
+    };
+    wait_published(admin, &name, last).await;
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    elapsed
+}
+
+async fn wait_published(admin: &Client, name: &str, last: Position) {
+    let want = format!("{}/{}", last.tx_id, last.id);
+    loop {
+        let row = admin
+            .query_opt(
+                "SELECT tx_id::text || '/' || id FROM consumer_positions WHERE consumer = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        if row.map(|r| r.get::<_, String>(0)) == Some(want.clone()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Peak RSS (kB) of the binary catching up everything, and how long it took.
+async fn binary_rss(url: &str, admin: &Client, last: Position) -> (u64, Duration) {
+    let name = format!("rss{}", last.id);
+    let started = Instant::now();
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .args(["--sink", "null", "--name", &name, "--log-level", "warn"])
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the consumer binary");
+    wait_published(admin, &name, last).await;
+    let took = started.elapsed();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    (hwm, took)
+}
