@@ -301,3 +301,121 @@ async fn a_checkpoint_from_another_cluster_is_refused() {
     assert_refused(&out, "9000000000/3");
     assert_eq!(env.mongo_count(RECEIVED).await, 0, "nothing delivered");
 }
+
+/// The README's "Restoring into a new cluster" procedure, end to end: a dump of a cluster whose
+/// transaction ids are far ahead is restored into a fresh cluster; the consumer refuses to run
+/// there; after the re-base it delivers the undelivered restored events and the new ones, and
+/// nothing twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_rebase_after_a_restore_works() {
+    let env = setup().await;
+    // Push the old cluster's transaction counter well past a fresh cluster's.
+    for _ in 0..3000 {
+        env.admin
+            .batch_execute("SELECT pg_current_xact_id()")
+            .await
+            .unwrap();
+    }
+    produce(&env.admin, "courses", 200).await;
+    let consumer = spawn(env.config("consumer"));
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
+    consumer.stop().await;
+    produce(&env.admin, "courses", 100).await; // not delivered before the move
+
+    let dump = Command::new(env.pg.bindir().join("pg_dump"))
+        .arg("-d")
+        .arg(env.pg.url())
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let new = Postgres::start();
+    new.psql(
+        "CREATE ROLE events_producer NOLOGIN; CREATE ROLE events_consumer NOLOGIN;
+         CREATE ROLE events_purger NOLOGIN; CREATE ROLE mongo_sink LOGIN IN ROLE events_consumer;",
+    );
+    let dump_file = tempfile_path("dump.sql");
+    std::fs::write(&dump_file, &dump.stdout).unwrap();
+    let restore = Command::new(new.bindir().join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(new.url())
+        .arg("-f")
+        .arg(&dump_file)
+        .output()
+        .unwrap();
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    let _ = std::fs::remove_file(&dump_file);
+
+    let mut config = env.config("consumer");
+    config.postgres.database_url = new.url_for("mongo_sink", None);
+    let refused = consumer::run(config.clone(), Default::default()).await;
+    let err = refused
+        .expect_err("a checkpoint from the old cluster")
+        .to_string();
+    assert!(err.contains("Restoring into a new cluster"), "{err}");
+
+    // The procedure, as documented (consumers, producers and the purger stopped).
+    let checkpoint = env.checkpoint("consumer").await.unwrap();
+    let (tx, id) = (
+        checkpoint.get_i64("tx_id").unwrap(),
+        checkpoint.get_i64("id").unwrap(),
+    );
+    let resume: i64 = new
+        .psql(&format!(
+            "SELECT coalesce(min(id) - 1, (SELECT coalesce(max(id), 0) FROM events))
+               FROM events WHERE (tx_id, id) > ('{tx}'::xid8, {id})"
+        ))
+        .parse()
+        .unwrap();
+    new.psql(
+        "BEGIN; UPDATE events SET tx_id = '1'; DELETE FROM consumer_positions;
+         DELETE FROM purge_watermark; COMMIT;",
+    );
+    env.collection("checkpoints")
+        .await
+        .update_one(
+            doc! {"_id": "consumer"},
+            doc! {"$set": {"tx_id": 1_i64, "id": resume}},
+        )
+        .await
+        .unwrap();
+
+    let producer = connect(&new.url()).await;
+    produce(&producer, "courses", 50).await;
+    let running = spawn(config);
+    let expected = new.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM events");
+    wait_until(
+        "the restored and the new events are delivered",
+        Duration::from_secs(60),
+        || async {
+            let ids = env.mongo_ids(RECEIVED).await;
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                == expected
+        },
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(env.mongo_count(RECEIVED).await, 350);
+    let last = new
+        .psql("SELECT tx_id::text || '/' || id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1");
+    assert_eq!(
+        checkpoint_text(&env.checkpoint("consumer").await.unwrap()),
+        last
+    );
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("consumer-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
