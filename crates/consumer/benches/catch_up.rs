@@ -194,7 +194,7 @@ async fn generate(admin: &Client, n: usize) {
 async fn last_position(admin: &Client) -> Position {
     let row = admin
         .query_one(
-            "SELECT tx_id::text, id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1",
+            "SELECT e.tx_id::text, e.id FROM events e ORDER BY e.tx_id DESC, e.id DESC LIMIT 1",
             &[],
         )
         .await
@@ -223,10 +223,12 @@ async fn raw_select(url: &str, batch: usize) -> (usize, Duration) {
     let client = connect(url).await;
     let stmt = client
         .prepare(
-            "SELECT id, tx_id::text, event_id, topic, key, type, created_at, payload, headers
-               FROM events
-              WHERE (tx_id, id) > ($1::text::xid8, $2::bigint)
-              ORDER BY tx_id, id
+            // Qualified: a bare `tx_id` in ORDER BY would mean the output column `tx_id::text`.
+            "SELECT e.id, e.tx_id::text, e.event_id, e.topic, e.key, e.type, e.created_at,
+                    e.payload, e.headers
+               FROM events e
+              WHERE (e.tx_id, e.id) > ($1::text::xid8, $2::bigint)
+              ORDER BY e.tx_id, e.id
               LIMIT $3",
         )
         .await

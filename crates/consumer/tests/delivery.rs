@@ -421,3 +421,62 @@ async fn an_open_transaction_holds_delivery_back_and_is_named() {
     .await;
     consumer.stop().await;
 }
+
+/// Transaction ids crossing a power of ten (9999 → 10000): positions compare as xid8, never as
+/// text, so batches come in position order and nothing is read twice or skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn positions_compare_as_numbers_across_a_digit_boundary() {
+    let env = setup().await;
+    loop {
+        let row = env
+            .admin
+            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) >= 9990 {
+            break;
+        }
+    }
+    // One event per transaction, across the boundary.
+    for _ in 0..30 {
+        produce(&env.admin, "courses", 1).await;
+    }
+    let crossing = env.pg.psql(
+        "SELECT min(tx_id::text::bigint) < 10000 AND max(tx_id::text::bigint) >= 10000 FROM events",
+    );
+    assert_eq!(crossing, "t", "the events straddle the boundary");
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = consumer::Config::new(env.consumer_url(), None);
+    config.batch_size = 7;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(consumer::run_with(
+        config,
+        consumer::sink::Sink::Null(consumer::sink::NullSink::observed(tx)),
+        shutdown.clone(),
+    ));
+    let expected: Vec<i64> = env
+        .pg
+        .psql("SELECT id FROM events ORDER BY tx_id, id")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut delivered = Vec::new();
+    while delivered.len() < expected.len() {
+        let batch = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("deliveries keep coming")
+            .unwrap();
+        delivered.extend(batch.ids);
+    }
+    // Nothing more arrives: no batch is read twice.
+    produce(&env.admin, "courses", 1).await;
+    let next = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(delivered, expected, "position order, each once");
+    assert_eq!(next.ids.len(), 1);
+}
