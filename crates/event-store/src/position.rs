@@ -394,6 +394,10 @@ pub async fn purge_batch(
 /// The rows are picked by `ctid` in a materialised CTE and deleted with a TID scan: the same
 /// tuples, in the same statement, without a second trip through the primary key. Events are
 /// never updated, and a row deleted or moved concurrently is skipped, never mistaken.
+///
+/// The horizon is computed once per statement, as a sub-select: written inline it is a per-row
+/// filter on the `created_at` index scan, taking a fresh snapshot for every row it looks at (a
+/// cost that grows with the number of open transactions).
 pub async fn purge_step(
     client: &Client,
     cutoff: SystemTime,
@@ -412,7 +416,7 @@ pub async fn purge_step(
                  SELECT ctid FROM events
                   WHERE created_at < $1
                     AND created_at >= coalesce($6::timestamptz, '-infinity')
-                    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                    AND tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                     AND ($2::text IS NULL OR (tx_id, id) <= ($2::text::xid8, $3::bigint))
                   ORDER BY created_at
                   LIMIT $4
@@ -469,7 +473,7 @@ pub async fn purgeable(
         .query_one(
             "SELECT count(*) FROM events
               WHERE created_at < $1
-                AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                AND tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                 AND ($2::text IS NULL OR (tx_id, id) <= ($2::text::xid8, $3::bigint))",
             &[&cutoff, &keep_tx, &keep_id],
         )
@@ -495,7 +499,7 @@ pub async fn purgeable_past(
         .query_one(
             "SELECT count(*) FROM events
               WHERE created_at < $1
-                AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                AND tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                 AND (tx_id, id) > ($4::text::xid8, $5::bigint)
                 AND ($2::text IS NULL OR (tx_id, id) <= ($2::text::xid8, $3::bigint))",
             &[&cutoff, &keep_tx, &keep_id, &after.tx_text(), &after.id],
@@ -531,7 +535,7 @@ pub async fn kept(
             .query_opt(
                 "SELECT tx_id::text, id, created_at FROM events
                   WHERE created_at < $1
-                    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                    AND tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                     AND (tx_id, id) > ($2::text::xid8, $3::bigint)
                   ORDER BY created_at
                   LIMIT 1",

@@ -27,18 +27,18 @@ pub struct Config {
     pub interval: Duration,
 
     /// Events deleted per statement. Each batch is its own short transaction; larger batches
-    /// purge faster but hold their row locks longer.
+    /// purge faster but hold their row locks longer and delay concurrent appends more.
     #[arg(
         long,
         env = "PURGER_BATCH_SIZE",
-        default_value_t = 5000,
+        default_value_t = DEFAULT_BATCH_SIZE,
         value_parser = clap::value_parser!(u32).range(1..=1_000_000)
     )]
     pub batch_size: u32,
 
-    /// Pause between batches, leaving the database to other work during a large purge
-    /// (0s: none).
-    #[arg(long, env = "PURGER_BATCH_PAUSE", default_value = "0s", value_parser = parse_duration)]
+    /// Pause between batches, leaving the database to the producers during a large purge
+    /// (0s: none, purge as fast as possible).
+    #[arg(long, env = "PURGER_BATCH_PAUSE", default_value = "3ms", value_parser = parse_duration)]
     pub batch_pause: Duration,
 
     /// Run one pass, then exit (for cron jobs and Kubernetes CronJobs).
@@ -101,18 +101,24 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Safe mode: keep what consumers need, no expiry, no pause.
+    /// The command line's defaults with this retention: safe mode, no expiry.
     pub fn with_retention(retention: Duration) -> Settings {
         Settings {
             retention,
-            batch_size: 5000,
-            batch_pause: Duration::ZERO,
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_pause: DEFAULT_BATCH_PAUSE,
             dry_run: false,
             consumer_expiry: None,
             force: false,
         }
     }
 }
+
+/// Measured (README, "Performance"): with a producer appending beside it on 2 cores, batches of
+/// 1000 with a 3 ms pause purge ~150k events/s and raise the producer's p99 by under 10%; bigger
+/// batches or no pause purge faster but stall appends for longer.
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub const DEFAULT_BATCH_PAUSE: Duration = Duration::from_millis(3);
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     let duration = parse_duration(text)?;
@@ -139,8 +145,13 @@ mod tests {
         let config = parse(&[]).unwrap();
         assert_eq!(config.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(config.interval, Duration::from_secs(60));
-        assert_eq!(config.batch_size, 5000);
-        assert_eq!(config.batch_pause, Duration::ZERO);
+        assert_eq!(config.batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(config.batch_pause, DEFAULT_BATCH_PAUSE);
+        assert_eq!(
+            config.settings(),
+            Settings::with_retention(config.retention),
+            "the library's defaults are the command line's"
+        );
         assert!(!config.once && !config.dry_run && !config.force);
         assert_eq!(config.consumer_expiry, None);
         assert_eq!(config.http.http_addr, None);

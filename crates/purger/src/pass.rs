@@ -234,10 +234,11 @@ impl Purger {
                     dry_run = self.settings.dry_run,
                     "Consumer {:?} has not published its position for {} (longer than \
                      --consumer-expiry) and no longer holds purging back: {} unread events past \
-                     its position go in this pass, and it will report the gap if it returns.",
+                     its position {} in this pass, and it will report the gap if it returns.",
                     consumer.consumer,
                     short(idle),
-                    events
+                    events,
+                    if self.settings.dry_run { "would go" } else { "go" }
                 );
             } else {
                 info!(consumer = %consumer.consumer, "Consumer still expired; ignored.");
@@ -272,9 +273,10 @@ impl Purger {
                 idle = %short(idle),
                 events,
                 dry_run = self.settings.dry_run,
-                "Forced purge: consumer {:?} loses {} unread events past its position {}; the \
+                "Forced purge: consumer {:?} {} {} unread events past its position {}; the \
                  watermark records the purge as forced and the consumer will report the gap.",
                 consumer.consumer,
+                if self.settings.dry_run { "would lose" } else { "loses" },
                 events,
                 consumer.position
             );
