@@ -12,8 +12,10 @@
 //!   transaction and one round trip per event — the cheapest way to NOTIFY with every event;
 //! - raw multi-row INSERT: a prepared `INSERT … VALUES (…), (…), …` of 100 rows per statement.
 //!
-//! Environment: `BENCH_SECONDS` (per measurement, default 3), `BENCH_ROUNDS` (default 2; cases are
-//! interleaved round by round and the mean is reported), `BENCH_FSYNC=off` (keep the testbed's
+//! Environment: `BENCH_SECONDS` (per measurement, default 1.5), `BENCH_ROUNDS` (default 4; the
+//! cases are interleaved round by round, in alternating order, and the median is reported),
+//! `BENCH_LATENCY_SAMPLES` (default 300), `BENCH_ONLY` (`;`-separated parts of `<case> x<n>`
+//! to run only those, e.g. `multi-row INSERT (100 rows) x8`, for profiling), `BENCH_FSYNC=off` (keep the testbed's
 //! non-durable settings instead of restarting the cluster with fsync on, see [`Durable`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,20 +70,27 @@ impl Case {
     }
 }
 
-const SINGLE: [Case; 6] = [
-    Case::RawInsert,
-    Case::RawInsertNotify,
-    Case::AfterCommit,
-    Case::InTransaction,
-    Case::AfterCommitUnprepared,
-    Case::AfterCommitCallerTx,
+/// What is measured, at how many connections. The variants that only explain a difference (no
+/// prepared statements, the caller's own BEGIN…COMMIT) run where the difference shows: at 8.
+const SINGLE: [(Case, usize); 10] = [
+    (Case::RawInsert, 1),
+    (Case::RawInsertNotify, 1),
+    (Case::AfterCommit, 1),
+    (Case::InTransaction, 1),
+    (Case::RawInsert, 8),
+    (Case::RawInsertNotify, 8),
+    (Case::AfterCommit, 8),
+    (Case::InTransaction, 8),
+    (Case::AfterCommitUnprepared, 8),
+    (Case::AfterCommitCallerTx, 8),
 ];
-const BATCHED: [Case; 3] = [
-    Case::RawBatch,
-    Case::BatchAfterCommit,
-    Case::BatchInTransaction,
+const BATCHED: [(Case, usize); 5] = [
+    (Case::RawBatch, 1),
+    (Case::BatchAfterCommit, 1),
+    (Case::RawBatch, 8),
+    (Case::BatchAfterCommit, 8),
+    (Case::BatchInTransaction, 8),
 ];
-const CONNECTIONS: [usize; 2] = [1, 8];
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Measured {
@@ -93,6 +102,38 @@ struct Measured {
 impl Measured {
     fn rate(&self) -> f64 {
         self.events as f64 / self.seconds
+    }
+}
+
+/// Every round's measurement of one case.
+#[derive(Debug, Default, Clone)]
+struct Rounds(Vec<Measured>);
+
+impl Rounds {
+    /// The median of the rounds' rates: robust to a round that met a burst of disk contention.
+    fn rate(&self) -> f64 {
+        let mut rates: Vec<f64> = self.0.iter().map(Measured::rate).collect();
+        rates.sort_by(f64::total_cmp);
+        let n = rates.len();
+        if n % 2 == 1 {
+            rates[n / 2]
+        } else {
+            (rates[n / 2 - 1] + rates[n / 2]) / 2.0
+        }
+    }
+
+    fn range(&self) -> (f64, f64) {
+        let rates = self.0.iter().map(Measured::rate);
+        (
+            rates.clone().fold(f64::INFINITY, f64::min),
+            rates.fold(0.0, f64::max),
+        )
+    }
+
+    fn notifications_per_1k(&self) -> f64 {
+        let events: u64 = self.0.iter().map(|m| m.events).sum();
+        let notifications: u64 = self.0.iter().map(|m| m.notifications).sum();
+        notifications as f64 * 1000.0 / events.max(1) as f64
     }
 }
 
@@ -201,7 +242,11 @@ impl Bench {
     }
 
     async fn measure(&mut self, case: Case, connections: usize) -> Measured {
-        self.admin.batch_execute("TRUNCATE events").await.unwrap();
+        // Every case starts from the same state: an empty table, no checkpoint due.
+        self.admin
+            .batch_execute("TRUNCATE events; CHECKPOINT")
+            .await
+            .unwrap();
         // The after-commit cases share one notifier (one side connection), as a process would.
         let (notifier, notifier_task) = Notifier::spawn(
             self.config.clone(),
@@ -228,7 +273,7 @@ impl Bench {
         }
         drop(producer);
         // Warm up (connections, plans, caches), then count for the measured window.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let notified_before = self.notifications.load(Ordering::Relaxed);
         counting.store(true, Ordering::Release);
         let started = Instant::now();
@@ -390,6 +435,10 @@ impl Durable {
                 "shared_buffers=128MB",
             ])
             .args(["-c", "max_connections=200"])
+            // No checkpoint or autovacuum may land in the middle of one case and not another:
+            // each case starts with a CHECKPOINT of its own instead.
+            .args(["-c", "max_wal_size=20GB", "-c", "checkpoint_timeout=1h"])
+            .args(["-c", "autovacuum=off"])
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().expect("start postgres");
@@ -428,8 +477,9 @@ impl Drop for Durable {
 }
 
 fn main() {
-    let seconds: f64 = env_or("BENCH_SECONDS", 3.0);
-    let rounds: usize = env_or("BENCH_ROUNDS", 2);
+    let seconds: f64 = env_or("BENCH_SECONDS", 1.5);
+    let rounds: usize = env_or("BENCH_ROUNDS", 4);
+    let samples: usize = env_or("BENCH_LATENCY_SAMPLES", 300);
     let fsync = std::env::var("BENCH_FSYNC").map_or(true, |v| v != "off");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut pg = Postgres::start();
@@ -457,28 +507,44 @@ fn main() {
             arrivals,
             seconds,
         };
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
         let cases: Vec<(Case, usize)> = SINGLE
             .iter()
             .chain(BATCHED.iter())
-            .flat_map(|c| CONNECTIONS.iter().map(move |n| (*c, *n)))
+            .copied()
+            .filter(|(case, n)| {
+                only.is_empty()
+                    || only
+                        .split(';')
+                        .any(|o| format!("{} x{n}", case.label()).contains(o))
+            })
             .collect();
-        let mut results = vec![Measured::default(); cases.len()];
+        let mut results = vec![Rounds::default(); cases.len()];
         for round in 0..rounds {
-            for (i, (case, connections)) in cases.iter().enumerate() {
-                let m = bench.measure(*case, *connections).await;
+            // Alternate the order, so that no case always follows the same neighbour.
+            let mut order: Vec<usize> = (0..cases.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (case, connections) = cases[i];
+                let m = bench.measure(case, connections).await;
                 eprintln!(
                     "round {round}: {:<50} x{connections}: {:>9.0} events/s ({} notifications)",
                     case.label(),
                     m.rate(),
                     m.notifications
                 );
-                let r = &mut results[i];
-                r.events += m.events;
-                r.seconds += m.seconds;
-                r.notifications += m.notifications;
+                results[i].0.push(m);
             }
         }
-        let samples: usize = env_or("BENCH_LATENCY_SAMPLES", 300);
+        if !only.is_empty() {
+            // A partial run (for profiling): the per-round lines above are the result.
+            for (i, (case, n)) in cases.iter().enumerate() {
+                println!("{} x{n}: {:.0} events/s (median)", case.label(), results[i].rate());
+            }
+            return;
+        }
         let mut latencies = Vec::new();
         for case in [Case::RawInsertNotify, Case::InTransaction, Case::AfterCommit] {
             let latency = bench.latency(case, samples).await;
@@ -490,49 +556,58 @@ fn main() {
             );
             latencies.push((case, latency));
         }
-        let rate = |case: Case, n: usize| {
+        let result = |case: Case, n: usize| {
             let i = cases.iter().position(|c| *c == (case, n)).unwrap();
-            results[i].rate()
+            &results[i]
         };
+        let rate = |case: Case, n: usize| result(case, n).rate();
 
         println!(
-            "PostgreSQL {version} ({}), {} cores, load average at start {}, {rounds} × {seconds} s per case\n",
-            if fsync { "durable commits: fsync on" } else { "testbed settings: fsync off" },
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+            "PostgreSQL {version} ({}), {} cores, load average at start {}; \
+             median of {rounds} rounds × {seconds} s per case\n",
+            if fsync {
+                "durable commits: fsync on, autovacuum off, a CHECKPOINT before each case"
+            } else {
+                "testbed settings: fsync off"
+            },
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
-        println!("Single-event transactions (events/s):\n");
-        println!("| case | connections | events/s | vs raw INSERT | vs raw INSERT + pg_notify | NOTIFYs per 1k events |");
-        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-        for n in CONNECTIONS {
-            for case in SINGLE {
-                let i = cases.iter().position(|c| *c == (case, n)).unwrap();
-                let r = rate(case, n);
-                println!(
-                    "| {} | {n} | {:.0} | {:.2}× | {:.2}× | {:.0} |",
-                    case.label(),
-                    r,
-                    r / rate(Case::RawInsert, n),
-                    r / rate(Case::RawInsertNotify, n),
-                    results[i].notifications as f64 * 1000.0 / results[i].events.max(1) as f64
-                );
-            }
+        println!("Single-event transactions:\n");
+        println!("| case | connections | events/s (median) | range over rounds | vs raw INSERT | vs raw INSERT + pg_notify | NOTIFYs per 1k events |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (case, n) in SINGLE {
+            let r = rate(case, n);
+            let (lo, hi) = result(case, n).range();
+            println!(
+                "| {} | {n} | {r:.0} | {lo:.0}–{hi:.0} | {:.2}× | {:.2}× | {:.0} |",
+                case.label(),
+                r / rate(Case::RawInsert, n),
+                r / rate(Case::RawInsertNotify, n),
+                result(case, n).notifications_per_1k()
+            );
         }
-        println!("\nBatched appends, 100 events per transaction (events/s):\n");
-        println!("| case | connections | events/s | vs raw multi-row INSERT |");
-        println!("| --- | ---: | ---: | ---: |");
-        for n in CONNECTIONS {
-            for case in BATCHED {
-                let r = rate(case, n);
-                println!(
-                    "| {} | {n} | {:.0} | {:.2}× |",
-                    case.label(),
-                    r,
-                    r / rate(Case::RawBatch, n)
-                );
-            }
+        println!("\nBatched appends, 100 events per transaction:\n");
+        println!("| case | connections | events/s (median) | range over rounds | vs raw multi-row INSERT |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (case, n) in BATCHED {
+            let r = rate(case, n);
+            let (lo, hi) = result(case, n).range();
+            println!(
+                "| {} | {n} | {r:.0} | {lo:.0}–{hi:.0} | {:.2}× |",
+                case.label(),
+                r / rate(Case::RawBatch, n)
+            );
         }
-        println!("\nWake-up latency, one connection appending one event at a time, {samples} samples (ms from the start of the append call):\n");
+        println!(
+            "\nWake-up latency, one connection appending one event at a time, {samples} samples \
+             (ms from the start of the append call):\n"
+        );
         println!("| case | append returns p50 | wake-up p50 | wake-up p99 | wake-up p50 − append p50 |");
         println!("| --- | ---: | ---: | ---: | ---: |");
         for (case, l) in &latencies {
@@ -557,7 +632,11 @@ fn main() {
         );
         println!(
             "- batched ≥ 0.9× raw multi-row INSERT: {batched_1:.2}× at 1 connection, {batched_8:.2}× at 8 {}",
-            if batched_1 >= 0.9 && batched_8 >= 0.9 { "(met)" } else { "(MISSED)" }
+            if batched_1 >= 0.9 && batched_8 >= 0.9 {
+                "(met)"
+            } else {
+                "(MISSED)"
+            }
         );
     });
 }
