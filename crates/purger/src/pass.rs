@@ -174,6 +174,14 @@ impl Purger {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let limit = i64::from(self.settings.batch_size.max(1));
+        if let Some(keep) = keep_after {
+            // Nothing at or before the slowest consumer is left (it has not moved since the last
+            // pass): skip the scan, which would only walk the old events kept for it.
+            let first = position::oldest(client).await?;
+            if first.is_none_or(|(first, _)| first > keep) {
+                return Ok(());
+            }
+        }
         let mut resume_from = None;
         loop {
             let step = position::purge_step(client, cutoff, keep_after, resume_from, limit, forced)

@@ -86,6 +86,11 @@ async fn a_lagging_consumers_unread_events_are_kept() {
     let watermark = db.watermark().await.unwrap();
     assert!(watermark.position <= slow_at, "no gap for the consumer");
 
+    // While it stays put, later passes do not even scan the old events kept for it.
+    let idle = pass(&db, Settings::with_retention(WEEK)).await;
+    assert_eq!((idle.deleted, idle.batches), (0, 0));
+    assert!(matches!(idle.held_back, Some(HeldBack::Consumer { .. })));
+
     // The consumer gets every event it had not read, then purging catches up.
     let (read, _) = db.consume("slow", slow_at, 100).await;
     assert_eq!(read, ids(5..=10, &all));
