@@ -67,13 +67,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let target = db::describe(&pg);
     let settings = config.settings();
     let health = ops::Health::new();
-    health.failing("postgres", "no purge pass has completed yet");
+    health.failing("postgres", "not connected yet");
     ops::spawn(config.http.http_addr, health.clone(), shutdown.clone()).await?;
     info!(
         database = %target,
         retention = %report::short(settings.retention),
         interval = %report::short(config.interval),
         batch_size = settings.batch_size,
+        batch_pause = %humantime::format_duration(settings.batch_pause),
         consumer_expiry = settings.consumer_expiry.map(|d| report::short(d).to_string()),
         force = settings.force,
         dry_run = settings.dry_run,
@@ -96,6 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             if !checked {
                 purger.check().await?;
                 checked = true;
+                health.ok("postgres");
             }
             purger.pass(&shutdown).await
         }
