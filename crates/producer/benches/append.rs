@@ -15,7 +15,8 @@
 //! Environment: `BENCH_SECONDS` (per measurement, default 1.5), `BENCH_ROUNDS` (default 4; the
 //! cases are interleaved round by round, in alternating order, and the median is reported),
 //! `BENCH_LATENCY_SAMPLES` (default 300), `BENCH_ONLY` (`;`-separated parts of `<case> x<n>`
-//! to run only those, e.g. `multi-row INSERT (100 rows) x8`, for profiling), `BENCH_FSYNC=off` (keep the testbed's
+//! to run only those, e.g. `multi-row INSERT (100 rows) x8`, for profiling; `latency` runs the
+//! latency measurement), `BENCH_FSYNC=off` (keep the testbed's
 //! non-durable settings instead of restarting the cluster with fsync on, see [`Durable`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -543,7 +544,9 @@ fn main() {
             for (i, (case, n)) in cases.iter().enumerate() {
                 println!("{} x{n}: {:.0} events/s (median)", case.label(), results[i].rate());
             }
-            return;
+            if !only.contains("latency") {
+                return;
+            }
         }
         let mut latencies = Vec::new();
         for case in [Case::RawInsertNotify, Case::InTransaction, Case::AfterCommit] {
@@ -555,6 +558,9 @@ fn main() {
                 percentile(&latency.wake_up, 0.99)
             );
             latencies.push((case, latency));
+        }
+        if !only.is_empty() {
+            return;
         }
         let result = |case: Case, n: usize| {
             let i = cases.iter().position(|c| *c == (case, n)).unwrap();
