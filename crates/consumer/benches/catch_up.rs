@@ -5,7 +5,7 @@
 //!    `BENCH_MONGO_EVENTS` (default 100 000 — the server takes ~10k documents/s, so a million
 //!    would take minutes per run) vs raw `insert_many` of the *same documents* (built by the
 //!    consumer's own `event_document`) in batches of the same size, without transaction or
-//!    checkpoint. Each run writes into a fresh database.
+//!    checkpoint. Each run gets a fresh server (the test server slows down as it fills up).
 //! 2. **Null sink**: the consumer catching up `BENCH_EVENTS` (default 1 000 000) with the null
 //!    sink vs a raw keyset `SELECT` of the same rows and columns in the same batch size, decoded
 //!    into the same Rust types.
@@ -50,34 +50,38 @@ async fn main() {
         .await
         .unwrap();
     let url = pg.url_for("bench_consumer", None);
-    let mongo = Mongo::start();
 
     // --- into MongoDB, on the first part of the backlog --------------------------------------
+    // Every run gets a fresh server: the test server slows down as its storage fills, which
+    // would favour whichever side runs first.
     generate(&admin, mongo_events).await;
     let last = last_position(&admin).await;
     let docs = documents(&url, batch).await;
     let mut raw_mongo = Vec::new();
     let mut ours_mongo = Vec::new();
     for round in 0..rounds {
-        let client = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
-        let coll = client
-            .database(&mongo.unique_database("raw"))
-            .collection::<Document>("receivedEvents");
-        let started = Instant::now();
-        for chunk in &docs {
-            coll.insert_many(chunk).await.unwrap();
+        for consumer_first in [round % 2 == 1, round % 2 == 0] {
+            let mongo = Mongo::start();
+            if consumer_first {
+                let mut config = Config::new(url.clone(), Some(mongo.uri()));
+                config.name = format!("mongo{round}");
+                config.batch_size = batch as u32;
+                ours_mongo.push(run_consumer_until(config, None, &admin, last).await);
+            } else {
+                let client = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
+                let coll = client
+                    .database("consumer")
+                    .collection::<Document>("receivedEvents");
+                let started = Instant::now();
+                for chunk in &docs {
+                    coll.insert_many(chunk).await.unwrap();
+                }
+                raw_mongo.push(started.elapsed());
+            }
         }
-        raw_mongo.push(started.elapsed());
-
-        let mut config = Config::new(url.clone(), Some(mongo.uri()));
-        config.name = format!("mongo{round}");
-        config.batch_size = batch as u32;
-        config.mongodb_database = mongo.unique_database("ours");
-        let elapsed = run_consumer_until(config, None, &admin, last).await;
-        ours_mongo.push(elapsed);
         eprintln!(
             "round {round}: mongo raw {:?}, consumer {:?}",
-            raw_mongo[round], elapsed
+            raw_mongo[round], ours_mongo[round]
         );
     }
     let rss_small = binary_rss(&url, &admin, last).await;
@@ -314,7 +318,11 @@ async fn wait_published(admin: &Client, name: &str, last: Position) {
 
 /// Peak RSS (kB) of the binary catching up everything, and how long it took.
 async fn binary_rss(url: &str, admin: &Client, last: Position) -> (u64, Duration) {
-    let name = format!("rss{}", last.id);
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "rss{}",
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let started = Instant::now();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_consumer"))
         .args(["--sink", "null", "--name", &name, "--log-level", "warn"])

@@ -40,7 +40,7 @@ use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
-use crate::sink::{Delivery, Sink};
+use crate::sink::{Delivery, Encoder, Sink};
 
 /// How long committed events may wait behind an open transaction before the blocker is named.
 const HELD_BACK_REPORT_AFTER: Duration = Duration::from_secs(5);
@@ -69,6 +69,8 @@ pub struct Context {
     pub wake: Arc<Notify>,
     /// The check name the sink reports under (`mongodb`, also for the null sink).
     pub sink_check: &'static str,
+    /// Prepares batches in the sink's format before they are queued.
+    pub encoder: Encoder,
 }
 
 /// Observations the monitor turns into health.
@@ -264,10 +266,7 @@ pub async fn fetch_loop(
 
         let scanned = batch.scanned;
         if let Some(end) = batch.end {
-            let delivery = Delivery {
-                events: batch.events,
-                end,
-            };
+            let delivery = ctx.encoder.delivery(batch.events, end);
             tokio::select! {
                 sent = out.send(delivery) => if sent.is_err() { return Ok(()) },
                 _ = shutdown.cancelled() => return Ok(()),

@@ -118,6 +118,7 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
         status: Status::default(),
         wake: Arc::new(Notify::new()),
         sink_check: MONGODB,
+        encoder: sink.encoder(),
     });
 
     // PostgreSQL first: LISTEN before anything is fetched, then the checks that end start-up

@@ -9,6 +9,7 @@ pub mod mongo;
 pub mod null;
 
 use event_store::{Event, Position};
+use mongodb::bson::RawDocumentBuf;
 
 use crate::error::Result;
 
@@ -21,6 +22,37 @@ pub use null::{Delivered, NullSink};
 pub struct Delivery {
     pub events: Vec<Event>,
     pub end: Position,
+    /// The events already in the sink's format ([`Encoder`]), or empty: the sink encodes them.
+    pub documents: Vec<RawDocumentBuf>,
+}
+
+impl Delivery {
+    pub fn new(events: Vec<Event>, end: Position) -> Delivery {
+        Delivery {
+            events,
+            end,
+            documents: Vec::new(),
+        }
+    }
+}
+
+/// Puts events into a sink's format ahead of the write. The fetcher does this, so that it runs
+/// while the writer waits on the previous batch instead of in front of the next one.
+#[derive(Debug, Clone, Copy)]
+pub enum Encoder {
+    Mongo,
+    Null,
+}
+
+impl Encoder {
+    pub fn delivery(self, events: Vec<Event>, end: Position) -> Delivery {
+        let mut delivery = Delivery::new(events, end);
+        if let Encoder::Mongo = self {
+            // On failure the writer encodes again and reports the error.
+            delivery.documents = mongo::encode(&delivery.events).unwrap_or_default();
+        }
+        delivery
+    }
 }
 
 /// What a write did.
@@ -54,6 +86,14 @@ impl Sink {
         match self {
             Sink::Mongo(s) => s.write(delivery).await,
             Sink::Null(s) => Ok(s.write(delivery)),
+        }
+    }
+
+    /// How the fetcher should prepare batches for this sink.
+    pub fn encoder(&self) -> Encoder {
+        match self {
+            Sink::Mongo(_) => Encoder::Mongo,
+            Sink::Null(_) => Encoder::Null,
         }
     }
 

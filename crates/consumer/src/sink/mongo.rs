@@ -33,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use event_store::{Event, Position};
-use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, DateTime, Document};
+use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, DateTime, Document, RawDocumentBuf};
 use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Collection};
@@ -52,6 +52,8 @@ const TRANSACTION_ATTEMPTS: usize = 3;
 pub struct MongoSink {
     client: Client,
     events: Collection<Document>,
+    /// The same collection, for writing documents encoded ahead of time.
+    raw_events: Collection<RawDocumentBuf>,
     checkpoints: Collection<Document>,
     name: String,
     where_: String,
@@ -102,6 +104,7 @@ impl MongoSink {
         let db = client.database(database);
         Ok(MongoSink {
             events: db.collection(collection),
+            raw_events: db.collection(collection),
             checkpoints: db.collection(CHECKPOINTS),
             client,
             name: name.to_string(),
@@ -203,19 +206,20 @@ impl MongoSink {
 
     async fn try_write(&mut self, delivery: &Delivery) -> Result<Written> {
         let transactions = self.detect().await?;
-        let received_at = DateTime::now();
-        let docs: Vec<Document> = delivery
-            .events
-            .iter()
-            .map(|e| event_document(e, received_at))
-            .collect();
+        let encoded;
+        let docs: &[RawDocumentBuf] = if delivery.documents.len() == delivery.events.len() {
+            &delivery.documents
+        } else {
+            encoded = encode(&delivery.events)?;
+            &encoded
+        };
         if docs.is_empty() {
             // Only the position moved (a topic filter skipped every row): one atomic upsert.
             self.write_checkpoint(delivery.end).await?;
             return Ok(Written::default());
         }
         if transactions {
-            match self.transaction(&docs, delivery.end).await {
+            match self.transaction(docs, delivery.end).await {
                 Ok(()) => Ok(Written {
                     inserted: docs.len(),
                     already_present: 0,
@@ -224,11 +228,11 @@ impl MongoSink {
                     // A re-delivery (the previous commit's acknowledgement was lost, or another
                     // consumer writes the same collection): store only what is missing.
                     let present = self.already_present(&delivery.events).await?;
-                    let missing: Vec<Document> = docs
-                        .into_iter()
+                    let missing: Vec<RawDocumentBuf> = docs
+                        .iter()
                         .zip(&delivery.events)
                         .filter(|(_, e)| !present.contains(&e.id()))
-                        .map(|(d, _)| d)
+                        .map(|(d, _)| d.clone())
                         .collect();
                     let inserted = missing.len();
                     if missing.is_empty() {
@@ -252,7 +256,7 @@ impl MongoSink {
                 )),
             }
         } else {
-            let written = self.insert_idempotently(&docs, &delivery.events).await?;
+            let written = self.insert_idempotently(docs, &delivery.events).await?;
             self.write_checkpoint(delivery.end).await?;
             Ok(written)
         }
@@ -262,7 +266,7 @@ impl MongoSink {
     /// failure transient (a write conflict).
     async fn transaction(
         &mut self,
-        docs: &[Document],
+        docs: &[RawDocumentBuf],
         end: Position,
     ) -> std::result::Result<(), mongodb::error::Error> {
         let mut attempt = 0;
@@ -284,7 +288,7 @@ impl MongoSink {
 
     async fn transaction_once(
         &mut self,
-        docs: &[Document],
+        docs: &[RawDocumentBuf],
         end: Position,
     ) -> std::result::Result<(), mongodb::error::Error> {
         if self.session.is_none() {
@@ -293,7 +297,10 @@ impl MongoSink {
         let session = self.session.as_mut().expect("just set");
         session.start_transaction().await?;
         let writes = async {
-            self.events.insert_many(docs).session(&mut *session).await?;
+            self.raw_events
+                .insert_many(docs)
+                .session(&mut *session)
+                .await?;
             let mut update = checkpoint_update(end, DateTime::now());
             update
                 .get_document_mut("$set")
@@ -328,8 +335,12 @@ impl MongoSink {
 
     /// Standalone servers: unordered inserts, where duplicates of stored events are expected
     /// after a crash between the inserts and the checkpoint, and skipped.
-    async fn insert_idempotently(&self, docs: &[Document], events: &[Event]) -> Result<Written> {
-        let error = match self.events.insert_many(docs).ordered(false).await {
+    async fn insert_idempotently(
+        &self,
+        docs: &[RawDocumentBuf],
+        events: &[Event],
+    ) -> Result<Written> {
+        let error = match self.raw_events.insert_many(docs).ordered(false).await {
             Ok(_) => {
                 return Ok(Written {
                     inserted: docs.len(),
@@ -458,6 +469,23 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
         _ => false,
     }
+}
+
+/// The stored form of a batch, serialised (`received_at`: now, when the consumer has read them).
+/// Fails only for a key BSON cannot hold (one containing NUL, which jsonb never stores).
+pub fn encode(events: &[Event]) -> Result<Vec<RawDocumentBuf>> {
+    let received_at = DateTime::now();
+    events
+        .iter()
+        .map(|e| {
+            RawDocumentBuf::from_document(&event_document(e, received_at)).map_err(|error| {
+                Error::Integrity(format!(
+                    "event {} cannot be stored as a MongoDB document: {error}",
+                    e.position
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The stored form of an event.
