@@ -107,7 +107,10 @@ impl Context {
     /// A sink write (`write_error`) or probe failed.
     pub fn sink_failing(&self, reason: String, write_error: bool) {
         self.health.failing(self.sink_check, reason.clone());
-        self.status.sink_down.store(true, Ordering::Relaxed);
+        if !self.status.sink_down.swap(true, Ordering::Relaxed) {
+            // Said once per outage; the recovery is logged by `sink_ok`.
+            warn!(sink = self.sink_check, error = %reason, "The sink is unreachable; delivery waits for it.");
+        }
         if write_error {
             *self.status.sink_error.lock().unwrap() = Some(reason);
         }
