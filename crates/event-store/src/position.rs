@@ -351,6 +351,14 @@ pub struct Purged {
     pub highest: Option<Position>,
 }
 
+/// An optional position as two nullable parameters (`$n::text::xid8`, `$m::bigint`).
+fn optional_binds(position: Option<Position>) -> (Option<String>, Option<i64>) {
+    match position {
+        Some(p) => (Some(p.tx_text()), Some(p.id)),
+        None => (None, None),
+    }
+}
+
 /// What one batch of a purge pass did, and where the next batch of the same pass may start.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PurgeStep {
@@ -406,10 +414,7 @@ pub async fn purge_step(
     limit: i64,
     forced: bool,
 ) -> Result<PurgeStep> {
-    let (keep_tx, keep_id) = match keep_after {
-        Some(p) => (Some(p.tx_text()), Some(p.id)),
-        None => (None, None),
-    };
+    let (keep_tx, keep_id) = optional_binds(keep_after);
     let row = client
         .query_one(
             "WITH doomed AS MATERIALIZED (
@@ -465,21 +470,7 @@ pub async fn purgeable(
     cutoff: SystemTime,
     keep_after: Option<Position>,
 ) -> Result<u64> {
-    let (keep_tx, keep_id) = match keep_after {
-        Some(p) => (Some(p.tx_text()), Some(p.id)),
-        None => (None, None),
-    };
-    let row = client
-        .query_one(
-            "SELECT count(*) FROM events
-              WHERE created_at < $1
-                AND tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
-                AND ($2::text IS NULL OR (tx_id, id) <= ($2::text::xid8, $3::bigint))",
-            &[&cutoff, &keep_tx, &keep_id],
-        )
-        .await
-        .map_err(|e| Error::database("count purgeable events", e))?;
-    Ok(row.get::<_, i64>(0) as u64)
+    purgeable_past(client, cutoff, Position::START, keep_after).await
 }
 
 /// Counts the events a purge with `cutoff` and `keep_after` would delete that lie past `after`:
@@ -491,10 +482,7 @@ pub async fn purgeable_past(
     after: Position,
     keep_after: Option<Position>,
 ) -> Result<u64> {
-    let (keep_tx, keep_id) = match keep_after {
-        Some(p) => (Some(p.tx_text()), Some(p.id)),
-        None => (None, None),
-    };
+    let (keep_tx, keep_id) = optional_binds(keep_after);
     let row = client
         .query_one(
             "SELECT count(*) FROM events

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
-use crate::process::{free_port, on_path, port_accepts, ServerProcess};
+use crate::process::{free_port, on_path, port_accepts, retry_start, ServerProcess};
 
 /// Which server is behind a [`Mongo`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,14 +62,10 @@ impl Mongo {
             process: None,
             storage: Some(storage),
         };
-        for attempt in 1..=5 {
+        retry_start(5, Duration::ZERO, || {
             mongo.port = free_port();
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mongo.spawn())) {
-                Ok(()) => break,
-                Err(e) if attempt == 5 => std::panic::resume_unwind(e),
-                Err(_) => continue,
-            }
-        }
+            mongo.spawn();
+        });
         mongo
     }
 
@@ -168,13 +164,7 @@ impl Mongo {
     /// Starts the server again on the same port with the same data.
     pub fn restart(&mut self) {
         self.stop();
-        for attempt in 1..=20 {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.spawn())) {
-                Ok(()) => return,
-                Err(e) if attempt == 20 => std::panic::resume_unwind(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
-            }
-        }
+        retry_start(20, Duration::from_millis(250), || self.spawn());
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
-use crate::process::{free_port, own_dir, run, RunAs, ServerProcess};
+use crate::process::{free_port, own_dir, retry_start, run, RunAs, ServerProcess};
 
 /// A real PostgreSQL server on `127.0.0.1:<port>`, superuser `postgres` with trust authentication,
 /// database `postgres`. Dropped: killed, directories removed.
@@ -66,15 +66,10 @@ impl Postgres {
     }
 
     fn start_on_fresh_port(&mut self) {
-        // A port can be taken between choosing it and binding it: retry on a new one.
-        for attempt in 1..=5 {
+        retry_start(5, Duration::ZERO, || {
             self.port = free_port();
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.spawn())) {
-                Ok(()) => return,
-                Err(e) if attempt == 5 => std::panic::resume_unwind(e),
-                Err(_) => continue,
-            }
-        }
+            self.spawn();
+        });
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -175,13 +170,7 @@ impl Postgres {
     /// Starts the server again on the same port with the same data.
     pub fn restart(&mut self) {
         self.stop();
-        for attempt in 1..=20 {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.spawn())) {
-                Ok(()) => return,
-                Err(e) if attempt == 20 => std::panic::resume_unwind(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
-            }
-        }
+        retry_start(20, Duration::from_millis(250), || self.spawn());
     }
 
     /// Where the server's log is (to attach to failure messages).

@@ -202,3 +202,16 @@ pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
 }
+
+/// Runs `start` until it returns without panicking, at most `attempts` times, pausing between
+/// tries: a port can be taken between choosing and binding it, and a server that just stopped may
+/// still hold its port for a moment. The last failure propagates with its message.
+pub(crate) fn retry_start(attempts: u32, pause: Duration, mut start: impl FnMut()) {
+    for attempt in 1..=attempts {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut start)) {
+            Ok(()) => return,
+            Err(e) if attempt == attempts => std::panic::resume_unwind(e),
+            Err(_) => std::thread::sleep(pause),
+        }
+    }
+}
