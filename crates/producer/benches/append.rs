@@ -409,6 +409,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 struct Durable {
     child: std::process::Child,
     data: std::path::PathBuf,
+    log: std::path::PathBuf,
 }
 
 impl Durable {
@@ -457,7 +458,7 @@ impl Durable {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Durable { child, data }
+        Durable { child, data, log }
     }
 }
 
@@ -474,6 +475,7 @@ impl Drop for Durable {
             );
         }
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
