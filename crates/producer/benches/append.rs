@@ -17,7 +17,7 @@
 //! `BENCH_LATENCY_SAMPLES` (default 300), `BENCH_ONLY` (`;`-separated parts of `<case> x<n>`
 //! to run only those, e.g. `multi-row INSERT (100 rows) x8`, for profiling; `latency` runs the
 //! latency measurement), `BENCH_FSYNC=off` (keep the testbed's
-//! non-durable settings instead of restarting the cluster with fsync on, see [`Durable`]).
+//! non-durable settings instead of starting the cluster with fsync on, see [`DURABLE`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -404,80 +404,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// The testbed runs its clusters with `fsync=off` (fast tests). What makes NOTIFY expensive is that
 /// a notifying commit holds the queue lock through its WAL flush, so throughput comparisons need
-/// durable commits: this runs the same server binary on the testbed's freshly initialised data
-/// directory, same port, with PostgreSQL's default durability (fsync on, synchronous commit).
-struct Durable {
-    child: std::process::Child,
-    data: std::path::PathBuf,
-    log: std::path::PathBuf,
-}
-
-impl Durable {
-    fn start(pg: &mut Postgres) -> Durable {
-        let data = pg.log_path().parent().unwrap().join("data");
-        let port = pg.port().to_string();
-        pg.stop();
-        let server = pg.bindir().join("postgres");
-        let mut cmd = if nix::unistd::Uid::effective().is_root() {
-            // PostgreSQL refuses to run as root; the testbed made the directory postgres's.
-            let mut cmd = std::process::Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(server);
-            cmd
-        } else {
-            std::process::Command::new(server)
-        };
-        let log = std::env::temp_dir().join(format!("producer-bench-{}.log", std::process::id()));
-        cmd.arg("-D")
-            .arg(&data)
-            .args(["-p", &port, "-c", "listen_addresses=127.0.0.1"])
-            .args([
-                "-c",
-                "unix_socket_directories=",
-                "-c",
-                "shared_buffers=128MB",
-            ])
-            .args(["-c", "max_connections=200"])
-            // No checkpoint or autovacuum may land in the middle of one case and not another:
-            // each case starts with a CHECKPOINT of its own instead.
-            .args(["-c", "max_wal_size=20GB", "-c", "checkpoint_timeout=1h"])
-            .args(["-c", "autovacuum=off"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().expect("start postgres");
-        let ready = Instant::now();
-        while !std::process::Command::new(pg.bindir().join("pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &port])
-            .status()
-            .unwrap()
-            .success()
-        {
-            assert!(
-                ready.elapsed() < Duration::from_secs(30),
-                "the durable server did not start; see {}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Durable { child, data, log }
-    }
-}
-
-impl Drop for Durable {
-    fn drop(&mut self) {
-        // The postmaster's pid (runuser stands in between when run as root): a fast shutdown.
-        if let Some(pid) = std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGINT,
-            );
-        }
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
+/// PostgreSQL's default durability (fsync on, synchronous commit). No checkpoint or autovacuum may
+/// land in the middle of one case and not another: each case starts with a CHECKPOINT instead.
+const DURABLE: &[&str] = &[
+    "fsync=on",
+    "full_page_writes=on",
+    "max_wal_size=20GB",
+    "checkpoint_timeout=1h",
+    "autovacuum=off",
+];
 
 fn main() {
     let seconds: f64 = env_or("BENCH_SECONDS", 1.5);
@@ -485,8 +420,11 @@ fn main() {
     let samples: usize = env_or("BENCH_LATENCY_SAMPLES", 300);
     let fsync = std::env::var("BENCH_FSYNC").map_or(true, |v| v != "off");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut pg = Postgres::start();
-    let _durable = fsync.then(|| Durable::start(&mut pg));
+    let pg = if fsync {
+        Postgres::start_with(DURABLE)
+    } else {
+        Postgres::start()
+    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut admin = db::connect_spawned(&db::config(&pg.url(), "bench").unwrap())

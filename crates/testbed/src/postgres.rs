@@ -15,6 +15,8 @@ pub struct Postgres {
     bindir: PathBuf,
     run_as: Option<RunAs>,
     port: u16,
+    /// Extra `name=value` server settings, applied after (so overriding) the defaults.
+    settings: Vec<String>,
     // Field order matters on drop: the server dies before its directories go.
     process: Option<ServerProcess>,
     socket_dir: TempDir,
@@ -24,6 +26,13 @@ pub struct Postgres {
 impl Postgres {
     /// initdb + start. Panics with a message naming what is missing when it cannot.
     pub fn start() -> Postgres {
+        Postgres::start_with(&[])
+    }
+
+    /// [`Postgres::start`] with extra server settings (`"name=value"`) that override the test
+    /// defaults, kept across restarts. Benchmarks use it for durable commits:
+    /// `Postgres::start_with(&["fsync=on", "full_page_writes=on"])`.
+    pub fn start_with(settings: &[&str]) -> Postgres {
         let bindir = find_bindir();
         let run_as = RunAs::detect();
         let data_root = tempfile::Builder::new()
@@ -57,6 +66,7 @@ impl Postgres {
             bindir,
             run_as,
             port: 0,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
             process: None,
             socket_dir,
             data_root,
@@ -87,6 +97,7 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=128MB"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .env("LC_ALL", "C");
         let log = self.data_root.path().join("postgres.log");
         let mut process = ServerProcess::spawn("postgres", cmd, self.run_as, log);
