@@ -257,7 +257,12 @@ pub async fn fetch_loop(
         ctx.postgres_ok();
 
         if let Some(watermark) = watermark {
-            // No checkpoint yet (START): a new consumer starts at the oldest event, no gap.
+            // No checkpoint yet (START): a new consumer starts at the oldest event, no gap — and
+            // what was purged before it started is no gap later in this run either (purges go by
+            // age, so a few rows below that watermark can still be stored and read after it).
+            if after == Position::START && gap_reported_to.is_none() {
+                gap_reported_to = Some(watermark.position);
+            }
             if after != Position::START
                 && watermark.position > after
                 && gap_reported_to.is_none_or(|reported| watermark.position > reported)

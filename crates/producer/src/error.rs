@@ -5,6 +5,9 @@ use event_store::event::InvalidEvent;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
+/// The unique constraint on `events.event_id` (PostgreSQL's default name for `event_id … UNIQUE`).
+const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
+
 /// Why an append failed. `Invalid` and `DuplicateEventId` are decided before the database is
 /// touched; the rest come from the database or the pool.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +69,18 @@ impl AppendError {
         }
     }
 
-    /// An event with one of these `event_id`s is already in the table.
+    /// An event with one of these `event_id`s is already in the table. Only the `event_id`
+    /// constraint counts: another unique violation (an `id` clash after a restore left the
+    /// sequence behind) is a real error, and retrying it as a duplicate would spin.
     pub fn is_duplicate(&self) -> bool {
-        self.code() == Some(&SqlState::UNIQUE_VIOLATION)
+        let db_error = match self {
+            AppendError::Database { source, .. } => source.as_db_error(),
+            AppendError::Pool(deadpool_postgres::PoolError::Backend(e)) => e.as_db_error(),
+            _ => None,
+        };
+        db_error.is_some_and(|e| {
+            *e.code() == SqlState::UNIQUE_VIOLATION && e.constraint() == Some(EVENT_ID_CONSTRAINT)
+        })
     }
 
     /// The SQLSTATE, when PostgreSQL answered with an error.

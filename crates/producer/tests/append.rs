@@ -410,6 +410,15 @@ async fn an_event_id_is_stored_once() {
     let err = producer.append(&client, &[event]).await.unwrap_err();
     assert!(err.is_duplicate() && !err.is_transient(), "{err:?}");
     assert_eq!(count(&pg), 1);
+
+    // An `id` clash (a sequence left behind, e.g. after a restore) is not a duplicate event: the
+    // binary must not treat it as "already stored" and retry it forever.
+    pg.psql("SELECT setval('events_id_seq', 1, false)");
+    let clash = producer
+        .append(&client, &[NewEvent::new(topic("t"), json!({}))])
+        .await
+        .unwrap_err();
+    assert!(!clash.is_duplicate() && !clash.is_transient(), "{clash:?}");
 }
 
 #[tokio::test]
