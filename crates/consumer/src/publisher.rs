@@ -2,7 +2,9 @@
 //! what every consumer still needs. Best effort and off the delivery path: it follows the latest
 //! committed position (intermediate ones are skipped when it lags), retries with backoff when
 //! PostgreSQL is away, and publishes once at start so the purger knows the consumer exists (a new
-//! consumer publishes the very beginning, holding every event for it).
+//! consumer publishes the very beginning, holding every event for it). That first publish may move
+//! the position *back* (a checkpoint reset or restored from an older backup); later ones only
+//! move it forward.
 
 use std::time::Duration;
 
@@ -25,10 +27,12 @@ pub async fn publish_loop(
 ) {
     let mut backoff = Backoff::reconnect();
     let mut failures = 0u32;
+    let mut registered = false;
     loop {
         let position = *committed.borrow_and_update();
-        match publish(&pool, &name, position).await {
+        match publish(&pool, &name, position, !registered).await {
             Ok(()) => {
+                registered = true;
                 if failures > 0 {
                     info!(attempts = failures, position = %position, "Publishing the position works again.");
                 }
@@ -55,12 +59,13 @@ pub async fn publish_loop(
     }
     // The last position, so the purger does not hold back more than needed while we are away.
     let position = *committed.borrow();
-    if let Err(e) = publish(&pool, &name, position).await {
+    if let Err(e) = publish(&pool, &name, position, !registered).await {
         warn!(error = %e, "Cannot publish the final position.");
     }
 }
 
-async fn publish(pool: &Pool, name: &str, position: Position) -> Result<()> {
+/// `register`: the first publish of this run, which may move the position back.
+async fn publish(pool: &Pool, name: &str, position: Position, register: bool) -> Result<()> {
     let work = async {
         let client = pool.get().await.map_err(|e| {
             Error::Store(event_store::Error::Pool {
@@ -68,7 +73,11 @@ async fn publish(pool: &Pool, name: &str, position: Position) -> Result<()> {
                 source: e,
             })
         })?;
-        position::publish(&client, name, position).await?;
+        if register {
+            position::register(&client, name, position).await?;
+        } else {
+            position::publish(&client, name, position).await?;
+        }
         Ok(())
     };
     tokio::time::timeout(PUBLISH_TIMEOUT, work)

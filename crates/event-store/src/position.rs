@@ -256,14 +256,30 @@ pub async fn backlog(client: &Client, after: Position, cap: i64) -> Result<Backl
 /// Records `consumer`'s delivered position so the purger keeps what it still needs. Positions only
 /// move forward here, even if an older write arrives late.
 pub async fn publish(client: &Client, consumer: &str, position: Position) -> Result<()> {
+    upsert_position(client, consumer, position, false).await
+}
+
+/// Records where `consumer` starts, even behind what it published before: a consumer whose
+/// checkpoint was reset or restored from an older backup needs the purger to keep everything
+/// after *that* position, not after the one it had reached before.
+pub async fn register(client: &Client, consumer: &str, position: Position) -> Result<()> {
+    upsert_position(client, consumer, position, true).await
+}
+
+async fn upsert_position(
+    client: &Client,
+    consumer: &str,
+    position: Position,
+    may_move_back: bool,
+) -> Result<()> {
     client
         .execute(
             "INSERT INTO consumer_positions AS p (consumer, tx_id, id, updated_at)
              VALUES ($1, $2::text::xid8, $3, now())
              ON CONFLICT (consumer) DO UPDATE
                 SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now()
-              WHERE (p.tx_id, p.id) <= (EXCLUDED.tx_id, EXCLUDED.id)",
-            &[&consumer, &position.tx_text(), &position.id],
+              WHERE $4 OR (p.tx_id, p.id) <= (EXCLUDED.tx_id, EXCLUDED.id)",
+            &[&consumer, &position.tx_text(), &position.id, &may_move_back],
         )
         .await
         .map_err(|e| {

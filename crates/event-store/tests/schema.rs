@@ -334,3 +334,24 @@ async fn xid8_positions_compare_numerically_not_as_text() {
     let batch = reader.fetch(&admin, shorter, 10, None).await.unwrap();
     assert_eq!(batch.events.len(), 1, "{shorter} must be before {first}");
 }
+
+#[tokio::test]
+async fn published_positions_move_forward_unless_a_consumer_registers_again() {
+    let (_pg, admin) = migrated().await;
+    let at = |n: i64| Position::new(1000, n);
+    let stored = |positions: Vec<position::PublishedPosition>| positions[0].position;
+    position::publish(&admin, "c", at(10)).await.unwrap();
+    position::publish(&admin, "c", at(5)).await.unwrap();
+    assert_eq!(
+        stored(position::published_positions(&admin).await.unwrap()),
+        at(10),
+        "a late, older publish never moves the position back"
+    );
+    // A consumer restarting from an older checkpoint (reset, restored backup) must be protected
+    // from there on.
+    position::register(&admin, "c", at(3)).await.unwrap();
+    assert_eq!(
+        stored(position::published_positions(&admin).await.unwrap()),
+        at(3)
+    );
+}
