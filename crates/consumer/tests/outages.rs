@@ -93,24 +93,7 @@ async fn postgres_stopped_and_crashed_mid_stream() {
     stop.store(true, Ordering::Relaxed);
     assert!(producer.await.unwrap() > 0);
 
-    wait_delivered(&env, RECEIVED, "", Duration::from_secs(90)).await;
-    let last = env.pg_last_position("");
-    wait_until(
-        "the checkpoint reaches the end",
-        Duration::from_secs(30),
-        || async {
-            env.checkpoint("pg-outage")
-                .await
-                .map(|c| checkpoint_text(&c))
-                == Some(last.clone())
-        },
-    )
-    .await;
-    assert!(reconnects(addr, "pg-outage", "postgres").await >= 2.0);
-    wait_until("/healthz recovers", Duration::from_secs(30), || async {
-        http_get(addr, "/healthz").await.map(|r| r.0) == Some(200)
-    })
-    .await;
+    recovered_and_caught_up(&env, addr, "pg-outage", "postgres", 2.0, 90).await;
     consumer.stop().await;
 }
 
@@ -148,24 +131,7 @@ async fn mongodb_stopped_and_crashed_mid_stream() {
     stop.store(true, Ordering::Relaxed);
     assert!(producer.await.unwrap() > 0);
 
-    wait_delivered(&env, RECEIVED, "", Duration::from_secs(120)).await;
-    let last = env.pg_last_position("");
-    wait_until(
-        "the checkpoint reaches the end",
-        Duration::from_secs(30),
-        || async {
-            env.checkpoint("mongo-outage")
-                .await
-                .map(|c| checkpoint_text(&c))
-                == Some(last.clone())
-        },
-    )
-    .await;
-    assert!(reconnects(addr, "mongo-outage", "mongodb").await >= 1.0);
-    wait_until("/healthz recovers", Duration::from_secs(30), || async {
-        http_get(addr, "/healthz").await.map(|r| r.0) == Some(200)
-    })
-    .await;
+    recovered_and_caught_up(&env, addr, "mongo-outage", "mongodb", 1.0, 120).await;
     consumer.stop().await;
 }
 
@@ -277,4 +243,29 @@ async fn killed_at_random_points_many_times() {
         .await
         .unwrap();
     assert_eq!(distinct.len(), ids.len());
+}
+
+/// After an outage: every event delivered, the checkpoint at the last one, at least
+/// `min_reconnects` counted for `connection`, and `/healthz` back to 200.
+async fn recovered_and_caught_up(
+    env: &Env,
+    addr: std::net::SocketAddr,
+    name: &str,
+    connection: &str,
+    min_reconnects: f64,
+    delivery_secs: u64,
+) {
+    wait_delivered(env, RECEIVED, "", Duration::from_secs(delivery_secs)).await;
+    let last = env.pg_last_position("");
+    wait_until(
+        "the checkpoint reaches the end",
+        Duration::from_secs(30),
+        || async { env.checkpoint(name).await.map(|c| checkpoint_text(&c)) == Some(last.clone()) },
+    )
+    .await;
+    assert!(reconnects(addr, name, connection).await >= min_reconnects);
+    wait_until("/healthz recovers", Duration::from_secs(30), || async {
+        http_get(addr, "/healthz").await.map(|r| r.0) == Some(200)
+    })
+    .await;
 }
