@@ -228,14 +228,14 @@ pub async fn fetch_loop(
             try_join3(
                 reader.pending_beyond_horizon(client, after),
                 reader.fetch(client, after, limit, topics.as_deref()),
-                position::watermark(client),
+                reader.watermark(client),
             )
             .await
             .map(|(beyond, batch, watermark)| (Some(beyond), batch, watermark))
         } else {
             try_join(
                 reader.fetch(client, after, limit, topics.as_deref()),
-                position::watermark(client),
+                reader.watermark(client),
             )
             .await
             .map(|(batch, watermark)| (None, batch, watermark))

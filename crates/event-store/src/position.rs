@@ -81,6 +81,7 @@ pub struct Batch {
 pub struct Reader {
     fetch: Statement,
     beyond_horizon: Statement,
+    watermark: Statement,
 }
 
 /// Rows past `$1/$2`, below the horizon, in position order. Rows of topics outside `$4` (NULL = all
@@ -118,10 +119,24 @@ impl Reader {
             .prepare(BEYOND_HORIZON_SQL)
             .await
             .map_err(|e| Error::database("prepare the horizon check", e))?;
+        let watermark = client
+            .prepare(WATERMARK_SQL)
+            .await
+            .map_err(|e| Error::database("prepare the watermark read", e))?;
         Ok(Reader {
             fetch,
             beyond_horizon,
+            watermark,
         })
+    }
+
+    /// [`watermark`] with the prepared statement: readers check it on every fetch.
+    pub async fn watermark(&self, client: &Client) -> Result<Option<Watermark>> {
+        let row = client
+            .query_opt(&self.watermark, &[])
+            .await
+            .map_err(|e| Error::database("read the purge watermark", e))?;
+        row.map(|row| watermark_from_row(&row)).transpose()
     }
 
     /// Up to `limit` rows past `after`. `topics`: `None` for all.
@@ -328,20 +343,20 @@ pub struct Watermark {
 
 pub async fn watermark(client: &Client) -> Result<Option<Watermark>> {
     let row = client
-        .query_opt(
-            "SELECT tx_id::text, id, forced, updated_at FROM purge_watermark",
-            &[],
-        )
+        .query_opt(WATERMARK_SQL, &[])
         .await
         .map_err(|e| Error::database("read the purge watermark", e))?;
-    row.map(|row| {
-        Ok(Watermark {
-            position: Position::from_text(row.get(0), row.get(1))?,
-            forced: row.get(2),
-            updated_at: row.get(3),
-        })
+    row.map(|row| watermark_from_row(&row)).transpose()
+}
+
+const WATERMARK_SQL: &str = "SELECT tx_id::text, id, forced, updated_at FROM purge_watermark";
+
+fn watermark_from_row(row: &Row) -> Result<Watermark> {
+    Ok(Watermark {
+        position: Position::from_text(row.get(0), row.get(1))?,
+        forced: row.get(2),
+        updated_at: row.get(3),
     })
-    .transpose()
 }
 
 /// The oldest event still in the table, if any.
