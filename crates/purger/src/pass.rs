@@ -242,10 +242,11 @@ impl Purger {
                     dry_run = self.settings.dry_run,
                     "Consumer {:?} has not published its position for {} (longer than \
                      --consumer-expiry) and no longer holds purging back: {} unread events past \
-                     its position {} in this pass, and it will report the gap if it returns.",
+                     its position {} {} in this pass, and it will report the gap if it returns.",
                     consumer.consumer,
                     short(idle),
                     events,
+                    consumer.position,
                     if self.settings.dry_run { "would go" } else { "go" }
                 );
             } else {
