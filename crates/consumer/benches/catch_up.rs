@@ -23,16 +23,9 @@ use consumer::Config;
 use event_store::position::{Position, Reader};
 use event_store::{db, migrations};
 use mongodb::bson::{DateTime, Document};
-use testbed::{Mongo, Postgres};
+use testbed::{env_or, Mongo, Postgres};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {

@@ -15,17 +15,10 @@ use consumer::sink::{Delivered, NullSink, Sink};
 use consumer::Config;
 use event_store::{db, migrations};
 use futures_util::future::poll_fn;
-use testbed::Postgres;
+use testbed::{env_or, Postgres};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {

@@ -27,7 +27,7 @@ use event_store::{db, migrations, NewEvent, Topic};
 use futures_util::StreamExt;
 use producer::{Channel, Notifier, Producer};
 use serde_json::{json, Value};
-use testbed::Postgres;
+use testbed::{env_or, Postgres};
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, Statement};
@@ -393,13 +393,6 @@ async fn listen(pg: &Postgres) -> (Client, Arc<AtomicU64>, mpsc::UnboundedReceiv
     });
     client.batch_execute("LISTEN events").await.unwrap();
     (client, count, arrivals)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The testbed runs its clusters with `fsync=off` (fast tests). What makes NOTIFY expensive is that

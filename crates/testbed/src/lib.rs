@@ -33,3 +33,12 @@ pub fn workspace_root() -> std::path::PathBuf {
         .expect("testbed lives in <root>/crates/testbed")
         .to_path_buf()
 }
+
+/// A benchmark knob: the environment variable `name` parsed as `T`, or `default` when it is unset
+/// or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
