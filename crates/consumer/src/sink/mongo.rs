@@ -524,7 +524,9 @@ pub fn json_to_bson(value: &serde_json::Value) -> Bson {
     }
 }
 
-fn checkpoint_update(end: Position, now: DateTime) -> Document {
+/// The update that stores `end` as a checkpoint (also used by `eventsctl reset`, so both write the
+/// same document shape).
+pub fn checkpoint_update(end: Position, now: DateTime) -> Document {
     let tx_id = match i64::try_from(end.tx_id) {
         Ok(tx) => Bson::Int64(tx),
         Err(_) => Bson::String(end.tx_id.to_string()),
