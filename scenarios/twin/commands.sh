@@ -76,11 +76,12 @@ Connect:
   psql "$OWNER_URL"
   $mongosh_cmd "$(uri_with_db "$MONGO_URI" "$(knob MONGODB_DATABASE consumer)")"
   (or: scenarios/local psql   /   scenarios/local mongosh)
-Verify:
+Next, try:
+  scenarios/local eventsctl status                 # consumers, lag, the table, what holds purging back
   scenarios/local psql -c 'select count(*) from events'
   scenarios/local mongosh --quiet --eval 'db.receivedEvents.countDocuments()'
-Stop / start one service (postgres, mongo, producer, consumer, purger):
-  scenarios/local stop consumer; scenarios/local start consumer
+  scenarios/local stop consumer; scenarios/local eventsctl lag; scenarios/local start consumer
+  scenarios/local eventsctl tail --from latest --follow
 Logs: scenarios/local logs consumer [-f]      Everything down: scenarios/local-down
 EOF
 }
@@ -108,6 +109,13 @@ cmd_mongosh() {
     local db
     db=$(knob MONGODB_DATABASE consumer)
     exec "$(mongosh_bin)" --norc "$(uri_with_db "$MONGO_URI" "$db")" "$@"
+}
+# eventsctl with the owner's URL and the twin's MongoDB (the consumer's database).
+cmd_eventsctl() {
+    load_state
+    [ -x "$BIN_DIR/eventsctl" ] || die "$BIN_DIR/eventsctl is missing: cargo build --bins -p eventsctl"
+    DATABASE_URL=$OWNER_URL MONGODB_URI=$MONGO_URI MONGODB_DATABASE=$(knob MONGODB_DATABASE consumer) \
+        exec "$BIN_DIR/eventsctl" "$@"
 }
 cmd_logs() {
     [ $# -ge 1 ] || die "usage: scenarios/local logs SERVICE [-f]"

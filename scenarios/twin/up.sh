@@ -3,7 +3,7 @@
 
 build() {
     [ "${TWIN_BUILD:-1}" = 0 ] && return
-    local -a args=(build --locked --bins -p event-store -p producer -p consumer -p purger)
+    local -a args=(build --locked --bins -p event-store -p producer -p consumer -p purger -p eventsctl)
     [ "$TWIN_PROFILE" = release ] && args+=(--release)
     say "building the binaries (cargo ${args[*]})"
     (cd "$root" && cargo "${args[@]}" --quiet) || die "cargo build failed"
@@ -31,7 +31,7 @@ cmd_up() {
     build
     BIN_DIR=${TWIN_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/$TWIN_PROFILE}
     local b
-    for b in migrate producer consumer purger; do
+    for b in migrate producer consumer purger eventsctl; do
         [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b is missing: build it (cargo build --bins) or unset TWIN_BUILD"
     done
 

@@ -13,8 +13,8 @@
 //! - `| service | option | environment | default | compose sets | meaning |`: one binary's own
 //!   options (`compose sets` is documentation only).
 //!
-//! Conventions: a default of `—` (optionally followed by a remark) means none; a flag without a
-//! value is written with environment `NAME=true` and default `off`; an option with fixed values
+//! Conventions: a default or environment of `—` (optionally followed by a remark) means none; a
+//! flag without a value has the default `off` and, when it has a variable, `NAME=true`; an option with fixed values
 //! ends its meaning with them, as `` (`a`, `b`) ``.
 
 use std::collections::BTreeMap;
@@ -233,10 +233,11 @@ pub fn parse_readme(readme: &str, binary: &str) -> Vec<OptionDoc> {
             continue;
         };
         let env = unquote(env);
-        let flag = env.ends_with("=true");
+        let flag = env.ends_with("=true") || unquote(default) == "off";
         rows.push(OptionDoc {
             long: unquote(option).trim_start_matches("--").to_string(),
-            env: Some(env.trim_end_matches("=true").to_string()).filter(|e| !e.is_empty()),
+            env: Some(env.trim_end_matches("=true").to_string())
+                .filter(|e| !e.is_empty() && !e.starts_with('—')),
             default: if default.starts_with('—') || (flag && unquote(default) == "off") {
                 None
             } else {
@@ -351,7 +352,7 @@ Options:
 
 | service | option | environment | default | compose sets | meaning |
 | --- | --- | --- | --- | --- | --- |
-| consumer | `--mode` | `MODE` | `off` | `auto` | How it goes (`auto`, `off`) |
+| consumer | `--mode` | `MODE` | `manual` | `auto` | How it goes (`auto`, `off`) |
 | consumer | `--gone` | `GONE` | — |  | Removed long ago |
 | purger | `--once` | `ONCE=true` | `off` |  | Run one pass |
 

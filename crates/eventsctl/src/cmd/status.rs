@@ -66,6 +66,9 @@ struct ConsumerStatus {
 struct EventsTable {
     /// The planner's estimate (`pg_class.reltuples`, as of the last ANALYZE); null if never analysed.
     estimated_rows: Option<i64>,
+    /// Only when there is no estimate: rows counted, stopping at `counted_up_to`.
+    counted_rows: Option<i64>,
+    counted_up_to: Option<i64>,
     /// Table, indexes and TOAST.
     total_bytes: i64,
     oldest: Option<EventEnd>,
@@ -219,6 +222,20 @@ async fn events_table(client: &Client, now: std::time::SystemTime) -> anyhow::Re
             &[],
         )
         .await?;
+    let estimated_rows: Option<i64> = row.get(0);
+    // Never analysed (a new table): a count that stops at the cap is cheap and better than nothing.
+    let counted_rows = match estimated_rows {
+        Some(_) => None,
+        None => Some(
+            client
+                .query_one(
+                    "SELECT count(*) FROM (SELECT 1 FROM events LIMIT $1) AS page",
+                    &[&COUNT_CAP],
+                )
+                .await?
+                .get::<_, i64>(0),
+        ),
+    };
     let ends = position::ends(client).await?;
     let end = |(p, t): (Position, std::time::SystemTime)| EventEnd {
         position: p,
@@ -226,7 +243,9 @@ async fn events_table(client: &Client, now: std::time::SystemTime) -> anyhow::Re
         age_seconds: output::elapsed(t, now).as_secs_f64(),
     };
     Ok(EventsTable {
-        estimated_rows: row.get(0),
+        estimated_rows,
+        counted_up_to: counted_rows.map(|_| COUNT_CAP),
+        counted_rows,
         total_bytes: row.get(1),
         oldest: ends.map(|e| end(e.oldest)),
         newest: ends.map(|e| end(e.newest)),
@@ -361,11 +380,16 @@ fn render(s: &Status, with_mongo: bool) -> String {
 
     out.push_str("\nEvents:\n");
     let e = &s.events;
-    out.push_str(&format!(
-        "  rows         ~{} (planner estimate)\n",
-        e.estimated_rows
-            .map_or("unknown, never analysed".into(), |n| n.to_string())
-    ));
+    match (e.estimated_rows, e.counted_rows) {
+        (Some(n), _) => out.push_str(&format!("  rows         ~{n} (planner estimate)\n")),
+        (None, Some(n)) if n >= COUNT_CAP => out.push_str(&format!(
+            "  rows         ≥{n} (counted up to {COUNT_CAP}; no planner estimate yet)\n"
+        )),
+        (None, Some(n)) => out.push_str(&format!(
+            "  rows         {n} (counted; no planner estimate yet)\n"
+        )),
+        (None, None) => out.push_str("  rows         unknown\n"),
+    }
     out.push_str(&format!(
         "  size         {}\n",
         output::bytes(e.total_bytes)

@@ -1,0 +1,169 @@
+//! `eventsctl status` names what matters: each consumer's position, lag, heartbeat and state, the
+//! table's size and ends, the purge watermark, and the sessions, prepared transactions that hold
+//! the horizon back — as the least-privilege consumer role.
+
+mod common;
+
+use common::{assert_exit, json, produce, setup_with, stdout};
+use consumer::sink::mongo::checkpoint_update;
+use event_store::position::{self, Position};
+use mongodb::bson::{doc, DateTime, Document};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
+    let env = setup_with(true, &["max_prepared_transactions=4"]).await;
+    produce(&env.admin, "orders", 10).await;
+    // A table never analysed has no estimate: the rows are counted (up to a cap), and labelled so.
+    let fresh = json(&env.ctl(&["status", "--json"]).await);
+    assert!(fresh["events"]["estimated_rows"].is_null(), "{fresh}");
+    assert_eq!(fresh["events"]["counted_rows"], 10);
+    env.admin.batch_execute("ANALYZE events").await.unwrap();
+    let last = position::horizon_end(&env.admin).await.unwrap();
+    position::register(&env.admin, "fast", last).await.unwrap();
+    position::register(&env.admin, "slow", Position::START)
+        .await
+        .unwrap();
+    env.admin
+        .execute(
+            "UPDATE consumer_positions SET updated_at = now() - interval '1 hour' WHERE consumer = 'slow'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let db = env.mongo_db().await;
+    db.collection::<Document>("checkpoints")
+        .update_one(
+            doc! {"_id": "fast"},
+            checkpoint_update(last, DateTime::now()),
+        )
+        .upsert(true)
+        .await
+        .unwrap();
+    db.collection::<Document>("deadLetters")
+        .insert_one(doc! {"_id": 1_i64, "reason": "test"})
+        .await
+        .unwrap();
+
+    // A report holding a writing transaction open, and a forgotten prepared transaction.
+    let report =
+        common::connect(&format!("{}?application_name=nightly-report", env.pg.url())).await;
+    let report_pid: i32 = report
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    report
+        .batch_execute("BEGIN; INSERT INTO events (topic, payload) VALUES ('orders', '{}')")
+        .await
+        .unwrap();
+    let prepared = common::connect(&env.pg.url()).await;
+    prepared
+        .batch_execute(
+            "BEGIN; INSERT INTO events (topic, payload) VALUES ('orders', '{}');
+             PREPARE TRANSACTION 'forgotten-2pc'",
+        )
+        .await
+        .unwrap();
+
+    let out = env
+        .ctl(&[
+            "status",
+            "--json",
+            "--stale-after",
+            "30m",
+            "--consumer-expiry",
+            "2h",
+        ])
+        .await;
+    assert_exit(&out, 0, "status");
+    let s = json(&out);
+    let consumer = |name: &str| {
+        s["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["consumer"] == name)
+            .unwrap_or_else(|| panic!("{name} in {s}"))
+            .clone()
+    };
+    let slow = consumer("slow");
+    assert_eq!(slow["lag_events"], 10);
+    assert_eq!(slow["state"], "stale", "{slow}");
+    assert!(slow["heartbeat_age_seconds"].as_f64().unwrap() >= 3600.0);
+    assert!(slow["checkpoint"].is_null(), "no checkpoint in MongoDB");
+    let fast = consumer("fast");
+    assert_eq!(fast["lag_events"], 0);
+    assert_eq!(fast["state"], "live");
+    assert_eq!(fast["checkpoint"]["id"], last.id);
+    assert!(s["purging_held_back_by"]
+        .as_str()
+        .unwrap()
+        .contains("\"slow\""));
+    assert_eq!(s["dead_letters"], 1);
+
+    let events = &s["events"];
+    assert_eq!(events["estimated_rows"], 10);
+    assert!(events["counted_rows"].is_null());
+    assert!(events["total_bytes"].as_i64().unwrap() > 0);
+    assert_eq!(events["newest"]["position"]["id"], last.id);
+    assert!(events["oldest"]["position"]["id"].as_i64().unwrap() <= last.id);
+    assert!(s["purge_watermark"].is_null());
+
+    let backends = s["horizon"]["backends"].as_array().unwrap();
+    let holder = backends
+        .iter()
+        .find(|b| b["pid"] == report_pid)
+        .unwrap_or_else(|| panic!("the report's backend in {backends:?}"));
+    assert_eq!(holder["holds"], "delivery and purging");
+    assert_eq!(holder["role"], "postgres");
+    assert_eq!(holder["application"], "nightly-report");
+    assert!(
+        holder["query"]
+            .as_str()
+            .unwrap()
+            .contains("INSERT INTO events"),
+        "{holder}"
+    );
+    assert_eq!(
+        s["horizon"]["prepared_transactions"][0]["gid"],
+        "forgotten-2pc"
+    );
+
+    // Past the purger's expiry the slow consumer no longer holds purging back.
+    let expired = json(
+        &env.ctl(&["status", "--json", "--consumer-expiry", "30m"])
+            .await,
+    );
+    let slow = expired["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["consumer"] == "slow")
+        .unwrap()
+        .clone();
+    assert_eq!(slow["state"], "expired");
+    assert!(expired["purging_held_back_by"]
+        .as_str()
+        .unwrap()
+        .contains("\"fast\""));
+
+    // The table for people names the same things.
+    let text = env.ctl(&["status"]).await;
+    assert_exit(&text, 0, "status as text");
+    let text = stdout(&text);
+    for needle in [
+        "CONSUMER",
+        "slow",
+        "stale",
+        "planner estimate",
+        "forgotten-2pc",
+        &report_pid.to_string(),
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+    prepared
+        .batch_execute("ROLLBACK PREPARED 'forgotten-2pc'")
+        .await
+        .unwrap();
+    report.batch_execute("ROLLBACK").await.unwrap();
+}

@@ -1,0 +1,161 @@
+//! `eventsctl tail` reads like a consumer: from a position, while transactions commit out of id
+//! order, it prints every event exactly once and in position order — an event whose transaction
+//! commits late is printed late, never skipped.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{assert_exit, produce, setup, stderr, stdout};
+use event_store::position;
+
+fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_from_a_position_skips_nothing_while_commits_arrive_out_of_order() {
+    let env = setup(false).await;
+    produce(&env.admin, "orders", 3).await;
+    let from = position::horizon_end(&env.admin).await.unwrap().to_string();
+
+    // A takes its transaction id (and an event id) first, but commits last.
+    let late = common::connect(&env.pg.url()).await;
+    late.batch_execute(
+        "BEGIN; INSERT INTO events (topic, payload) VALUES ('orders', '{\"late\": true}')",
+    )
+    .await
+    .unwrap();
+    produce(&env.admin, "orders", 2).await;
+    produce(&env.admin, "refunds", 2).await;
+
+    // Follow from the position, as the binary, while A is still open.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventsctl"))
+        .args([
+            "tail",
+            "--from",
+            &from,
+            "--follow",
+            "--poll-interval",
+            "100ms",
+        ])
+        .env_clear()
+        .env("DATABASE_URL", env.pg.url_for("ops", None))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // Committed events behind A's open transaction must wait for it: had tail printed them, its
+    // position would be past A's event, and A's event would never appear below.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    late.batch_execute("COMMIT").await.unwrap();
+    let mut followed = Vec::new();
+    while followed.len() < 5 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tail --follow prints every committed event");
+        followed.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let expected: Vec<i64> = env
+        .admin
+        .query(
+            "SELECT id FROM events WHERE (tx_id, id) > ($1::text::xid8, $2) ORDER BY tx_id, id",
+            &[
+                &from.split('/').next().unwrap(),
+                &from.split('/').nth(1).unwrap().parse::<i64>().unwrap(),
+            ],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let ids = |events: &[serde_json::Value]| -> Vec<i64> {
+        events.iter().map(|e| e["id"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(expected.len(), 5);
+    assert_eq!(
+        ids(&followed),
+        expected,
+        "every event once, in position order"
+    );
+    assert_eq!(
+        followed[0]["payload"]["late"], true,
+        "the late commit comes first: lowest tx id"
+    );
+    assert!(followed[0]["id"].as_i64() > Some(0));
+    for field in [
+        "position",
+        "event_id",
+        "topic",
+        "key",
+        "type",
+        "created_at",
+        "payload",
+        "headers",
+    ] {
+        assert!(
+            followed[1].get(field).is_some(),
+            "{field} in {}",
+            followed[1]
+        );
+    }
+
+    // Without --follow it stops at the last committed event; --topic and --limit filter.
+    let once = env.ctl(&["tail", "--from", &from]).await;
+    assert_exit(&once, 0, "tail without --follow");
+    assert_eq!(ids(&lines(&once)), expected);
+    let refunds = env
+        .ctl(&["tail", "--from", &from, "--topic", "refunds"])
+        .await;
+    assert_eq!(lines(&refunds).len(), 2);
+    assert!(lines(&refunds).iter().all(|e| e["topic"] == "refunds"));
+    let two = env
+        .ctl(&["tail", "--from", "earliest", "--limit", "2"])
+        .await;
+    assert_eq!(lines(&two).len(), 2);
+    let latest = env.ctl(&["tail", "--from", "latest"]).await;
+    assert_exit(&latest, 0, "from latest");
+    assert!(lines(&latest).is_empty());
+
+    // An open transaction holds committed events back: tail says so instead of skipping them.
+    let open = common::connect(&env.pg.url()).await;
+    open.batch_execute("BEGIN; INSERT INTO events (topic, payload) VALUES ('orders', '{}')")
+        .await
+        .unwrap();
+    produce(&env.admin, "orders", 1).await;
+    let held = env.ctl(&["tail", "--from", "latest"]).await;
+    assert_exit(&held, 0, "held back");
+    assert!(lines(&held).is_empty());
+    assert!(
+        stderr(&held).contains("held back by an older open transaction"),
+        "{}",
+        stderr(&held)
+    );
+    open.batch_execute("ROLLBACK").await.unwrap();
+
+    for bad in [
+        &["tail", "--from", "whenever"][..],
+        &["tail", "--topic", "a b"][..],
+    ] {
+        assert_exit(&env.ctl(bad).await, 2, "bad input");
+    }
+}
