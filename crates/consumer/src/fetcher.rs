@@ -158,15 +158,14 @@ impl Fetcher {
 
     /// Takes a rewind the writer sent, if any.
     fn apply_rewind(&mut self) {
-        if self.rewinds.has_changed().unwrap_or(false) {
-            let rewind = *self.rewinds.borrow_and_update();
-            if rewind.generation != self.generation {
-                info!(from = %self.after, to = %rewind.position,
-                      "Reading again from the sink's checkpoint.");
-                self.after = rewind.position;
-                self.generation = rewind.generation;
-                self.caught_up = false;
-            }
+        // By generation, not `has_changed`: waiting on `changed()` marks the value seen.
+        let rewind = *self.rewinds.borrow_and_update();
+        if rewind.generation != self.generation {
+            info!(from = %self.after, to = %rewind.position,
+                  "Reading again from the sink's checkpoint.");
+            self.after = rewind.position;
+            self.generation = rewind.generation;
+            self.caught_up = false;
         }
     }
 

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub batches: Counter,
     pub wakeups: Counter,
     pub gaps: Counter,
+    pub rewinds: Counter,
     pub reconnects_postgres: Counter,
     pub reconnects_mongodb: Counter,
     pub lag_events: Gauge,
@@ -39,6 +40,7 @@ impl Metrics {
             batches: counter("consumer_batches_total"),
             wakeups: counter("consumer_wakeups_total"),
             gaps: counter("consumer_gaps_total"),
+            rewinds: counter("consumer_checkpoint_rewinds_total"),
             reconnects_postgres: metrics::counter!("consumer_reconnects_total",
                 "consumer" => name.clone(), "database" => "postgres"),
             reconnects_mongodb: metrics::counter!("consumer_reconnects_total",
@@ -93,6 +95,12 @@ fn describe() {
         "consumer_dead_letters_total",
         Unit::Count,
         "Events that cannot be stored, recorded in the deadLetters collection instead, by reason."
+    );
+    describe_counter!(
+        "consumer_checkpoint_rewinds_total",
+        Unit::Count,
+        "Times the sink's checkpoint was not where the last write left it (lost acknowledged \
+         writes, or moved by an operator) and delivery went on from the checkpoint."
     );
     describe_counter!(
         "consumer_gaps_total",

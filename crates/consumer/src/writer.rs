@@ -181,6 +181,7 @@ impl<S: Sink> Writer<S> {
              acknowledged writes, or an operator moved it); delivering again from the checkpoint."
         );
         self.generation += 1;
+        self.ctx.metrics.rewinds.increment(1);
         self.rewinds.send_replace(Rewind {
             generation: self.generation,
             position,

@@ -232,11 +232,6 @@ impl MongoSink {
 
     /// Writes a delivery, splitting it around events the server refuses as invalid.
     async fn write_isolating(&mut self, delivery: &Delivery) -> Result<Written> {
-        if self.on_poison == OnPoison::Stop {
-            if let Some(first) = delivery.dead_letters.first() {
-                return Err(Error::Poison(first.clone()));
-            }
-        }
         let encoded;
         let docs: &[RawDocumentBuf] = if delivery.documents.len() == delivery.events.len() {
             &delivery.documents
@@ -253,14 +248,36 @@ impl MongoSink {
             &encoded.documents
         };
         let mut written = Written::default();
-        // Parts still to write, the next one last: halves are pushed right, then left.
-        let mut parts = vec![Part {
+        let whole = Part {
             start: delivery.start,
             end: delivery.end,
             events: delivery.events.clone(),
             docs: docs.to_vec(),
             dead_letters: delivery.dead_letters.clone(),
-        }];
+        };
+        if self.on_poison == OnPoison::Stop {
+            if let Some(first) = delivery.dead_letters.first() {
+                // Deliver what comes before the poison, then stop at it.
+                let keep = whole
+                    .events
+                    .iter()
+                    .take_while(|e| e.position < first.position)
+                    .count();
+                if keep > 0 {
+                    let before = Part {
+                        start: whole.start,
+                        end: whole.events[keep - 1].position,
+                        events: whole.events[..keep].to_vec(),
+                        docs: whole.docs[..keep].to_vec(),
+                        dead_letters: Vec::new(),
+                    };
+                    self.write_part(&before).await?;
+                }
+                return Err(Error::Poison(first.clone()));
+            }
+        }
+        // Parts still to write, the next one last: halves are pushed right, then left.
+        let mut parts = vec![whole];
         while let Some(part) = parts.pop() {
             match self.write_part(&part).await {
                 Ok(done) => {
