@@ -20,7 +20,9 @@ async fn between_good(env: &Env, payload_sql: &str) -> i64 {
     let row = env
         .admin
         .query_one(
-            &format!("INSERT INTO events (topic, payload) VALUES ('bad', {payload_sql}) RETURNING id"),
+            &format!(
+                "INSERT INTO events (topic, payload) VALUES ('bad', {payload_sql}) RETURNING id"
+            ),
             &[],
         )
         .await
@@ -56,9 +58,21 @@ fn nested(open: &str, close: &str, depth: usize) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_row_stops_the_stream() {
     let env = setup().await;
-    let big = between_good(&env, "'{\"a\": 1e400, \"b\": -1e400, \"c\": 1e-400}'::jsonb").await;
-    let forty = between_good(&env, "'{\"n\": 1234567890123456789012345678901234567891}'::jsonb").await;
-    let tenth = between_good(&env, "'{\"x\": 0.1, \"y\": 1.5, \"z\": 12345678901234567890}'::jsonb").await;
+    let big = between_good(
+        &env,
+        "'{\"a\": 1e400, \"b\": -1e400, \"c\": 1e-400}'::jsonb",
+    )
+    .await;
+    let forty = between_good(
+        &env,
+        "'{\"n\": 1234567890123456789012345678901234567891}'::jsonb",
+    )
+    .await;
+    let tenth = between_good(
+        &env,
+        "'{\"x\": 0.1, \"y\": 1.5, \"z\": 12345678901234567890}'::jsonb",
+    )
+    .await;
     let arrays = between_good(&env, &nested("[", "]", 200)).await;
     let objects = between_good(&env, &nested("{\"a\": ", "}", 200)).await;
     let names = between_good(&env, "'{\"$where\": \"1\", \"a.b\": 2, \"\": 0}'::jsonb").await;
@@ -75,32 +89,57 @@ async fn no_row_stops_the_stream() {
     config.batch_max_bytes = 1 << 20; // the 17 MiB row goes alone
     let running = spawn(config);
     let last = env.pg_last_position("");
-    wait_until("the checkpoint passes every row", Duration::from_secs(120), || async {
-        env.checkpoint("c").await.map(|d| common::checkpoint_text(&d)) == Some(last.clone())
-    })
+    wait_until(
+        "the checkpoint passes every row",
+        Duration::from_secs(120),
+        || async {
+            env.checkpoint("c")
+                .await
+                .map(|d| common::checkpoint_text(&d))
+                == Some(last.clone())
+        },
+    )
     .await;
 
     // Every good event exactly once.
     let ids = env.mongo_ids("receivedEvents").await;
     for id in &good_ids {
-        assert_eq!(ids.iter().filter(|i| *i == id).count(), 1, "good event {id}");
+        assert_eq!(
+            ids.iter().filter(|i| *i == id).count(),
+            1,
+            "good event {id}"
+        );
     }
 
     // Delivered exactly: numbers beyond doubles as Decimal128, strange names as they are.
     let doc = stored(&env, big).await.expect("1e400 is delivered");
     let payload = doc.get_document("payload").unwrap();
-    assert_eq!(payload.get("a"), Some(&Bson::Decimal128("1E+400".parse().unwrap())));
-    assert_eq!(payload.get("b"), Some(&Bson::Decimal128("-1E+400".parse().unwrap())));
-    assert_eq!(payload.get("c"), Some(&Bson::Decimal128("1E-400".parse().unwrap())));
+    assert_eq!(
+        payload.get("a"),
+        Some(&Bson::Decimal128("1E+400".parse().unwrap()))
+    );
+    assert_eq!(
+        payload.get("b"),
+        Some(&Bson::Decimal128("-1E+400".parse().unwrap()))
+    );
+    assert_eq!(
+        payload.get("c"),
+        Some(&Bson::Decimal128("1E-400".parse().unwrap()))
+    );
     let doc = stored(&env, tenth).await.expect("0.1 is delivered");
     let payload = doc.get_document("payload").unwrap();
-    assert_eq!(payload.get("x"), Some(&Bson::Decimal128("0.1".parse().unwrap())));
+    assert_eq!(
+        payload.get("x"),
+        Some(&Bson::Decimal128("0.1".parse().unwrap()))
+    );
     assert_eq!(payload.get("y"), Some(&Bson::Double(1.5)));
     assert_eq!(
         payload.get("z"),
         Some(&Bson::Decimal128("12345678901234567890".parse().unwrap()))
     );
-    let doc = stored(&env, names).await.expect("odd field names are stored as they are");
+    let doc = stored(&env, names)
+        .await
+        .expect("odd field names are stored as they are");
     let payload = doc.get_document("payload").unwrap();
     assert_eq!(payload.get_str("$where"), Ok("1"));
     assert_eq!(payload.get_i32("a.b"), Ok(2));
@@ -113,11 +152,19 @@ async fn no_row_stops_the_stream() {
         (objects, "too_deep"),
         (huge, "too_large"),
     ] {
-        assert!(stored(&env, id).await.is_none(), "event {id} is not in receivedEvents");
-        let letter = dead_letter(&env, id).await.unwrap_or_else(|| panic!("dead letter {id}"));
+        assert!(
+            stored(&env, id).await.is_none(),
+            "event {id} is not in receivedEvents"
+        );
+        let letter = dead_letter(&env, id)
+            .await
+            .unwrap_or_else(|| panic!("dead letter {id}"));
         assert_eq!(letter.get_str("reason"), Ok(reason), "{letter}");
         assert_eq!(letter.get_str("topic"), Ok("bad"));
-        assert!(letter.get_str("position").unwrap().ends_with(&format!("/{id}")));
+        assert!(letter
+            .get_str("position")
+            .unwrap()
+            .ends_with(&format!("/{id}")));
         assert_eq!(letter.get_str("payload_sha256").unwrap().len(), 64);
         assert!(letter.get_datetime("first_seen_at").is_ok());
     }
@@ -139,7 +186,11 @@ async fn no_row_stops_the_stream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn on_poison_stop_halts_naming_the_event() {
     let env = setup().await;
-    let bad = between_good(&env, "'{\"n\": 1234567890123456789012345678901234567891}'::jsonb").await;
+    let bad = between_good(
+        &env,
+        "'{\"n\": 1234567890123456789012345678901234567891}'::jsonb",
+    )
+    .await;
     let mut config = env.config("c");
     config.on_poison = OnPoison::Stop;
     let running = spawn(config);
@@ -147,7 +198,9 @@ async fn on_poison_stop_halts_naming_the_event() {
         .await
         .expect("the consumer stops by itself")
         .unwrap();
-    let error = result.expect_err("--on-poison stop ends with an error").to_string();
+    let error = result
+        .expect_err("--on-poison stop ends with an error")
+        .to_string();
     assert!(error.contains(&format!("id {bad}")), "{error}");
     assert!(error.contains("number_out_of_range"), "{error}");
     assert!(error.contains("--on-poison dead-letter"), "{error}");
@@ -181,15 +234,33 @@ async fn a_batch_the_server_refuses_is_split_around_the_bad_event() {
     let bad: i64 = env.pg_ids("WHERE topic = 'bad'")[0];
     let running = spawn(env.config("c"));
     let last = env.pg_last_position("");
-    wait_until("the checkpoint passes every row", Duration::from_secs(60), || async {
-        env.checkpoint("c").await.map(|d| common::checkpoint_text(&d)) == Some(last.clone())
-    })
+    wait_until(
+        "the checkpoint passes every row",
+        Duration::from_secs(60),
+        || async {
+            env.checkpoint("c")
+                .await
+                .map(|d| common::checkpoint_text(&d))
+                == Some(last.clone())
+        },
+    )
     .await;
-    assert_eq!(env.mongo_ids("receivedEvents").await, env.pg_ids("WHERE topic = 'good'"));
-    let letter = dead_letter(&env, bad).await.expect("the refused event is a dead letter");
+    assert_eq!(
+        env.mongo_ids("receivedEvents").await,
+        env.pg_ids("WHERE topic = 'good'")
+    );
+    let letter = dead_letter(&env, bad)
+        .await
+        .expect("the refused event is a dead letter");
     assert_eq!(letter.get_str("reason"), Ok("rejected_by_server"));
-    assert!(letter.get_str("payload_text").unwrap().contains("forbidden"));
-    assert!(letter.get_str("detail").unwrap().contains("121"), "{letter}");
+    assert!(letter
+        .get_str("payload_text")
+        .unwrap()
+        .contains("forbidden"));
+    assert!(
+        letter.get_str("detail").unwrap().contains("121"),
+        "{letter}"
+    );
     running.stop().await;
 }
 
