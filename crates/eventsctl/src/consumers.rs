@@ -32,7 +32,8 @@ pub struct Standing {
     pub lag_events_capped_at: Option<i64>,
     /// Age of the oldest event it has not delivered (0 when caught up), by the database clock.
     pub lag_seconds: f64,
-    /// When it last published its position.
+    /// When it last refreshed its `consumer_positions` row (each batch, and every heartbeat
+    /// interval while idle).
     pub heartbeat: String,
     pub heartbeat_age_seconds: f64,
     /// The backend that shows it is running, if any.
@@ -140,13 +141,14 @@ pub fn ahead_of_cluster(target: Position, next_xid: u64) -> bool {
     target.tx_id >= next_xid
 }
 
-/// Standing → state, given the staleness and (the purger's) expiry settings.
+/// Standing → state. Running consumers refresh their `consumer_positions` row every heartbeat
+/// interval, idle or not, so an old heartbeat means stopped (or cut off from PostgreSQL).
 pub fn state(s: &Standing, stale_after: Duration, expiry: Option<Duration>) -> &'static str {
     if expiry.is_some_and(|e| s.heartbeat_age > e) {
         "expired"
-    } else if s.lag_events > 0 && s.heartbeat_age > stale_after {
+    } else if s.heartbeat_age > stale_after {
         "stale"
-    } else if s.running.is_some() || s.heartbeat_age <= stale_after {
+    } else if s.lag_events > 0 {
         "live"
     } else {
         "idle"

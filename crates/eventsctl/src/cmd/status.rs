@@ -22,16 +22,16 @@ use crate::{connect, output};
 /// Show each consumer's position, lag, heartbeat and state; the events table; the purge
 /// watermark; and what holds the visibility horizon or purging back.
 ///
-/// States: live (running, or published within --stale-after), idle (not running, nothing new
-/// seen lately), stale (events wait and its position has not moved for --stale-after), expired
-/// (not moved for the purger's --consumer-expiry: purging no longer waits for it).
+/// States: live (heartbeat recent, events to deliver), idle (heartbeat recent, caught up), stale
+/// (no heartbeat for --stale-after: stopped, or cut off from PostgreSQL), expired (no heartbeat
+/// for the purger's --consumer-expiry: purging no longer waits for it).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
     after_help = "Example:\n  eventsctl status\n  eventsctl status --json | jq '.consumers[] | {consumer, lag_events}'"
 )]
 pub struct Args {
-    /// A consumer with events waiting whose position has not moved for this long is `stale`
-    #[arg(long = "stale-after", default_value = "5m", value_parser = parse_duration)]
+    /// A consumer without a heartbeat for this long is `stale` (consumers refresh it every --heartbeat-interval, 10s by default)
+    #[arg(long = "stale-after", default_value = "1m", value_parser = parse_duration)]
     pub stale_after: Duration,
 
     /// The purger's --consumer-expiry: a consumer idle longer is `expired` (purging no longer waits for it)

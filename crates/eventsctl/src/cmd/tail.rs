@@ -91,7 +91,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             if args.limit.is_some_and(|limit| printed >= limit) {
                 break;
             }
-            serde_json::to_writer(&mut stdout, &line(event))?;
+            stdout.write_all(line(event).as_bytes())?;
             stdout.write_all(b"\n")?;
             printed += 1;
             // The position only moves past what was printed, so --limit never skips an event.
@@ -144,8 +144,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     Ok(Code::Ok)
 }
 
-fn line(event: &Event) -> serde_json::Value {
-    json!({
+/// One JSON line. The payload and headers are written as PostgreSQL stored them (`jsonb::text`,
+/// which is valid JSON on one line), never re-parsed: jsonb numbers such as `1e400` or 40-digit
+/// integers pass through exactly.
+fn line(event: &Event) -> String {
+    let fields = json!({
         "position": event.position.to_string(),
         "id": event.position.id,
         "event_id": event.event_id,
@@ -153,7 +156,19 @@ fn line(event: &Event) -> serde_json::Value {
         "key": event.key,
         "type": event.event_type,
         "created_at": output::time(event.created_at),
-        "payload": event.payload,
-        "headers": event.headers,
     })
+    .to_string();
+    let raw = |text: &str| {
+        if text.is_empty() {
+            "null".to_string()
+        } else {
+            text.to_string()
+        }
+    };
+    format!(
+        "{},\"payload\":{},\"headers\":{}}}",
+        fields.strip_suffix('}').unwrap_or(&fields),
+        raw(event.payload.as_str()),
+        raw(event.headers.as_str())
+    )
 }
