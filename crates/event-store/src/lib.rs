@@ -9,6 +9,8 @@
 //!   can ever appear behind a position once it has been read. All SQL that reads events by
 //!   position lives in that module, and nowhere else.
 //! - [`db`]: connection pools and dedicated connections, with errors that say what to do.
+//! - [`lease`]: the session advisory lock a running consumer holds, so that operator tools
+//!   (`eventsctl reset`) can tell it is running and refuse to move its checkpoint.
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
@@ -18,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod event;
+pub mod lease;
 pub mod migrations;
 pub mod ops;
 pub mod position;

@@ -752,3 +752,151 @@ pub async fn kept(
         by_horizon,
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Where to start reading, and how much lies between two positions (operator tools: `eventsctl
+// reset --to …`, `tail --from …`, `status`).
+
+/// The last event below the visibility horizon (or [`Position::START`] when there is none): a
+/// reader placed here has passed every event that can no longer change, and will read every
+/// event that commits from now on — including those of transactions still open, which is what
+/// "from the latest" must mean when ids commit out of order.
+pub async fn horizon_end(client: &Client) -> Result<Position> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY e.tx_id DESC, e.id DESC
+              LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("find the last event below the visibility horizon", e))?;
+    match row {
+        Some(row) => Position::from_text(row.get(0), row.get(1)),
+        None => Ok(Position::START),
+    }
+}
+
+/// The position just before the first event (in position order) created at or after `time`, or
+/// `None` when no event is that recent. A reader placed there reads every event created since
+/// `time` — and possibly a few older ones, because `created_at` (the writing transaction's start)
+/// does not follow commit order: re-reading is safe, skipping is not.
+pub async fn before_time(client: &Client, time: SystemTime) -> Result<Option<Position>> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.created_at >= $1
+              ORDER BY e.tx_id, e.id
+              LIMIT 1",
+            &[&time],
+        )
+        .await
+        .map_err(|e| Error::database("find the first event created after a time", e))?;
+    row.map(|row| {
+        let first = Position::from_text(row.get(0), row.get(1))?;
+        // Nothing lies between (tx, id - 1) and (tx, id): ids are integers, and no event of an
+        // earlier position was created after `time` (this one is the first).
+        Ok(Position::new(first.tx_id, first.id - 1))
+    })
+    .transpose()
+}
+
+/// Events after `after` up to and including `up_to`, counted along the position index and
+/// stopping at `cap` (so the answer is exact below `cap`, and "at least `cap`" at it).
+pub async fn count_between(
+    client: &Client,
+    after: Position,
+    up_to: Position,
+    cap: i64,
+) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM events
+                WHERE (tx_id, id) > ($1::text::xid8, $2::bigint)
+                  AND (tx_id, id) <= ($3::text::xid8, $4::bigint)
+                ORDER BY tx_id, id LIMIT $5) AS page",
+            &[
+                &after.tx_text(),
+                &after.id,
+                &up_to.tx_text(),
+                &up_to.id,
+                &cap.max(0),
+            ],
+        )
+        .await
+        .map_err(|e| Error::database("count the events between two positions", e))?;
+    Ok(row.get(0))
+}
+
+/// The first and the last event by position, each with its `created_at`; `None` when the table
+/// is empty. Two index probes, however large the table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ends {
+    pub oldest: (Position, SystemTime),
+    pub newest: (Position, SystemTime),
+}
+
+pub async fn ends(client: &Client) -> Result<Option<Ends>> {
+    let rows = client
+        .query(
+            "(SELECT e.tx_id::text, e.id, e.created_at FROM events e ORDER BY e.tx_id, e.id LIMIT 1)
+             UNION ALL
+             (SELECT e.tx_id::text, e.id, e.created_at FROM events e
+               ORDER BY e.tx_id DESC, e.id DESC LIMIT 1)",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the first and last event", e))?;
+    if rows.len() < 2 {
+        return Ok(None);
+    }
+    let end = |row: &Row| -> Result<(Position, SystemTime)> {
+        Ok((Position::from_text(row.get(0), row.get(1))?, row.get(2)))
+    };
+    Ok(Some(Ends {
+        oldest: end(&rows[0])?,
+        newest: end(&rows[1])?,
+    }))
+}
+
+/// The visibility horizon (`pg_snapshot_xmin`: the oldest transaction still open, or the next
+/// one) and the next transaction id to be assigned (`pg_snapshot_xmax`).
+pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text
+               FROM pg_current_snapshot() AS s",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the visibility horizon", e))?;
+    let parse = |i: usize| -> Result<u64> {
+        let text: &str = row.get(i);
+        text.parse()
+            .map_err(|_| Error::Schema(format!("unexpected xid8 text {text:?} from the server")))
+    };
+    Ok((parse(0)?, parse(1)?))
+}
+
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    /// `<tx_id>/<id>`, as [`Position`] displays itself (e.g. `81234/1048576`).
+    fn from_str(text: &str) -> std::result::Result<Position, String> {
+        let (tx, id) = text.split_once('/').ok_or_else(|| {
+            format!("{text:?} is not a position (expected <tx_id>/<id>, e.g. 81234/1048576)")
+        })?;
+        let tx_id = tx.trim().parse::<u64>().map_err(|_| {
+            format!("{text:?}: the transaction id {tx:?} is not a non-negative integer")
+        })?;
+        let id = id
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("{text:?}: the event id {id:?} is not an integer"))?;
+        if id < 0 {
+            return Err(format!("{text:?}: the event id must not be negative"));
+        }
+        Ok(Position { tx_id, id })
+    }
+}
