@@ -206,7 +206,11 @@ impl Event {
             optional(&self.event_type),
             created_at,
             self.payload.as_str(),
-            if self.headers.is_empty() { "{}" } else { self.headers.as_str() },
+            if self.headers.is_empty() {
+                "{}"
+            } else {
+                self.headers.as_str()
+            },
         )
     }
 
@@ -262,7 +266,10 @@ mod tests {
             created_at: SystemTime::UNIX_EPOCH,
         };
         let line = event.to_json();
-        assert!(line.contains(r#""payload":{"n": 1e400, "d": [1, 2]}"#), "{line}");
+        assert!(
+            line.contains(r#""payload":{"n": 1e400, "d": [1, 2]}"#),
+            "{line}"
+        );
         let parsed: Value = serde_json::from_str(&line.replace("1e400", "1")).unwrap();
         assert_eq!(parsed["position"], "7/42");
         assert_eq!(parsed["id"], 42);

@@ -146,4 +146,3 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     }
     Ok(Code::Ok)
 }
-
