@@ -58,7 +58,7 @@ pub const GAP: &str = "gap";
 /// What the fetcher, the writer and the monitor share.
 pub struct Context {
     pub name: String,
-    pub pg: tokio_postgres::Config,
+    pub pg: event_store::db::Database,
     pub channel: String,
     pub topics: Option<Vec<String>>,
     pub batch_size: usize,

@@ -23,6 +23,7 @@ pub mod ops;
 pub mod position;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::{Error, Result};
 pub use event::{Event, NewEvent, Topic};

@@ -1,7 +1,7 @@
 //! Appending events to the `events` outbox table, and waking consumers.
 //!
 //! ```no_run
-//! # async fn demo(client: &mut tokio_postgres::Client, db: tokio_postgres::Config) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(client: &mut tokio_postgres::Client, db: event_store::db::Database) -> Result<(), Box<dyn std::error::Error>> {
 //! use producer::{Channel, Notifier, Producer};
 //! use event_store::{NewEvent, Topic};
 //! use std::time::Duration;

@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_store::db;
+use event_store::db::Database;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -65,7 +66,7 @@ impl NotifierTask {
 impl Notifier {
     /// Starts the task (it connects at once and reconnects on its own) and returns its handle.
     /// Must be called inside a Tokio runtime.
-    pub fn spawn(db: Config, channel: Channel, interval: Duration) -> (Notifier, NotifierTask) {
+    pub fn spawn(db: Database, channel: Channel, interval: Duration) -> (Notifier, NotifierTask) {
         let pending = Arc::new(Mutex::new(Vec::new()));
         // Capacity 1: a signal already waiting covers every wake-up that arrives after it.
         let (signal, rx) = mpsc::channel(1);
@@ -98,7 +99,7 @@ impl Notifier {
 }
 
 struct Worker {
-    db: Config,
+    db: Database,
     channel: Channel,
     interval: Duration,
     pending: Arc<Mutex<Vec<String>>>,

@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use event_store::db::Database;
 use event_store::migrations::{self, Role};
 use event_store::ops::{self, Health};
 use event_store::{db, shutdown, telemetry, NewEvent};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -162,7 +163,7 @@ impl Started {
 }
 
 struct Shared {
-    db: Config,
+    db: Database,
     producer: Producer,
     generator: Generator,
     batch_size: u64,
@@ -341,7 +342,7 @@ async fn stored(client: &Client, events: &[NewEvent]) -> anyhow::Result<HashSet<
 /// One task's connection with the producer's statements prepared on it, made again after it
 /// breaks.
 struct Connection {
-    db: Config,
+    db: Database,
     producer: Producer,
     live: Option<(Client, Prepared)>,
 }
@@ -364,7 +365,7 @@ impl ConnectError {
 }
 
 impl Connection {
-    fn new(db: Config, producer: Producer) -> Connection {
+    fn new(db: Database, producer: Producer) -> Connection {
         Connection {
             db,
             producer,
@@ -390,7 +391,7 @@ impl Connection {
 /// Connects for the start-up checks, retrying while the server is unreachable. `None` when a
 /// signal arrived first.
 async fn connect_with_retry(
-    db: &Config,
+    db: &Database,
     health: &Health,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Client>> {
