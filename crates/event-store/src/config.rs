@@ -38,16 +38,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e} (expected a duration such as 250ms, 30s, 5m, 1h or 7d)"))
 }
 
-/// Ends `main`: prints the error chain once, as `error: what: cause`, and picks the exit code.
+/// Ends `main`: prints the error report once ([`crate::error::report`]: each cause once, a
+/// PostgreSQL error with its SQLSTATE and what to do), and picks the exit code.
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "Exiting on an unrecoverable error."
-            );
-            eprintln!("error: {error:#}");
+            let report = crate::error::report(error.as_ref());
+            tracing::error!(error = %report, "Exiting on an unrecoverable error.");
+            eprintln!("error: {report}");
             ExitCode::FAILURE
         }
     }

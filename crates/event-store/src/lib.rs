@@ -11,6 +11,9 @@
 //! - [`db`]: connection pools and dedicated connections, with errors that say what to do.
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
+//! - [`tls`]: TLS on every connection, with libpq's `sslmode` and `sslrootcert`.
+//! - [`error`]: the one error report (server message, SQLSTATE, detail, hint, what to do) and the
+//!   transient/permanent classification; [`retry`]: the one retry policy.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
 //!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
 
@@ -21,6 +24,7 @@ pub mod event;
 pub mod migrations;
 pub mod ops;
 pub mod position;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -37,7 +37,6 @@
 //! - [`service`]: the `producer` binary, a load generator that counts exactly what committed.
 
 mod append;
-mod backoff;
 mod channel;
 pub mod config;
 mod error;
@@ -47,7 +46,6 @@ pub mod payload;
 pub mod service;
 
 pub use append::{Appended, NotifyMode, Prepared, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
-pub use backoff::Backoff;
 pub use channel::{Channel, InvalidChannel};
 pub use config::Args;
 pub use error::AppendError;
