@@ -20,8 +20,10 @@ CREATE TABLE event_stream_roles (
     job  text PRIMARY KEY CONSTRAINT event_stream_roles_job CHECK (job IN ('producer', 'consumer', 'purger')),
     role name NOT NULL UNIQUE
 );
--- Role names only: lets a service that lacks its grants say which role to grant.
+-- Role names and schema versions only: a service's start-up check compares the schema version
+-- with the one it needs, and names the role to grant when its login lacks one.
 GRANT SELECT ON event_stream_roles TO PUBLIC;
+GRANT SELECT ON refinery_schema_history TO PUBLIC;
 
 -- Each position row belongs to the login that first wrote it. Rows from before V4 have no owner:
 -- the first consumer login that publishes under that name claims it.
@@ -122,8 +124,7 @@ BEGIN
         'GRANT CONNECT ON DATABASE %2$I TO %1$I;
          GRANT INSERT (event_id, topic, key, type, payload, headers) ON events TO %1$I;
          GRANT SELECT (id, event_id) ON events TO %1$I;
-         GRANT USAGE ON SEQUENCE events_id_seq TO %1$I;
-         GRANT SELECT ON refinery_schema_history TO %1$I;', v_role, db);
+         GRANT USAGE ON SEQUENCE events_id_seq TO %1$I;', v_role, db);
 
     -- Consumers read events and the watermark, write the position rows they own, and ask who
     -- holds the horizon back.
@@ -134,7 +135,6 @@ BEGIN
          GRANT SELECT, INSERT, UPDATE ON consumer_positions TO %1$I;
          GRANT SELECT ON purge_watermark TO %1$I;
          GRANT EXECUTE ON FUNCTION events_horizon_blocker() TO %1$I;
-         GRANT SELECT ON refinery_schema_history TO %1$I;
          CREATE POLICY %3$I ON consumer_positions FOR ALL TO %1$I
              USING (owner = current_user OR owner IS NULL)
              WITH CHECK (owner = current_user);', v_role, db, v_role || '_own_position');
@@ -148,7 +148,6 @@ BEGIN
          GRANT SELECT (ctid, id, tx_id, created_at), DELETE ON events TO %1$I;
          GRANT SELECT ON consumer_positions TO %1$I;
          GRANT SELECT, INSERT, UPDATE ON purge_watermark TO %1$I;
-         GRANT SELECT ON refinery_schema_history TO %1$I;
          CREATE POLICY %3$I ON consumer_positions FOR SELECT TO %1$I USING (true);',
         v_role, db, v_role || '_reads_positions');
 END

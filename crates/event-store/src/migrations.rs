@@ -138,7 +138,7 @@ async fn schema_version(client: &Client) -> Result<Option<i32>> {
         return Ok(None);
     }
     if !readable {
-        // V4 grants the history to the group roles: an older schema, or a login without its role.
+        // V4 lets everyone read the history: the schema is older than that.
         return Ok(Some(0));
     }
     let row = client
@@ -162,11 +162,10 @@ pub async fn check(client: &Client, role: Role) -> Result<()> {
             )))
         }
         Some(0) => {
-            let group = group_role(client, role).await?;
             return Err(Error::Schema(format!(
-                "cannot read the schema version (refinery_schema_history): the schema predates V4 \
-                 or this login lacks its group role; this {job} needs V{needed}: run `migrate`, \
-                 then GRANT {group} TO <this login>"
+                "schema older than V4 (its version is not readable by this login), this {job} \
+                 needs V{needed}: run `migrate` with DATABASE_URL pointing at the same database \
+                 (as its owner)"
             )));
         }
         Some(version) if version < needed => {

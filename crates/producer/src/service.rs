@@ -441,9 +441,10 @@ async fn check_read_back(client: &Client) -> anyhow::Result<()> {
         .context("check the producer's privileges")?;
     let (select, usage, user): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
     if !select || !usage {
+        let group = migrations::group_role(client, Role::Producer).await?;
         anyhow::bail!(
-            "role {user:?} lacks {} needed to append events; grant it the group role: \
-             GRANT events_producer TO \"{user}\"",
+            "role {user:?} lacks {} needed to append events; grant it this database's producer \
+             group role: GRANT {group} TO \"{user}\"",
             if select {
                 "USAGE on the events id sequence"
             } else {
