@@ -77,6 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ops::spawn(config.http.http_addr, health.clone(), shutdown.clone()).await?;
     info!(
         database = %target,
+        url = %event_store::config::redact(&config.postgres.database_url),
         tls = %pg.tls().describe(),
         retention = %report::short(settings.retention),
         interval = %report::short(config.interval),
