@@ -38,6 +38,9 @@ pub enum Error {
         expected: event_store::Position,
         found: Option<event_store::Position>,
     },
+    /// Another session holds this consumer's lease; waiting for it to end.
+    #[error("{0}")]
+    LeaseHeld(String),
     /// An event cannot be stored and `--on-poison stop` is set.
     #[error(
         "event {} (id {}, topic {}) cannot be stored: {}: {}. Fix the data or the mapping, or run \
@@ -61,7 +64,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => false,
-            Error::Timeout(_) | Error::CheckpointMoved { .. } => true,
+            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => true,
             Error::Store(e) => e.is_transient(),
             Error::Mongo { source, .. } => mongo_is_transient(source),
         }
@@ -94,10 +97,13 @@ pub fn mongo_is_transient(e: &mongodb::error::Error) -> bool {
     }
 }
 
-/// A MongoDB error in one readable line: the driver's `Display` includes the raw server response
-/// as hex, and an insert's every write error.
+/// The MongoDB counterpart of [`event_store::error::pg_report`], and the one place a MongoDB
+/// error becomes text (logs, `/healthz`, exit messages): one line with the server's error code and
+/// code name, its message, the error labels (`[RetryableWriteError, …]`), and what to do when a
+/// retry cannot help. The driver's own `Display` includes the raw server response as hex, and an
+/// insert's every write error.
 pub fn compact(e: &mongodb::error::Error) -> String {
-    use mongodb::error::ErrorKind;
+    use mongodb::error::{ErrorKind, WriteFailure};
     let mut text = match e.kind.as_ref() {
         ErrorKind::InsertMany(failure) => {
             let errors = failure.write_errors.as_deref().unwrap_or_default();
@@ -106,10 +112,26 @@ pub fn compact(e: &mongodb::error::Error) -> String {
                 text += &format!(" (first: code {} {})", first.code, first.message);
             }
             if let Some(concern) = &failure.write_concern_error {
-                text += &format!("; write concern: {}", concern.message);
+                text += &format!(
+                    "; write concern error code {} ({}): {}",
+                    concern.code, concern.code_name, concern.message
+                );
             }
             text
         }
+        ErrorKind::Write(WriteFailure::WriteError(w)) => format!(
+            "write error code {}{}: {}",
+            w.code,
+            w.code_name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            w.message
+        ),
+        ErrorKind::Write(WriteFailure::WriteConcernError(c)) => format!(
+            "write concern error code {} ({}): {}",
+            c.code, c.code_name, c.message
+        ),
         kind => kind.to_string(),
     };
     let mut labels: Vec<&String> = e.labels().iter().collect();
@@ -117,6 +139,22 @@ pub fn compact(e: &mongodb::error::Error) -> String {
         labels.sort();
         let labels: Vec<&str> = labels.iter().map(|l| l.as_str()).collect();
         text += &format!(" [{}]", labels.join(", "));
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Authentication { .. } => {
+            text += " — check the user, password and authSource in MONGODB_URI";
+        }
+        ErrorKind::Command(c) if c.code == 18 => {
+            text += " — check the user, password and authSource in MONGODB_URI";
+        }
+        ErrorKind::Command(c) if c.code == 13 => {
+            text += " — the MongoDB user lacks a privilege: grant it readWrite on the consumer's \
+                     database";
+        }
+        ErrorKind::InvalidTlsConfig { .. } => {
+            text += " — check the tls, tlsCAFile and tlsCertificateKeyFile options in MONGODB_URI";
+        }
+        _ => {}
     }
     text
 }

@@ -315,12 +315,34 @@ impl Fetcher {
     }
 }
 
-/// A new dedicated connection, LISTENing, checked against the position, statements prepared.
+/// A new dedicated connection, LISTENing, holding the consumer's lease, checked against the
+/// position, statements prepared.
 pub async fn connect(ctx: &Context, after: Position) -> Result<(Listener, Reader)> {
     let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
+    take_lease(listener.client(), &ctx.name).await?;
     check_not_ahead(listener.client(), &ctx.name, after).await?;
     let reader = Reader::prepare(listener.client()).await?;
     Ok((listener, reader))
+}
+
+/// Takes the consumer's lease on this connection (see [`event_store::lease`]): while it is held,
+/// `eventsctl reset` refuses to move the checkpoint, and a second process with the same name
+/// waits instead of writing beside this one. The lease ends with the connection; should an
+/// operator move the checkpoint while it is lost, the writer finds the checkpoint moved and
+/// rewinds, so nothing is skipped either way.
+pub async fn take_lease(client: &tokio_postgres::Client, name: &str) -> Result<()> {
+    if event_store::lease::try_acquire(client, name).await? {
+        return Ok(());
+    }
+    let holder = event_store::lease::holder(client, name)
+        .await
+        .ok()
+        .flatten();
+    Err(Error::LeaseHeld(format!(
+        "another session holds the lease of consumer {name:?} ({}): another consumer with this \
+         name is running, or `eventsctl reset` is moving its checkpoint; waiting for it to end",
+        holder.map_or("holder not visible".into(), |h| h.to_string())
+    )))
 }
 
 /// Sleeps, or breaks early on shutdown.

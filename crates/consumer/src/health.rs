@@ -24,7 +24,7 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 /// What the fetcher, the writer and the monitor share.
 pub struct Context {
     pub name: String,
-    pub pg: tokio_postgres::Config,
+    pub pg: event_store::db::Database,
     pub channel: String,
     pub topics: Option<Vec<String>>,
     pub limits: Limits,

@@ -149,6 +149,7 @@ pub async fn run_with<S: Sink>(
         let connected = async {
             let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
             migrations::check(listener.client(), Role::Consumer).await?;
+            fetcher::take_lease(listener.client(), &ctx.name).await?;
             Ok::<_, Error>(listener)
         }
         .await;
@@ -157,7 +158,7 @@ pub async fn run_with<S: Sink>(
             Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
                 attempt += 1;
-                warn!(error = %e, attempt, "Cannot reach PostgreSQL at start-up; retrying.");
+                warn!(error = %e, attempt, "Cannot start on PostgreSQL yet; retrying.");
                 health.failing(POSTGRES, e.to_string());
                 if sleep_or_stop(backoff.next_pause(), &stop).await {
                     return Ok(());

@@ -385,17 +385,13 @@ impl fmt::Display for HorizonBlocker {
     }
 }
 
-/// The backend whose open *writing* transaction holds delivery back, if any (needs
-/// `pg_read_all_stats` to see other users' sessions; the consumer role has it).
+/// The backend whose open *writing* transaction holds delivery back, if any. Asked through
+/// migration V4's `events_horizon_blocker()`, a narrow `SECURITY DEFINER` function that the
+/// consumer role may execute, instead of granting it `pg_read_all_stats` (every session's query).
 pub async fn horizon_blocker(client: &Client) -> Result<Option<HorizonBlocker>> {
     let row = client
         .query_opt(
-            "SELECT pid, usename::text, coalesce(application_name, ''), state,
-                    extract(epoch FROM now() - xact_start)::float8
-               FROM pg_stat_activity
-              WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
-              ORDER BY age(backend_xid) DESC
-              LIMIT 1",
+            "SELECT pid, usename, application_name, state, open_for FROM events_horizon_blocker()",
             &[],
         )
         .await
@@ -439,6 +435,10 @@ pub async fn backlog(client: &Client, after: Position, cap: i64) -> Result<Backl
 
 /// Records `consumer`'s delivered position so the purger keeps what it still needs. Positions only
 /// move forward here, even if an older write arrives late.
+///
+/// A row belongs to the login that first wrote it (`owner`, row-level security since V4): another
+/// login publishing under the same name fails with SQLSTATE 42501 instead of moving someone
+/// else's position. A row from before V4 (no owner) is claimed by the first login to publish.
 pub async fn publish(client: &Client, consumer: &str, position: Position) -> Result<()> {
     upsert_position(client, consumer, position, false).await
 }
@@ -461,7 +461,8 @@ async fn upsert_position(
             "INSERT INTO consumer_positions AS p (consumer, tx_id, id, updated_at)
              VALUES ($1, $2::text::xid8, $3, now())
              ON CONFLICT (consumer) DO UPDATE
-                SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now()
+                SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now(),
+                    owner = current_user
               WHERE $4 OR (p.tx_id, p.id) <= (EXCLUDED.tx_id, EXCLUDED.id)",
             &[&consumer, &position.tx_text(), &position.id, &may_move_back],
         )

@@ -10,8 +10,9 @@ use crate::cmd;
 /// The operator's tool for the event stream: consumer status and lag, resets, tail and append.
 ///
 /// It reads DATABASE_URL and MONGODB_URI like the services. Read commands print a table, or JSON
-/// with --json. Run it as the database owner, or as a login holding events_consumer (status, lag,
-/// tail, reset) or events_producer (append).
+/// with --json. Logins: the database owner may do everything; otherwise status and lag need one
+/// that reads every consumer's position (the purger's group role), reset the consumer's own login,
+/// tail a consumer login and append a producer login.
 #[derive(Debug, Parser)]
 #[command(name = "eventsctl", version, after_help = crate::exit::HELP)]
 pub struct Cli {

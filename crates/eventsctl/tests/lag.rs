@@ -1,5 +1,6 @@
 //! `eventsctl lag` as a health check: exit 1 exactly when a consumer is over a threshold, 2 for
-//! an unknown consumer or bad input, 4 when the database cannot be reached.
+//! an unknown consumer or bad input, 4 when the database cannot be reached. Run as a purger login,
+//! which reads every consumer's position.
 
 mod common;
 
@@ -19,11 +20,11 @@ async fn lag_exits_1_exactly_when_a_consumer_is_over_a_threshold() {
         .unwrap();
 
     let at_limit = env
-        .ctl(&["lag", "behind", "--fail-above-events", "5"])
+        .keeper(&["lag", "behind", "--fail-above-events", "5"])
         .await;
     assert_exit(&at_limit, 0, "5 events behind, limit 5");
     let over = env
-        .ctl(&["lag", "behind", "--fail-above-events", "4"])
+        .keeper(&["lag", "behind", "--fail-above-events", "4"])
         .await;
     assert_exit(&over, 1, "5 events behind, limit 4");
     assert!(
@@ -34,7 +35,7 @@ async fn lag_exits_1_exactly_when_a_consumer_is_over_a_threshold() {
 
     // Every consumer by default; the caught-up one is never over, even with a limit of 0.
     let all = env
-        .ctl(&["lag", "--json", "--fail-above-events", "0"])
+        .keeper(&["lag", "--json", "--fail-above-events", "0"])
         .await;
     assert_exit(&all, 1, "one of two consumers is behind");
     let report = json(&all);
@@ -53,7 +54,7 @@ async fn lag_exits_1_exactly_when_a_consumer_is_over_a_threshold() {
     assert_eq!(caught_up["lag_events"], 0);
     assert_eq!(caught_up["over"].as_array().unwrap().len(), 0);
     assert_exit(
-        &env.ctl(&[
+        &env.keeper(&[
             "lag",
             "caught-up",
             "--fail-above-events",
@@ -75,35 +76,39 @@ async fn lag_exits_1_exactly_when_a_consumer_is_over_a_threshold() {
         .await
         .unwrap();
     assert_exit(
-        &env.ctl(&["lag", "behind", "--fail-above-seconds", "3h"])
+        &env.keeper(&["lag", "behind", "--fail-above-seconds", "3h"])
             .await,
         0,
         "2 h old, limit 3 h",
     );
     let old = env
-        .ctl(&["lag", "behind", "--fail-above-seconds", "1h"])
+        .keeper(&["lag", "behind", "--fail-above-seconds", "1h"])
         .await;
     assert_exit(&old, 1, "2 h old, limit 1 h");
     assert!(stdout(&old).contains("OVER: age 2h"), "{}", stdout(&old));
 
     // Bad input and failures have codes of their own, so a probe can tell them from "over".
     let unknown = env
-        .ctl(&["lag", "nobody", "--fail-above-events", "1"])
+        .keeper(&["lag", "nobody", "--fail-above-events", "1"])
         .await;
     assert_exit(&unknown, 2, "an unknown consumer");
     assert!(common::stderr(&unknown).contains("no consumer named \"nobody\""));
     assert_exit(
-        &env.ctl(&["lag", "bad name"]).await,
+        &env.keeper(&["lag", "bad name"]).await,
         2,
         "a malformed consumer name",
     );
     assert_exit(
-        &env.ctl(&["lag", "--fail-above-seconds", "soon"]).await,
+        &env.keeper(&["lag", "--fail-above-seconds", "soon"]).await,
         2,
         "a malformed duration",
     );
     let down = env
-        .ctl(&["--database-url", "postgres://ops@127.0.0.1:1/events", "lag"])
+        .keeper(&[
+            "--database-url",
+            "postgres://keeper@127.0.0.1:1/events",
+            "lag",
+        ])
         .await;
     assert_exit(&down, 4, "PostgreSQL unreachable");
     assert!(

@@ -196,6 +196,30 @@ async fn reset_is_refused_while_the_consumer_runs_and_for_bad_input() {
     );
     lease::release(&other, NAME).await.unwrap();
 
+    // Another consumer login may not move this consumer (its position row is not theirs), in
+    // either direction; MongoDB is not touched either.
+    produce(&env.admin, "orders", 2).await;
+    for to in ["earliest", "latest"] {
+        let foreign = env
+            .ctl_as("ops2", &["reset", NAME, "--to", to, "--yes"], None)
+            .await;
+        assert_exit(&foreign, 4, "another consumer login");
+        assert!(
+            stderr(&foreign).contains("belongs to another login"),
+            "{to}: {}",
+            stderr(&foreign)
+        );
+        assert_eq!(
+            checkpoint_text(&env.checkpoint(NAME).await),
+            delivered,
+            "nothing moved"
+        );
+        assert_eq!(
+            env.published(NAME).await.as_deref(),
+            Some(delivered.as_str())
+        );
+    }
+
     for (to, what) in [
         ("yesterday", "an RFC 3339 time"),
         ("12/x", "not an integer"),

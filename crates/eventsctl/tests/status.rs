@@ -1,6 +1,6 @@
 //! `eventsctl status` names what matters: each consumer's position, lag, heartbeat and state, the
 //! table's size and ends, the purge watermark, and the sessions, prepared transactions that hold
-//! the horizon back — as the least-privilege consumer role.
+//! the horizon back — as the owner, and as a purger login (which reads every position).
 
 mod common;
 
@@ -14,7 +14,7 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
     let env = setup_with(true, &["max_prepared_transactions=4"]).await;
     produce(&env.admin, "orders", 10).await;
     // A table never analysed has no estimate: the rows are counted (up to a cap), and labelled so.
-    let fresh = json(&env.ctl(&["status", "--json"]).await);
+    let fresh = json(&env.keeper(&["status", "--json"]).await);
     assert!(fresh["events"]["estimated_rows"].is_null(), "{fresh}");
     assert_eq!(fresh["events"]["counted_rows"], 10);
     env.admin.batch_execute("ANALYZE events").await.unwrap();
@@ -65,15 +65,20 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
         .await
         .unwrap();
 
+    // As the owner: it sees every session's query text.
     let out = env
-        .ctl(&[
-            "status",
-            "--json",
-            "--stale-after",
-            "30m",
-            "--consumer-expiry",
-            "2h",
-        ])
+        .ctl_as(
+            "postgres",
+            &[
+                "status",
+                "--json",
+                "--stale-after",
+                "30m",
+                "--consumer-expiry",
+                "2h",
+            ],
+            None,
+        )
         .await;
     assert_exit(&out, 0, "status");
     let s = json(&out);
@@ -129,11 +134,20 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
         "forgotten-2pc"
     );
 
-    // Past the purger's expiry the slow consumer no longer holds purging back.
+    // Past the purger's expiry the slow consumer no longer holds purging back. As a purger
+    // login: every consumer is there, but not other sessions' query text.
     let expired = json(
-        &env.ctl(&["status", "--json", "--consumer-expiry", "30m"])
+        &env.keeper(&["status", "--json", "--consumer-expiry", "30m"])
             .await,
     );
+    let report_backend = expired["horizon"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["pid"] == report_pid)
+        .unwrap()
+        .clone();
+    assert!(report_backend["query"].is_null(), "{report_backend}");
     let slow = expired["consumers"]
         .as_array()
         .unwrap()
@@ -148,7 +162,7 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
         .contains("\"fast\""));
 
     // The table for people names the same things.
-    let text = env.ctl(&["status"]).await;
+    let text = env.ctl_as("postgres", &["status"], None).await;
     assert_exit(&text, 0, "status as text");
     let text = stdout(&text);
     for needle in [

@@ -58,7 +58,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         validate_name(name)
             .map_err(|why| exit::usage(format!("bad consumer name {name:?}: {why}")))?;
     }
-    let client = connect::postgres(cli, Role::Consumer).await?;
+    // Every consumer's position: the owner, or a purger login (consumer logins see only their own).
+    let client = connect::postgres(cli, Role::Purger).await?;
     // Count at least one past the event threshold, so "over" is exact however large it is.
     let cap = args.fail_above_events.map_or(COUNT_CAP, |n| {
         i64::try_from(n.saturating_add(1))

@@ -173,18 +173,45 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
                 .await
                 .map(|_| ())
         };
+        // The published position may never be ahead of the checkpoint (the purger would delete
+        // what the consumer still needs). Back: commit PostgreSQL first. Forward: write it in a
+        // transaction committed after MongoDB. Either way a refused PostgreSQL write (another
+        // login owns the row) stops the reset before MongoDB is touched.
         if to < start {
-            position::register(&client, name, to).await?;
+            position::register(&client, name, to)
+                .await
+                .map_err(|e| explain_position_write(e, name))?;
             write_mongo.await?;
         } else {
-            write_mongo.await?;
-            position::register(&client, name, to).await?;
+            client.batch_execute("BEGIN").await?;
+            let registered = position::register(&client, name, to).await;
+            if let Err(e) = registered {
+                client.batch_execute("ROLLBACK").await?;
+                return Err(explain_position_write(e, name));
+            }
+            if let Err(e) = write_mongo.await {
+                client.batch_execute("ROLLBACK").await?;
+                return Err(e.into());
+            }
+            client.batch_execute("COMMIT").await?;
         }
         lease::release(&client, name).await?;
         plan.applied = true;
     }
     print_plan(cli, &plan)?;
     Ok(Code::Ok)
+}
+
+/// A position row the login may not write belongs to another login (row-level security).
+fn explain_position_write(e: event_store::Error, name: &str) -> anyhow::Error {
+    if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        anyhow::Error::new(e).context(format!(
+            "the consumer_positions row of {name:?} belongs to another login: run the reset as \
+             the consumer's own login (its DATABASE_URL) or as the database owner; nothing changed"
+        ))
+    } else {
+        e.into()
+    }
 }
 
 fn print_plan(cli: &Cli, plan: &Plan) -> anyhow::Result<()> {

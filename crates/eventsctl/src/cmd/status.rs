@@ -111,7 +111,8 @@ struct Backend {
     /// `delivery and purging` for a transaction that has written (its xid is the horizon's
     /// floor); `vacuum only` for a snapshot without writes (it keeps dead rows, not events).
     holds: &'static str,
-    /// The first line of its current or last statement (needs pg_read_all_stats for others' sessions).
+    /// The first line of its current or last statement; null when this login may not see it
+    /// (other sessions need the owner, a superuser or pg_read_all_stats).
     query: Option<String>,
 }
 
@@ -134,7 +135,8 @@ struct Slot {
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     let progress = output::spinner("reading status");
-    let client = connect::postgres(cli, Role::Consumer).await?;
+    // Every consumer's position: the owner, or a purger login (consumer logins see only their own).
+    let client = connect::postgres(cli, Role::Purger).await?;
     let mongo = connect::mongo(cli).await?;
     let now = event_store::db::now(&client).await?;
 
@@ -259,7 +261,8 @@ async fn horizon(client: &Client) -> anyhow::Result<Horizon> {
             "SELECT pid, usename::text, application_name, state,
                     extract(epoch FROM now() - xact_start)::float8,
                     backend_xid IS NOT NULL,
-                    left(split_part(query, E'\\n', 1), 120)
+                    -- Hidden from logins without pg_read_all_stats: no state, no query.
+                    CASE WHEN state IS NOT NULL THEN left(split_part(query, E'\\n', 1), 120) END
                FROM pg_stat_activity
               WHERE (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
                 AND pid <> pg_backend_pid()
@@ -436,7 +439,9 @@ fn render(s: &Status, with_mongo: bool) -> String {
                     b.state.clone().unwrap_or_else(|| "?".into()),
                     b.xact_age_seconds.map_or("-".into(), consumers::seconds),
                     b.holds.to_string(),
-                    b.query.clone().unwrap_or_else(|| "(not visible)".into()),
+                    b.query
+                        .clone()
+                        .unwrap_or_else(|| "(not visible to this login)".into()),
                 ]
             })
             .collect();

@@ -11,8 +11,7 @@ use anyhow::Context;
 use event_store::config::parse_duration;
 use event_store::migrations::{self, Role};
 use event_store::position::Reader;
-use event_store::{db, Event, Topic};
-use serde_json::json;
+use event_store::{db, Topic};
 use tokio::sync::Notify;
 
 use crate::cli::Cli;
@@ -87,11 +86,15 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         let batch = reader
             .fetch(client, after, args.batch_size as usize, topics)
             .await?;
+        for row in &batch.undecodable {
+            tracing::warn!(event = %row.position, reason = %row.reason,
+                "Skipping an event whose columns cannot be decoded.");
+        }
         for event in &batch.events {
             if args.limit.is_some_and(|limit| printed >= limit) {
                 break;
             }
-            stdout.write_all(line(event).as_bytes())?;
+            stdout.write_all(event.to_json().as_bytes())?;
             stdout.write_all(b"\n")?;
             printed += 1;
             // The position only moves past what was printed, so --limit never skips an event.
@@ -142,33 +145,4 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         bar.finish_and_clear();
     }
     Ok(Code::Ok)
-}
-
-/// One JSON line. The payload and headers are written as PostgreSQL stored them (`jsonb::text`,
-/// which is valid JSON on one line), never re-parsed: jsonb numbers such as `1e400` or 40-digit
-/// integers pass through exactly.
-fn line(event: &Event) -> String {
-    let fields = json!({
-        "position": event.position.to_string(),
-        "id": event.position.id,
-        "event_id": event.event_id,
-        "topic": event.topic,
-        "key": event.key,
-        "type": event.event_type,
-        "created_at": output::time(event.created_at),
-    })
-    .to_string();
-    let raw = |text: &str| {
-        if text.is_empty() {
-            "null".to_string()
-        } else {
-            text.to_string()
-        }
-    };
-    format!(
-        "{},\"payload\":{},\"headers\":{}}}",
-        fields.strip_suffix('}').unwrap_or(&fields),
-        raw(event.payload.as_str()),
-        raw(event.headers.as_str())
-    )
 }

@@ -27,8 +27,8 @@ pub async fn connect(url: &str) -> Client {
         .expect("connect to PostgreSQL")
 }
 
-/// Migrated PostgreSQL with logins `ops` (events_consumer) and `app` (events_producer); a
-/// MongoDB-wire server when `with_mongo`.
+/// Migrated PostgreSQL with logins `ops` and `ops2` (events_consumer), `app` (events_producer) and
+/// `keeper` (events_purger); a MongoDB-wire server when `with_mongo`.
 pub async fn setup(with_mongo: bool) -> Env {
     setup_with(with_mongo, &[]).await
 }
@@ -40,7 +40,9 @@ pub async fn setup_with(with_mongo: bool, settings: &[&str]) -> Env {
     admin
         .batch_execute(
             "CREATE ROLE ops LOGIN IN ROLE events_consumer;
-             CREATE ROLE app LOGIN IN ROLE events_producer;",
+             CREATE ROLE ops2 LOGIN IN ROLE events_consumer;
+             CREATE ROLE app LOGIN IN ROLE events_producer;
+             CREATE ROLE keeper LOGIN IN ROLE events_purger;",
         )
         .await
         .unwrap();
@@ -61,6 +63,11 @@ impl Env {
     /// is a server.
     pub async fn ctl(&self, args: &[&str]) -> Output {
         self.ctl_as("ops", args, None).await
+    }
+
+    /// [`Env::ctl`] as `keeper`, a purger login: it reads every consumer's position (status, lag).
+    pub async fn keeper(&self, args: &[&str]) -> Output {
+        self.ctl_as("keeper", args, None).await
     }
 
     /// [`Env::ctl`] as `user`, with `stdin` piped in when given.

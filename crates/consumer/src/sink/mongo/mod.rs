@@ -853,7 +853,8 @@ fn tx_id_bson(tx_id: u64) -> Bson {
     }
 }
 
-/// The update that stores `end` as a checkpoint (`eventsctl reset` writes the same shape).
+/// The update that stores `end` as a checkpoint (also used by `eventsctl reset`, so both write the
+/// same document shape).
 pub fn checkpoint_update(end: Position, now: DateTime) -> Document {
     doc! {"$set": {"tx_id": tx_id_bson(end.tx_id), "id": end.id, "updated_at": now}}
 }
