@@ -85,6 +85,9 @@ pub struct Batch {
     pub more: bool,
     /// Bytes of payload and headers text in the batch.
     pub bytes: usize,
+    /// The `event_id` of the row at `end` (wanted or not): a checkpoint records it, so a reader
+    /// can later tell that the row at its position is still the same event.
+    pub end_event_id: Option<uuid::Uuid>,
 }
 
 /// How much one fetch may return.
@@ -265,6 +268,7 @@ impl Reader {
                 })?;
             batch.scanned += 1;
             batch.end = Some(position);
+            batch.end_event_id = row.try_get(2).ok();
             last_more = row.try_get::<_, bool>(10).unwrap_or(false);
             if row.try_get::<_, bool>(9).unwrap_or(true) {
                 match event_from_row(position, &row) {
@@ -274,7 +278,7 @@ impl Reader {
                     }
                     Err(bad) => {
                         batch.bytes += bad.payload.as_ref().map_or(0, |p| p.len());
-                        batch.undecodable.push(bad);
+                        batch.undecodable.push(*bad);
                     }
                 }
             }
@@ -297,7 +301,7 @@ impl Reader {
 }
 
 /// An event from a fetched row, or what could be read of it and why the rest could not.
-fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Undecodable> {
+fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Box<Undecodable>> {
     let event_id = row.try_get(2);
     let topic = row.try_get(3);
     let key = row.try_get(4);
@@ -347,7 +351,7 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, U
             .flatten()
             .collect::<Vec<_>>()
             .join("; ");
-            Err(Undecodable {
+            Err(Box::new(Undecodable {
                 position,
                 event_id: event_id.ok(),
                 topic: topic.ok(),
@@ -355,7 +359,7 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, U
                 event_type: event_type.ok().flatten(),
                 payload: payload.ok().flatten(),
                 reason: format!("undecodable column: {reason}"),
-            })
+            }))
         }
     }
 }
@@ -509,6 +513,58 @@ pub struct Watermark {
     pub position: Position,
     pub forced: bool,
     pub updated_at: SystemTime,
+}
+
+/// Which database a reader reads: the cluster's system identifier (new with every `initdb`, kept
+/// by physical replicas) and the database's name. A checkpoint records it, so a consumer pointed
+/// at another database, or at a new cluster, notices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub system_id: String,
+    pub database: String,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "database {:?} of cluster {}",
+            self.database, self.system_id
+        )
+    }
+}
+
+/// The [`Origin`] of `client`'s database (`pg_control_system()` is readable by every role).
+pub async fn origin(client: &Client) -> Result<Origin> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the cluster's system identifier", e))?;
+    let read = |i: usize| {
+        row.try_get::<_, String>(i)
+            .map_err(|e| Error::database("read the cluster's system identifier", e))
+    };
+    Ok(Origin {
+        system_id: read(0)?,
+        database: read(1)?,
+    })
+}
+
+/// The `event_id` of the event stored at `position`, if any.
+pub async fn event_at(client: &Client, position: Position) -> Result<Option<uuid::Uuid>> {
+    let row = client
+        .query_opt(
+            "SELECT event_id FROM events WHERE id = $2 AND tx_id = $1::text::xid8",
+            &[&position.tx_text(), &position.id],
+        )
+        .await
+        .map_err(|e| Error::database(format!("look up the event at {position}"), e))?;
+    row.map(|row| row.try_get(0))
+        .transpose()
+        .map_err(|e| Error::database(format!("look up the event at {position}"), e))
 }
 
 pub async fn watermark(client: &Client) -> Result<Option<Watermark>> {
