@@ -21,9 +21,11 @@ async fn refused(config: consumer::Config) -> String {
     result.expect_err("the consumer refuses").to_string()
 }
 
-/// The tail of the stream is lost (as in a failover to a replica that had not received it), the
-/// new primary's transaction counter passes the checkpoint again and ids are reused: new events
-/// now sit at or behind the checkpoint, where a consumer would never look.
+/// The tail of the stream is lost (as in a failover to a replica that had not received it) and
+/// the new primary's transaction counter passes the checkpoint again: the event the checkpoint
+/// recorded is gone without a purge. (A real failover also hands out the lost transaction ids
+/// again, so new events can sit behind the checkpoint; one cluster cannot turn its counter back,
+/// but the evidence the consumer checks is the same.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_that_lost_commits_is_refused() {
     let env = setup().await;
@@ -32,21 +34,15 @@ async fn a_database_that_lost_commits_is_refused() {
     wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
     consumer.stop().await;
 
-    // The failover: the last 5 events vanish, their ids and transaction ids are handed out again.
-    let first_lost: i64 = env
-        .pg
-        .psql("SELECT max(id) - 4 FROM events")
-        .parse()
-        .unwrap();
-    env.pg.psql(&format!(
-        "DELETE FROM events WHERE id >= {first_lost};
-         SELECT setval('events_id_seq', {first_lost} - 1);"
-    ));
+    // The failover: the last 5 events vanish; transaction ids go on past the checkpoint.
+    env.pg
+        .psql("DELETE FROM events WHERE id > (SELECT max(id) - 5 FROM events)");
     env.pg.psql(&"SELECT pg_current_xact_id();\n".repeat(30));
     produce(&env.admin, "courses", 10).await;
 
     let error = refused(env.config("c")).await;
     assert!(error.contains("refuses to go on"), "{error}");
+    assert!(error.contains("is gone and no purge removed it"), "{error}");
     assert!(error.contains("--accept-divergence"), "{error}");
     assert!(error.contains("eventsctl reset"), "{error}");
     assert_eq!(
@@ -72,6 +68,21 @@ async fn a_database_that_lost_commits_is_refused() {
     )
     .await;
     consumer.stop().await;
+}
+
+/// The row at the checkpoint now holds another event (ids handed out again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_checkpoint_event_is_refused() {
+    let env = setup().await;
+    produce(&env.admin, "courses", 4).await;
+    let consumer = spawn(env.config("c"));
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
+    consumer.stop().await;
+    env.pg.psql(
+        "UPDATE events SET event_id = gen_random_uuid() WHERE id = (SELECT max(id) FROM events)",
+    );
+    let error = refused(env.config("c")).await;
+    assert!(error.contains("but the database now holds"), "{error}");
 }
 
 /// Purged is not diverged: the event at the checkpoint may be gone when the purge watermark
@@ -109,7 +120,8 @@ async fn another_database_is_refused() {
     consumer.stop().await;
 
     env.pg.psql("CREATE DATABASE other");
-    let other_url = env.pg.url().replace("/postgres", "/other");
+    let other_db = |url: String| format!("{}/other", url.rsplit_once('/').unwrap().0);
+    let other_url = other_db(env.pg.url());
     let mut other = connect(&other_url).await;
     migrations::run_with(&mut other, "other").await.unwrap();
     other
@@ -119,10 +131,7 @@ async fn another_database_is_refused() {
     produce(&other, "courses", 50).await;
 
     let mut config = env.config("c");
-    config.postgres.database_url = env
-        .pg
-        .url_for(CONSUMER_USER, None)
-        .replace("/postgres", "/other");
+    config.postgres.database_url = other_db(env.pg.url_for(CONSUMER_USER, None));
     let error = refused(config).await;
     assert!(error.contains("now leads to database \"other\""), "{error}");
 }
