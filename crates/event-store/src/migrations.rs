@@ -50,6 +50,8 @@ pub enum Role {
     Producer,
     Consumer,
     Purger,
+    /// Reads events and the purge watermark, writes nothing (the live-push gateway).
+    Gateway,
 }
 
 impl Role {
@@ -64,6 +66,7 @@ impl Role {
                 ("consumer_positions", "UPDATE"),
                 ("purge_watermark", "SELECT"),
             ],
+            Role::Gateway => &[("events", "SELECT"), ("purge_watermark", "SELECT")],
             Role::Purger => &[
                 ("events", "DELETE"),
                 ("consumer_positions", "SELECT"),
@@ -76,7 +79,7 @@ impl Role {
     fn group(self) -> &'static str {
         match self {
             Role::Producer => "events_producer",
-            Role::Consumer => "events_consumer",
+            Role::Consumer | Role::Gateway => "events_consumer",
             Role::Purger => "events_purger",
         }
     }
