@@ -53,8 +53,9 @@ pub struct Config {
     )]
     pub max_clients_per_token: usize,
 
-    /// Messages buffered per client. A client that lets its buffer fill is sent a final `goodbye`
-    /// with the position to resume from and disconnected, so it can never slow the others.
+    /// Messages buffered per client. A client whose buffer stays full (--slow-client-timeout) is
+    /// sent a final `goodbye` with the position to resume from and disconnected, so it can never
+    /// slow the others.
     #[arg(
         long = "client-buffer",
         env = "GATEWAY_CLIENT_BUFFER",
@@ -62,6 +63,16 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(2..=1_000_000)
     )]
     pub client_buffer: u32,
+
+    /// How long a live event may wait for room in a client's full buffer before that client is
+    /// dropped (with its resume position).
+    #[arg(
+        long = "slow-client-timeout",
+        env = "GATEWAY_SLOW_CLIENT_TIMEOUT",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub slow_client_timeout: Duration,
 
     /// Clients reading stored events (catching up) at once; the others wait their turn, so a crowd
     /// of reconnecting clients cannot swamp the database.
@@ -156,6 +167,7 @@ impl Config {
             ("--heartbeat-interval", self.heartbeat_interval),
             ("--poll-interval", self.poll_interval),
             ("--max-stream-age", self.max_stream_age),
+            ("--slow-client-timeout", self.slow_client_timeout),
         ] {
             if value.is_zero() {
                 return Err(Error::Config(format!("{what} must be greater than zero")));

@@ -149,6 +149,7 @@ impl Bound {
             max_age: config.max_stream_age,
             shutdown: shutdown.clone(),
             goodbye_wait: config.shutdown_grace,
+            slow_client_timeout: config.slow_client_timeout,
         });
         let tasks = TaskTracker::new();
         let app = Arc::new(http::App {

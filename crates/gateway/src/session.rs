@@ -13,9 +13,12 @@
 //! receiver, skipping every position at or before `after`. Both readers walk the same no-skip
 //! order, so the union is exact.
 //!
-//! Slow clients: live events are *offered* to the queue (`try_send`). A full queue ends the
-//! session with a `goodbye` (reason `slow_client`) carrying its resume position, queued behind
-//! what the client has not read yet. The broadcast never waits for anyone.
+//! Slow clients: each session takes live batches from the broadcast on its own task and queues
+//! them for its client. A queue that stays full for `--slow-client-timeout` (or a session that
+//! falls `BROADCAST_BATCHES` behind the broadcast) ends the session with a `goodbye` (reason
+//! `slow_client`) carrying its resume position, queued behind what the client has not read yet.
+//! The broadcast never waits for anyone, so a slow client slows nobody else; a burst larger than
+//! the queue does not drop a client that keeps reading.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +83,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// How long a goodbye may wait for room in a full queue.
     pub goodbye_wait: Duration,
+    /// How long a live event may wait for room in a client's queue before the client is dropped.
+    pub slow_client_timeout: Duration,
 }
 
 /// How a session ended.
@@ -193,7 +198,7 @@ impl State {
                     batch = rx.recv() => match batch {
                         Ok(batch) => {
                             received_any = true;
-                            if let Err(end) = self.offer(shared, sub, tx, &batch) {
+                            if let Err(end) = self.offer(shared, sub, tx, &batch).await {
                                 return end;
                             }
                         }
@@ -270,8 +275,8 @@ impl State {
         tx.send(Frame::Control(gap)).await.map_err(|_| End::Gone)
     }
 
-    /// Offers a live batch to the queue, never waiting.
-    fn offer(
+    /// Queues a live batch, waiting at most `--slow-client-timeout` per event for room.
+    async fn offer(
         &mut self,
         shared: &Shared,
         sub: &Subscription,
@@ -287,7 +292,7 @@ impl State {
                 let resumed_at = batch.events.first().map(|e| e.position).or(Some(batch.end));
                 let gap = Control::gap(self.after, up_to, resumed_at);
                 self.gap_reported_to = Some(up_to);
-                try_queue(tx, Frame::Control(gap))?;
+                queue(tx, Frame::Control(gap), shared.slow_client_timeout).await?;
             }
         }
         for event in &batch.events {
@@ -295,7 +300,7 @@ impl State {
                 continue;
             }
             if sub.wants(event) {
-                try_queue(tx, Frame::Event(event.clone()))?;
+                queue(tx, Frame::Event(event.clone()), shared.slow_client_timeout).await?;
             }
             self.after = event.position;
         }
@@ -304,9 +309,9 @@ impl State {
     }
 }
 
-fn try_queue(tx: &mpsc::Sender<Frame>, frame: Frame) -> Result<(), End> {
-    tx.try_send(frame).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => End::Goodbye("slow_client"),
-        mpsc::error::TrySendError::Closed(_) => End::Gone,
+async fn queue(tx: &mpsc::Sender<Frame>, frame: Frame, patience: Duration) -> Result<(), End> {
+    tx.send_timeout(frame, patience).await.map_err(|e| match e {
+        mpsc::error::SendTimeoutError::Timeout(_) => End::Goodbye("slow_client"),
+        mpsc::error::SendTimeoutError::Closed(_) => End::Gone,
     })
 }

@@ -186,7 +186,8 @@ mod tests {
         assert_eq!(lines[0], "event: created");
         assert_eq!(lines[1], "id: 10/3");
         assert!(lines[2].starts_with("data: {"), "{text}");
-        assert_eq!(lines.len(), 3, "one data line: {text}");
+        assert_eq!(lines.len(), 4, "one data line, then the blank line: {text}");
+        assert_eq!(lines[3], "");
         let v: serde_json::Value = serde_json::from_str(&lines[2][6..]).unwrap();
         assert_eq!(v["position"], "10/3");
         assert_eq!(v["id"], 3);
@@ -204,7 +205,7 @@ mod tests {
             let sse = e.sse(true);
             let text = std::str::from_utf8(&sse).unwrap();
             assert_eq!(text.lines().next(), Some("event: message"), "{t:?}");
-            assert_eq!(text.lines().count(), 3);
+            assert_eq!(text.lines().count(), 4, "{text}");
         }
     }
 
