@@ -643,7 +643,18 @@ mod tests {
         let p = Position::new(1_000_000, 42);
         assert_eq!(p.to_string().parse::<Position>().unwrap(), p);
         assert_eq!(" 7/8 ".parse::<Position>().unwrap(), Position::new(7, 8));
-        for bad in ["", "7", "7/", "/8", "a/b", "-1/2", "1/-2", "1/2/3", "1.5/2", "99999999999999999999/1"] {
+        for bad in [
+            "",
+            "7",
+            "7/",
+            "/8",
+            "a/b",
+            "-1/2",
+            "1/-2",
+            "1/2/3",
+            "1.5/2",
+            "99999999999999999999/1",
+        ] {
             let err = bad.parse::<Position>().unwrap_err();
             assert!(err.to_string().contains("TX_ID/ID"), "{bad:?}: {err}");
         }

@@ -83,7 +83,9 @@ async fn main() {
     let (raw_rate, ours_rate, consumer_rate) = (rate(&raw), rate(&ours), rate(&consumer));
     println!("catch-up of {catch_up_events} stored events to one SSE client (best of {rounds}):");
     println!("  raw position read (Reader::fetch, batches of 1000): {raw_rate:>10.0} events/s");
-    println!("  consumer, null sink:                                {consumer_rate:>10.0} events/s");
+    println!(
+        "  consumer, null sink:                                {consumer_rate:>10.0} events/s"
+    );
     println!(
         "  gateway → SSE client:                               {ours_rate:>10.0} events/s  \
          = {:.2}x raw, {:.2}x consumer",
@@ -95,7 +97,8 @@ async fn main() {
     // --- 2. fan-out -----------------------------------------------------------------------------
     println!("\nfan-out: {clients} SSE clients on one topic, one event per transaction, {seconds} s per rate:");
     for rate in rates {
-        let mut gateway = Gateway::start(&url, &[("GATEWAY_MAX_CLIENTS_PER_TOKEN", "100000")]).await;
+        let mut gateway =
+            Gateway::start(&url, &[("GATEWAY_MAX_CLIENTS_PER_TOKEN", "100000")]).await;
         let idle = gateway.usage();
         let fan = fan_out(&gateway, &pg.url(), clients, rate, seconds).await;
         let cpu_per_s = (fan.cpu_end - fan.cpu_start) / fan.elapsed.as_secs_f64();
@@ -282,7 +285,9 @@ async fn stream(addr: SocketAddr, path: &str, mut on_frame: impl FnMut(&[u8]) ->
     let mut body = response.into_body();
     let mut buffer: Vec<u8> = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buffer.extend_from_slice(&data);
         let mut start = 0;
         while let Some(end) = find(&buffer[start..], b"\n\n") {
@@ -328,7 +333,13 @@ struct FanOut {
     rss_kib: u64,
 }
 
-async fn fan_out(gateway: &Gateway, owner_url: &str, clients: usize, rate: u64, seconds: u64) -> FanOut {
+async fn fan_out(
+    gateway: &Gateway,
+    owner_url: &str,
+    clients: usize,
+    rate: u64,
+    seconds: u64,
+) -> FanOut {
     let addr = gateway.addr;
     let total = (rate * seconds) as usize;
     // Commit times, by sequence number, in nanoseconds since `origin`.
@@ -349,8 +360,14 @@ async fn fan_out(gateway: &Gateway, owner_url: &str, clients: usize, rate: u64, 
                 }
                 if let Some(at) = find(frame, b"\"seq\":") {
                     let digits = &frame[at + 6..];
-                    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
-                    let seq: usize = std::str::from_utf8(&digits[..end]).unwrap().parse().unwrap();
+                    let end = digits
+                        .iter()
+                        .position(|b| !b.is_ascii_digit())
+                        .unwrap_or(digits.len());
+                    let seq: usize = std::str::from_utf8(&digits[..end])
+                        .unwrap()
+                        .parse()
+                        .unwrap();
                     let now = origin.elapsed().as_nanos() as u64;
                     let at = committed[seq].load(Ordering::Acquire);
                     latencies.push((now.saturating_sub(at) / 1000) as u32);

@@ -162,7 +162,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The token of a request: the `Authorization: Bearer` header wins over `?access_token=`.
-pub fn token_from<'a>(authorization: Option<&'a str>, query_token: Option<&'a str>) -> Option<&'a str> {
+pub fn token_from<'a>(
+    authorization: Option<&'a str>,
+    query_token: Option<&'a str>,
+) -> Option<&'a str> {
     authorization
         .and_then(|h| {
             let (scheme, rest) = h.trim().split_once(' ')?;
@@ -201,14 +204,20 @@ mod tests {
     #[test]
     fn tokens_grant_their_topics_only() {
         let t = tokens();
-        assert_eq!(t.authorize(Some(A), &["courses".into()]).unwrap().label, "line-3");
+        assert_eq!(
+            t.authorize(Some(A), &["courses".into()]).unwrap().label,
+            "line-3"
+        );
         assert_eq!(
             t.authorize(Some(A), &["secret".into()]),
             Err(Denied::Forbidden {
                 topic: "secret".into()
             })
         );
-        assert!(matches!(t.authorize(Some(A), &[]), Err(Denied::Forbidden { .. })));
+        assert!(matches!(
+            t.authorize(Some(A), &[]),
+            Err(Denied::Forbidden { .. })
+        ));
         assert!(t.authorize(Some(B), &["anything".into()]).is_ok());
         assert!(t.authorize(Some(B), &[]).is_ok());
         assert_eq!(t.authorize(None, &[]), Err(Denied::Unauthenticated));

@@ -109,8 +109,7 @@ impl CatchUp {
     pub async fn ahead_of_cluster(&self, position: Position) -> Result<Option<String>> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
-        let checked =
-            consumer::delivery::check_not_ahead(&conn.client, "gateway", position).await;
+        let checked = consumer::delivery::check_not_ahead(&conn.client, "gateway", position).await;
         self.give_back(conn);
         match checked {
             Ok(()) => Ok(None),

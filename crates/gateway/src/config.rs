@@ -20,7 +20,11 @@ pub struct Config {
     pub postgres: PostgresArgs,
 
     /// Address to serve the streams, the demo page, /healthz and /metrics on, e.g. 0.0.0.0:8084.
-    #[arg(long = "http-addr", env = "HTTP_ADDR", default_value = "127.0.0.1:8084")]
+    #[arg(
+        long = "http-addr",
+        env = "HTTP_ADDR",
+        default_value = "127.0.0.1:8084"
+    )]
     pub http_addr: SocketAddr,
 
     /// File of access tokens, one per line: `TOKEN TOPIC[,TOPIC...]` (`*` = every topic); blank
@@ -37,11 +41,19 @@ pub struct Config {
 
     /// Origins whose pages may read the streams (CORS), comma-separated, e.g.
     /// https://app.example.com,http://localhost:3000; `*` allows any. Default: same origin only.
-    #[arg(long = "allowed-origins", env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-origins",
+        env = "GATEWAY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
 
     /// Most streams open at once; past it new streams get 503 with Retry-After.
-    #[arg(long = "max-clients", env = "GATEWAY_MAX_CLIENTS", default_value_t = 10_000)]
+    #[arg(
+        long = "max-clients",
+        env = "GATEWAY_MAX_CLIENTS",
+        default_value_t = 10_000
+    )]
     pub max_clients: usize,
 
     /// Most streams open at once per token; past it that token's new streams get 503 with
@@ -149,6 +161,15 @@ impl Config {
             .expect("the defaults parse")
     }
 
+    /// The CORS allow-list, without empty entries (an empty `GATEWAY_ALLOWED_ORIGINS` is none).
+    pub fn origins(&self) -> Vec<String> {
+        self.allowed_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect()
+    }
+
     /// Checks what clap cannot. Errors are configuration errors.
     pub fn validate(&self) -> Result<()> {
         if self.tokens_file.is_none() && !self.open {
@@ -178,9 +199,8 @@ impl Config {
                 "--max-clients and --max-clients-per-token must be at least 1".into(),
             ));
         }
-        for origin in &self.allowed_origins {
-            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://"))
-            {
+        for origin in self.origins() {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(Error::Config(format!(
                     "--allowed-origins / GATEWAY_ALLOWED_ORIGINS: {origin:?} is not an origin \
                      (expected scheme://host[:port] such as https://app.example.com, or *)"
@@ -233,6 +253,9 @@ mod tests {
             .to_string();
         assert!(err.contains("--heartbeat-interval"), "{err}");
         assert!(parse(&["--open", "--client-buffer", "1"]).is_err());
+        let c = parse(&["--open", "--allowed-origins", ",https://a.example/,"]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.origins(), vec!["https://a.example"]);
         assert!(parse(&["--open", "--heartbeat-interval", "soon"]).is_err());
     }
 }

@@ -49,7 +49,10 @@ pub fn router(app: Arc<App>, health: Arc<Health>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(DEMO_PAGE) }))
         // OPTIONS is the CORS preflight, answered by the `cors` layer.
-        .route("/v1/topics/{topic}/events", get(topic_sse).options(preflight))
+        .route(
+            "/v1/topics/{topic}/events",
+            get(topic_sse).options(preflight),
+        )
         .route("/v1/topics/{topic}/ws", get(topic_ws).options(preflight))
         .route("/v1/events", get(multi_sse).options(preflight))
         .route_layer(middleware::from_fn_with_state(app.clone(), cors))
@@ -119,7 +122,8 @@ fn sse(app: Arc<App>, params: Params, headers: HeaderMap) -> Response {
     let typed = sub.typed;
     let rx = app.open(sub, slot);
     let metrics = app.shared.metrics.clone();
-    let preamble = stream::once(async { Ok::<Bytes, std::convert::Infallible>(wire::sse_preamble()) });
+    let preamble =
+        stream::once(async { Ok::<Bytes, std::convert::Infallible>(wire::sse_preamble()) });
     // Whatever is queued when the connection is ready goes out as one chunk (one write instead of
     // one per event): a client catching up, or a burst, costs a few syscalls per batch.
     let frames = stream::unfold((rx, metrics), move |(mut rx, metrics)| async move {
@@ -225,11 +229,7 @@ impl App {
 }
 
 /// Every check before a stream opens; the refusal is a complete response.
-fn admit(
-    app: &App,
-    params: Params,
-    headers: &HeaderMap,
-) -> Result<(Subscription, Slot), Response> {
+fn admit(app: &App, params: Params, headers: &HeaderMap) -> Result<(Subscription, Slot), Response> {
     for topic in &params.topics {
         if let Err(e) = Topic::new(topic.as_str()) {
             return Err(plain(StatusCode::BAD_REQUEST, format!("{e}")));

@@ -160,7 +160,7 @@ impl Bound {
                 config.max_clients_per_token,
                 metrics.clone(),
             ),
-            allowed_origins: config.allowed_origins.clone(),
+            allowed_origins: config.origins(),
             client_buffer: config.client_buffer as usize,
             tasks: tasks.clone(),
         });

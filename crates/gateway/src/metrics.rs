@@ -3,7 +3,9 @@
 use std::time::SystemTime;
 
 use event_store::Position;
-use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
+};
 
 /// Handles to every series (created once; recording is then a cheap atomic update).
 #[derive(Clone)]
@@ -101,7 +103,11 @@ impl Default for Metrics {
 }
 
 fn describe() {
-    describe_gauge!("gateway_clients", Unit::Count, "Streams open now (SSE and WebSocket).");
+    describe_gauge!(
+        "gateway_clients",
+        Unit::Count,
+        "Streams open now (SSE and WebSocket)."
+    );
     describe_counter!(
         "gateway_events_sent_total",
         Unit::Count,
@@ -132,7 +138,10 @@ fn describe() {
         Unit::Count,
         "Gap messages sent: a client's events were purged before it got them."
     );
-    describe_gauge!("gateway_head_tx_id", "The live reader's position: transaction id.");
+    describe_gauge!(
+        "gateway_head_tx_id",
+        "The live reader's position: transaction id."
+    );
     describe_gauge!("gateway_head_id", "The live reader's position: event id.");
     describe_histogram!(
         "gateway_commit_to_send_seconds",

@@ -124,7 +124,12 @@ struct State {
 }
 
 impl State {
-    async fn stream(&mut self, shared: &Shared, sub: &Subscription, tx: &mpsc::Sender<Frame>) -> End {
+    async fn stream(
+        &mut self,
+        shared: &Shared,
+        sub: &Subscription,
+        tx: &mpsc::Sender<Frame>,
+    ) -> End {
         let live = &shared.live;
         let mut start_live = false;
         match &sub.start {
@@ -139,25 +144,23 @@ impl State {
                 start_live = true;
             }
             Start::Earliest => self.after = Position::START,
-            Start::After(position) => {
-                match shared.catch_up.ahead_of_cluster(*position).await {
-                    Ok(None) => self.after = *position,
-                    Ok(Some(reason)) => {
-                        let (_, head) = live.subscribe();
-                        self.after = head;
-                        let reset = Control::reset(format!("{reason}; streaming from now on"), head);
-                        if tx.send(Frame::Control(reset)).await.is_err() {
-                            return End::Gone;
-                        }
-                        start_live = true;
+            Start::After(position) => match shared.catch_up.ahead_of_cluster(*position).await {
+                Ok(None) => self.after = *position,
+                Ok(Some(reason)) => {
+                    let (_, head) = live.subscribe();
+                    self.after = head;
+                    let reset = Control::reset(format!("{reason}; streaming from now on"), head);
+                    if tx.send(Frame::Control(reset)).await.is_err() {
+                        return End::Gone;
                     }
-                    Err(e) => {
-                        warn!(error = %e, "Cannot check a resume position; closing the stream.");
-                        self.after = *position;
-                        return End::Goodbye("database_unavailable");
-                    }
+                    start_live = true;
                 }
-            }
+                Err(e) => {
+                    warn!(error = %e, "Cannot check a resume position; closing the stream.");
+                    self.after = *position;
+                    return End::Goodbye("database_unavailable");
+                }
+            },
         }
         if sub.start == Start::Earliest {
             // What was purged before this client started is not a gap for it.
@@ -188,10 +191,8 @@ impl State {
                     Err(end) => return end,
                 }
             }
-            let mut heartbeat = tokio::time::interval_at(
-                Instant::now() + shared.heartbeat,
-                shared.heartbeat,
-            );
+            let mut heartbeat =
+                tokio::time::interval_at(Instant::now() + shared.heartbeat, shared.heartbeat);
             let mut received_any = false;
             loop {
                 tokio::select! {
@@ -225,7 +226,11 @@ impl State {
         sub: &Subscription,
         tx: &mpsc::Sender<Frame>,
     ) -> Result<usize, End> {
-        let step: Step = match shared.catch_up.fetch(self.after, sub.topics.as_deref()).await {
+        let step: Step = match shared
+            .catch_up
+            .fetch(self.after, sub.topics.as_deref())
+            .await
+        {
             Ok(step) => step,
             Err(e) => {
                 warn!(error = %e, after = %self.after,

@@ -212,7 +212,9 @@ mod tests {
     #[test]
     fn goodbye_sets_the_resume_id() {
         let g = Control::goodbye("shutdown", Position::new(5, 6));
-        assert!(std::str::from_utf8(&g.sse()).unwrap().starts_with("id: 5/6\nevent: goodbye\n"));
+        assert!(std::str::from_utf8(&g.sse())
+            .unwrap()
+            .starts_with("id: 5/6\nevent: goodbye\n"));
         let ws: serde_json::Value = serde_json::from_str(&g.ws_json()).unwrap();
         assert_eq!(ws["control"], "goodbye");
         assert_eq!(ws["resume"], "5/6");

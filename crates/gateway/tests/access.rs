@@ -28,21 +28,35 @@ async fn tokens_grant_topics_401_without_one_403_outside_it() {
     let addr = gw.addr;
     let bearer = format!("Bearer {READER}");
 
-    let (status, headers, body) = get_full(addr, "/v1/topics/courses/events", &[]).await.unwrap();
+    let (status, headers, body) = get_full(addr, "/v1/topics/courses/events", &[])
+        .await
+        .unwrap();
     assert_eq!(status, 401, "{body}");
     assert_eq!(headers["www-authenticate"], "Bearer realm=\"pgevents\"");
     assert!(body.contains("access token"), "{body}");
-    let (status, _) = get(addr, "/v1/topics/courses/events?access_token=wrong-token-000000000", &[])
-        .await
-        .unwrap();
+    let (status, _) = get(
+        addr,
+        "/v1/topics/courses/events?access_token=wrong-token-000000000",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 401);
-    let (status, _) = get(addr, "/v1/topics/courses/events", &[("authorization", "Bearer nope")])
-        .await
-        .unwrap();
+    let (status, _) = get(
+        addr,
+        "/v1/topics/courses/events",
+        &[("authorization", "Bearer nope")],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 401);
-    let (status, body) = get(addr, "/v1/topics/secrets/events", &[("authorization", &bearer)])
-        .await
-        .unwrap();
+    let (status, body) = get(
+        addr,
+        "/v1/topics/secrets/events",
+        &[("authorization", &bearer)],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 403);
     assert!(body.contains("\"secrets\""), "{body}");
     let (status, _) = get(
@@ -54,7 +68,9 @@ async fn tokens_grant_topics_401_without_one_403_outside_it() {
     .unwrap();
     assert_eq!(status, 403);
     // All topics need `*`.
-    let (status, _) = get(addr, &format!("/v1/events?access_token={READER}"), &[]).await.unwrap();
+    let (status, _) = get(addr, &format!("/v1/events?access_token={READER}"), &[])
+        .await
+        .unwrap();
     assert_eq!(status, 403);
     let (status, _) = get(addr, "/v1/topics/secrets/ws", &[("authorization", &bearer)])
         .await
@@ -66,8 +82,12 @@ async fn tokens_grant_topics_401_without_one_403_outside_it() {
     // Granted: by header and by query (browsers), and `*` reads anything.
     produce(&env.admin, "courses", 2, 1).await;
     produce(&env.admin, "secrets", 1, 1).await;
-    let mut by_header =
-        Sse::open(addr, "/v1/topics/courses/events?from=earliest", &[("authorization", &bearer)]).await;
+    let mut by_header = Sse::open(
+        addr,
+        "/v1/topics/courses/events?from=earliest",
+        &[("authorization", &bearer)],
+    )
+    .await;
     assert_eq!(by_header.status, 200);
     assert_eq!(by_header.events(2).await.len(), 2);
     let mut by_query = Sse::open(
@@ -77,7 +97,10 @@ async fn tokens_grant_topics_401_without_one_403_outside_it() {
     )
     .await;
     assert_eq!(by_query.status, 200);
-    assert_eq!(by_query.headers["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        by_query.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
     assert_eq!(by_query.events(2).await.len(), 2);
     let mut admin = Sse::open(
         addr,
@@ -101,7 +124,10 @@ async fn tokens_grant_topics_401_without_one_403_outside_it() {
     .await
     .unwrap();
     assert_eq!(status, 401, "CORS does not replace the token");
-    assert_eq!(headers["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
     gw.stop().await;
 }
 
@@ -139,17 +165,24 @@ async fn caps_answer_503_with_retry_after_and_bad_input_is_explained() {
         if again.status == 200 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the place was never freed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Bad input: named, not guessed at.
     let auth = [("authorization", "Bearer admin-token-0123456789ab")];
     drop(_third);
-    let (status, body) = get(addr, "/v1/topics/courses/events?from=yesterday", &auth).await.unwrap();
+    let (status, body) = get(addr, "/v1/topics/courses/events?from=yesterday", &auth)
+        .await
+        .unwrap();
     assert_eq!(status, 400);
     assert!(body.contains("TX_ID/ID"), "{body}");
-    let (status, body) = get(addr, "/v1/topics/bad%20topic/events", &auth).await.unwrap();
+    let (status, body) = get(addr, "/v1/topics/bad%20topic/events", &auth)
+        .await
+        .unwrap();
     assert_eq!(status, 400);
     assert!(body.contains("bad topic"), "{body}");
     gw.stop().await;
@@ -166,9 +199,16 @@ async fn a_malformed_or_foreign_last_event_id_streams_from_now_and_says_so_first
     assert_eq!(sse.status, 200);
     let reset = sse.expect().await;
     assert_eq!(reset.event, "reset");
-    assert!(reset.json()["reason"].as_str().unwrap().contains("Last-Event-ID"));
+    assert!(reset.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("Last-Event-ID"));
     let stored = env.positions("");
-    assert_eq!(reset.id.as_deref(), Some(stored[2].as_str()), "streams from now");
+    assert_eq!(
+        reset.id.as_deref(),
+        Some(stored[2].as_str()),
+        "streams from now"
+    );
     produce(&env.admin, "courses", 1, 1).await;
     let live = sse.events(1).await;
     assert_eq!(event_ids(&live), env.positions("")[3..].to_vec());
@@ -177,6 +217,9 @@ async fn a_malformed_or_foreign_last_event_id_streams_from_now_and_says_so_first
     let mut sse = Sse::open(gw.addr, path, &[("last-event-id", "999999999999/1")]).await;
     let reset = sse.expect().await;
     assert_eq!(reset.event, "reset", "{reset:?}");
-    assert!(reset.json()["reason"].as_str().unwrap().contains("ahead"), "{reset:?}");
+    assert!(
+        reset.json()["reason"].as_str().unwrap().contains("ahead"),
+        "{reset:?}"
+    );
     gw.stop().await;
 }

@@ -48,7 +48,10 @@ impl Browser {
             .spawn()
             .expect("start chromedriver");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let profile = tempfile::Builder::new().prefix("gateway-browser-").tempdir().unwrap();
+        let profile = tempfile::Builder::new()
+            .prefix("gateway-browser-")
+            .tempdir()
+            .unwrap();
         let mut browser = Browser {
             driver,
             addr,
@@ -57,7 +60,10 @@ impl Browser {
         };
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "chromedriver did not start");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromedriver did not start"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let args = [
@@ -119,7 +125,8 @@ impl Browser {
 
     async fn eval(&self, script: &str) -> Value {
         let path = format!("/session/{}/execute/sync", self.session);
-        self.call("POST", &path, json!({"script": script, "args": []})).await
+        self.call("POST", &path, json!({"script": script, "args": []}))
+            .await
     }
 
     /// The positions the page has received so far.
@@ -210,7 +217,10 @@ async fn the_demo_page_resumes_after_a_gateway_restart_without_gaps_or_duplicate
     let expected = env.positions("");
     assert_eq!(expected.len(), 305);
     let received = browser.wait_for(expected.len()).await;
-    assert_eq!(received, expected, "no gap, no duplicate, in position order");
+    assert_eq!(
+        received, expected,
+        "no gap, no duplicate, in position order"
+    );
     let notices = browser.eval("return window.notices;").await;
     assert!(
         notices.to_string().contains("goodbye (shutdown)"),

@@ -46,7 +46,10 @@ fn help_documents_every_option_with_its_environment_variable() {
         ("--log-level", "LOG_LEVEL"),
     ] {
         assert!(help.contains(option), "{option} missing from --help");
-        assert!(help.contains(&format!("env: {env}")), "{env} missing from --help");
+        assert!(
+            help.contains(&format!("env: {env}")),
+            "{env} missing from --help"
+        );
     }
 }
 
@@ -77,7 +80,10 @@ async fn start_up_errors_name_the_cause_and_the_fix() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("lacks SELECT") && err.contains("events_consumer"), "{err}");
+    assert!(
+        err.contains("lacks SELECT") && err.contains("events_consumer"),
+        "{err}"
+    );
     // The password never shows, even when the URL has one.
     let out = Command::new(BIN)
         .env("DATABASE_URL", "postgres://u:hunter2@127.0.0.1:1/db")
@@ -142,10 +148,16 @@ async fn sigterm_closes_streams_with_their_resume_position_and_logs_no_token() {
     assert_eq!(goodbye.event, "goodbye");
     assert_eq!(goodbye.json()["reason"], "shutdown");
     assert_eq!(goodbye.id, events[2].id);
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
 
     let logged = std::fs::read_to_string(log.path()).unwrap();
     assert!(logged.contains("access_token=REDACTED"), "{logged}");
-    assert!(!logged.contains(TOKEN), "the token leaked into the log:\n{logged}");
+    assert!(
+        !logged.contains(TOKEN),
+        "the token leaked into the log:\n{logged}"
+    );
 }

@@ -42,7 +42,8 @@ async fn resume_after_a_restart_by_last_event_id_and_by_from_gets_every_event_on
         let at = goodbye.id.clone().expect("the goodbye sets the resume id");
         assert_eq!(goodbye.json()["resume"], at.as_str());
         assert!(
-            got.last().is_none_or(|last| position(last) <= position(&at)),
+            got.last()
+                .is_none_or(|last| position(last) <= position(&at)),
             "resume {at} is before the last event sent"
         );
         resume.push(at);
@@ -67,7 +68,10 @@ async fn resume_after_a_restart_by_last_event_id_and_by_from_gets_every_event_on
     for (sse, got) in [(&mut a, &mut got_a), (&mut b, &mut got_b)] {
         let missing = expected.len() - got.len().min(expected.len());
         got.extend(event_ids(&sse.events(missing).await));
-        assert_eq!(*got, expected, "every event exactly once, in position order");
+        assert_eq!(
+            *got, expected,
+            "every event exactly once, in position order"
+        );
     }
     gw.stop().await;
 }
@@ -228,7 +232,8 @@ async fn websocket_and_sse_deliver_the_same_events() {
     .expect("WebSocket handshake");
     produce(&env.admin, "courses", 5, 2).await;
 
-    let sse_objects: Vec<serde_json::Value> = sse.events(10).await.iter().map(|m| m.json()).collect();
+    let sse_objects: Vec<serde_json::Value> =
+        sse.events(10).await.iter().map(|m| m.json()).collect();
     let mut ws_objects = Vec::new();
     while ws_objects.len() < 10 {
         let message = tokio::time::timeout(PATIENCE, ws.next())
@@ -237,7 +242,9 @@ async fn websocket_and_sse_deliver_the_same_events() {
             .expect("open")
             .expect("no error");
         if message.is_text() {
-            ws_objects.push(serde_json::from_str::<serde_json::Value>(message.to_text().unwrap()).unwrap());
+            ws_objects.push(
+                serde_json::from_str::<serde_json::Value>(message.to_text().unwrap()).unwrap(),
+            );
         }
     }
     assert_eq!(ws_objects, sse_objects);
@@ -247,7 +254,17 @@ async fn websocket_and_sse_deliver_the_same_events() {
         .collect();
     assert_eq!(positions, env.positions(""));
     let first = &sse_objects[0];
-    for field in ["position", "id", "event_id", "topic", "key", "type", "created_at", "payload", "headers"] {
+    for field in [
+        "position",
+        "id",
+        "event_id",
+        "topic",
+        "key",
+        "type",
+        "created_at",
+        "payload",
+        "headers",
+    ] {
         assert!(first.get(field).is_some(), "{field} missing from {first}");
     }
     assert_eq!(first["type"], "created");
@@ -258,7 +275,9 @@ async fn websocket_and_sse_deliver_the_same_events() {
     let mut last = None;
     while let Ok(Some(Ok(message))) = tokio::time::timeout(PATIENCE, ws.next()).await {
         if message.is_text() {
-            last = Some(serde_json::from_str::<serde_json::Value>(message.to_text().unwrap()).unwrap());
+            last = Some(
+                serde_json::from_str::<serde_json::Value>(message.to_text().unwrap()).unwrap(),
+            );
         }
         if message.is_close() {
             break;
@@ -267,7 +286,11 @@ async fn websocket_and_sse_deliver_the_same_events() {
     let goodbye = last.expect("a goodbye");
     assert_eq!(goodbye["control"], "goodbye");
     assert_eq!(goodbye["resume"], positions[9].as_str());
-    tokio::time::timeout(PATIENCE, gw.handle).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, gw.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,8 +318,14 @@ async fn live_clients_share_one_fetch_per_wake_up() {
     assert!(wakeups >= 1.0 && wakeups <= 5.0, "wake-ups: {wakeups}");
     // One fetch per wake-up (a second only when a batch was full or an open transaction held
     // rows back), for 30 clients: nowhere near one per client.
-    assert!(fetches <= 2.0 * wakeups, "{fetches} fetches for {wakeups} wake-ups");
-    assert_eq!(metric(gw.addr, r#"gateway_fetches_total{reader="catch_up"}"#).await, 0.0);
+    assert!(
+        fetches <= 2.0 * wakeups,
+        "{fetches} fetches for {wakeups} wake-ups"
+    );
+    assert_eq!(
+        metric(gw.addr, r#"gateway_fetches_total{reader="catch_up"}"#).await,
+        0.0
+    );
     assert_eq!(metric(gw.addr, "gateway_clients").await, 30.0);
     gw.stop().await;
 }
@@ -324,7 +353,10 @@ async fn a_slow_client_is_dropped_with_its_resume_position_while_a_fast_one_keep
         )
         .await
         .unwrap();
-    env.admin.execute("SELECT pg_notify('events', '')", &[]).await.unwrap();
+    env.admin
+        .execute("SELECT pg_notify('events', '')", &[])
+        .await
+        .unwrap();
     let expected = env.positions("");
 
     let fast_reader = tokio::spawn(async move {
@@ -332,7 +364,10 @@ async fn a_slow_client_is_dropped_with_its_resume_position_while_a_fast_one_keep
         (messages, fast)
     });
     let (fast_messages, _fast) = fast_reader.await.unwrap();
-    assert!(fast_messages.iter().all(|m| m.is_event()), "the fast client was not dropped");
+    assert!(
+        fast_messages.iter().all(|m| m.is_event()),
+        "the fast client was not dropped"
+    );
     assert_eq!(event_ids(&fast_messages), expected);
 
     // By now the slow client's queue has been full for longer than the timeout.
@@ -342,11 +377,18 @@ async fn a_slow_client_is_dropped_with_its_resume_position_while_a_fast_one_keep
     assert_eq!(goodbye.event, "goodbye");
     assert_eq!(goodbye.json()["reason"], "slow_client");
     let received = event_ids(&rest);
-    assert!(received.len() < n, "the slow client was dropped before the end");
+    assert!(
+        received.len() < n,
+        "the slow client was dropped before the end"
+    );
     let resume = goodbye.id.clone().unwrap();
     assert_eq!(Some(&resume), received.last().or(Some(&resume)));
     assert_eq!(
-        metric(gw.addr, r#"gateway_clients_closed_total{reason="slow_client"}"#).await,
+        metric(
+            gw.addr,
+            r#"gateway_clients_closed_total{reason="slow_client"}"#
+        )
+        .await,
         1.0
     );
 

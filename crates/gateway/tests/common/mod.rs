@@ -152,7 +152,8 @@ async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> hyper::Result<hyper::Response<Incoming>> {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let mut request = Request::get(path).header("host", addr.to_string());
     for (name, value) in headers {
@@ -235,7 +236,12 @@ impl Sse {
         Sse::open_on(stream, addr, path, &[]).await
     }
 
-    async fn open_on(stream: TcpStream, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+    async fn open_on(
+        stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Sse {
         let response = tokio::time::timeout(PATIENCE, request(stream, addr, path, headers))
             .await
             .expect("response headers in time")
@@ -280,7 +286,8 @@ impl Sse {
             }
             let frame = self.body.frame().await?.ok()?;
             if let Ok(data) = frame.into_data() {
-                self.buffer.push_str(std::str::from_utf8(&data).expect("UTF-8"));
+                self.buffer
+                    .push_str(std::str::from_utf8(&data).expect("UTF-8"));
             }
         }
     }
