@@ -97,8 +97,7 @@ async fn main() {
     // --- 2. fan-out -----------------------------------------------------------------------------
     println!("\nfan-out: {clients} SSE clients on one topic, one event per transaction, {seconds} s per rate:");
     for rate in rates {
-        let mut gateway =
-            Gateway::start(&url, &[("GATEWAY_MAX_CLIENTS_PER_TOKEN", "100000")]).await;
+        let mut gateway = Gateway::start(&url, &[]).await;
         let idle = gateway.usage();
         let fan = fan_out(&gateway, &pg.url(), clients, rate, seconds).await;
         let cpu_per_s = (fan.cpu_end - fan.cpu_start) / fan.elapsed.as_secs_f64();

@@ -291,7 +291,11 @@ fn admit(app: &App, params: Params, headers: &HeaderMap) -> Result<(Subscription
     if app.shared.shutdown.is_cancelled() {
         return Err(unavailable("the gateway is shutting down".into()));
     }
-    let slot = match app.limits.admit(&principal.label) {
+    let per_token = match app.tokens {
+        Tokens::Open => None,
+        Tokens::File(_) => Some(principal.label.as_str()),
+    };
+    let slot = match app.limits.admit(per_token) {
         Ok(slot) => slot,
         Err(full) => {
             app.shared.metrics.refused(true);
