@@ -136,9 +136,56 @@ pub struct Event {
     pub topic: String,
     pub key: Option<String>,
     pub event_type: Option<String>,
-    pub payload: Value,
-    pub headers: Value,
+    /// The payload as PostgreSQL prints it (`jsonb::text`): exact, whatever it holds.
+    pub payload: RawJson,
+    /// The headers object, likewise.
+    pub headers: RawJson,
     pub created_at: SystemTime,
+}
+
+/// JSON text exactly as PostgreSQL stored it. Kept as text rather than parsed into a
+/// `serde_json::Value`: jsonb numbers are arbitrary-precision (`1e400`, 40-digit integers) and
+/// nesting is limited only by the server's stack, so a general-purpose parse can fail or round
+/// where the stored value is perfectly valid. Readers that want a value parse it and handle the
+/// error ([`RawJson::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RawJson(String);
+
+impl RawJson {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As a `serde_json::Value`; fails on what serde_json cannot hold (numbers beyond `f64`,
+    /// nesting deeper than 128).
+    pub fn parse(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(&self.0)
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl From<String> for RawJson {
+    fn from(text: String) -> RawJson {
+        RawJson(text)
+    }
+}
+
+impl std::fmt::Display for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl Event {

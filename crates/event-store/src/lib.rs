@@ -25,7 +25,7 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use error::{Error, Result};
-pub use event::{Event, NewEvent, Topic};
+pub use event::{Event, NewEvent, RawJson, Topic};
 pub use position::Position;
 
 /// The fixed name of the outbox table (users type `select count(*) from events`).

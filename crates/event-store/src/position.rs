@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, Row, Statement};
 
 use crate::error::{Error, Result};
-use crate::event::Event;
+use futures_util::StreamExt;
+
+use crate::event::{Event, RawJson};
 
 /// Where a reader stands: it has seen every event at or before `(tx_id, id)`.
 #[derive(
@@ -61,11 +63,10 @@ pub struct BadPosition {
     pub text: String,
 }
 
-/// Parses the `tx_id/id` text that [`Position`]'s `Display` prints (the form services log and
-/// clients send back to resume).
-impl std::str::FromStr for Position {
-    type Err = BadPosition;
-    fn from_str(text: &str) -> std::result::Result<Position, BadPosition> {
+impl Position {
+    /// Parses the `tx_id/id` text that [`Position`]'s `Display` prints (the form services log
+    /// and clients send back to resume). Strict: two plain non-negative integers.
+    pub fn parse(text: &str) -> std::result::Result<Position, BadPosition> {
         let bad = || BadPosition {
             text: text.chars().take(64).collect(),
         };
@@ -98,10 +99,56 @@ pub const REBASE_HINT: &str = "a stored position is ahead of this cluster's tran
 #[derive(Debug, Default)]
 pub struct Batch {
     pub events: Vec<Event>,
+    /// Rows whose columns could not be decoded (see [`Undecodable`]); the sink records them as dead
+    /// letters instead of stopping the stream.
+    pub undecodable: Vec<Undecodable>,
     /// Last row scanned (wanted or not); `None` when nothing was past the position.
     pub end: Option<Position>,
-    /// Rows scanned, wanted or not; `scanned == limit` means more may be ready right away.
+    /// Rows scanned, wanted or not.
     pub scanned: usize,
+    /// More rows were ready past `end` when this batch was cut (by rows or by bytes): fetch again
+    /// at once rather than wait for a wake-up.
+    pub more: bool,
+    /// Bytes of payload and headers text in the batch.
+    pub bytes: usize,
+}
+
+/// How much one fetch may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Rows scanned (wanted or not).
+    pub rows: usize,
+    /// Bytes of payload and headers text. A single larger event is still returned alone, so the
+    /// stream never stalls on it.
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// The consumer's defaults: 1000 rows, 4 MiB.
+    pub const DEFAULT: Limits = Limits {
+        rows: 1000,
+        bytes: 4 << 20,
+    };
+
+    pub fn rows(rows: usize) -> Limits {
+        Limits {
+            rows,
+            ..Limits::DEFAULT
+        }
+    }
+}
+
+/// A row that PostgreSQL stored but this reader cannot turn into an [`Event`] (a column of an
+/// unexpected type or value). Whatever could be read is kept for the dead-letter record.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    pub position: Position,
+    pub event_id: Option<uuid::Uuid>,
+    pub topic: Option<String>,
+    pub key: Option<String>,
+    pub event_type: Option<String>,
+    pub payload: Option<String>,
+    pub reason: String,
 }
 
 /// The statements a reader uses, prepared once per connection.
@@ -111,24 +158,48 @@ pub struct Reader {
     watermark: Statement,
 }
 
-/// Rows past `$1/$2`, below the horizon, in position order. Rows of topics outside `$4` (NULL = all
-/// topics) come back without payload and headers: the reader only needs their position to pass them.
+/// Rows past `$1/$2`, below the horizon, in position order, at most `$3` rows and about `$5` bytes.
+/// Rows of topics outside `$4` (NULL = all topics) come back without payload and headers: the
+/// reader only needs their position to pass them.
 ///
-/// The outer ORDER BY names `page.tx_id`, qualified: a bare `tx_id` there resolves to the *output*
-/// column `tx_id::text` (output names win in ORDER BY) and sorts `'999' > '1000'`, which once put
-/// the wrong row last and moved readers backwards at every digit-count boundary of the xid.
+/// Payload and headers travel as text: a jsonb value may hold numbers no double holds (`1e400`)
+/// and nesting deeper than JSON parsers allow, and the reader must never fail on data. The sink
+/// decides what it can store.
+///
+/// The byte bound is applied in two places. Here, on the *stored* sizes (`pg_column_size`, which
+/// reads no TOAST data): rows are kept while the running total before them is under `$5`, so the
+/// first row always comes back, and the text of rows past the cut is never built. Stored sizes can
+/// be compressed, so [`Reader::fetch`] also cuts on the text it actually receives.
+///
+/// `more`: the page had a row after the last one returned (lead over the page, so the window
+/// never needs the whole page in memory).
+///
+/// The ORDER BYs name `page.tx_id`/`sized.tx_id`, qualified: a bare `tx_id` resolves to the
+/// *output* column `tx_id::text` (output names win in ORDER BY) and sorts `'999' > '1000'`, which
+/// once put the wrong row last and moved readers backwards at every digit-count boundary of the
+/// xid.
 const FETCH_SQL: &str = "
-SELECT page.id, page.tx_id::text, page.event_id, page.topic, page.key, page.type, page.created_at,
-       CASE WHEN page.wanted THEN page.payload END,
-       CASE WHEN page.wanted THEN page.headers END,
-       page.wanted
-  FROM (SELECT e.*, ($4::text[] IS NULL OR e.topic = ANY($4::text[])) AS wanted
-          FROM events e
-         WHERE (e.tx_id, e.id) > ($1::text::xid8, $2::bigint)
-           AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY e.tx_id, e.id
-         LIMIT $3) AS page
- ORDER BY page.tx_id, page.id";
+SELECT sized.id, sized.tx_id::text, sized.event_id, sized.topic, sized.key, sized.type,
+       sized.created_at,
+       CASE WHEN sized.wanted THEN sized.payload::text END,
+       CASE WHEN sized.wanted THEN sized.headers::text END,
+       sized.wanted, sized.more
+  FROM (SELECT page.*,
+               sum(page.stored) OVER w - page.stored AS before,
+               lead(page.id) OVER w IS NOT NULL AS more
+          FROM (SELECT e.*, wanted,
+                       CASE WHEN wanted
+                            THEN pg_column_size(e.payload) + pg_column_size(e.headers)
+                            ELSE 0 END AS stored
+                  FROM events e,
+                       LATERAL (SELECT ($4::text[] IS NULL OR e.topic = ANY($4::text[]))) AS f(wanted)
+                 WHERE (e.tx_id, e.id) > ($1::text::xid8, $2::bigint)
+                   AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY e.tx_id, e.id
+                 LIMIT $3) AS page
+        WINDOW w AS (ORDER BY page.tx_id, page.id ROWS UNBOUNDED PRECEDING)) AS sized
+ WHERE sized.before < $5
+ ORDER BY sized.tx_id, sized.id";
 
 /// Committed rows past `$1/$2` that the horizon still holds back: an older transaction is open.
 const BEYOND_HORIZON_SQL: &str = "
@@ -166,7 +237,7 @@ impl Reader {
         row.map(|row| watermark_from_row(&row)).transpose()
     }
 
-    /// Up to `limit` rows past `after`. `topics`: `None` for all.
+    /// Up to `limit` rows past `after`, with the default byte bound. `topics`: `None` for all.
     pub async fn fetch(
         &self,
         client: &Client,
@@ -174,22 +245,67 @@ impl Reader {
         limit: usize,
         topics: Option<&[String]>,
     ) -> Result<Batch> {
-        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&self.fetch, &[&after.tx_text(), &after.id, &limit, &topics])
+        self.fetch_bounded(client, after, Limits::rows(limit), topics)
+            .await
+    }
+
+    /// Rows past `after` within `limits`. `topics`: `None` for all.
+    ///
+    /// Never fails on the *contents* of a row: a row whose columns cannot be decoded comes back in
+    /// [`Batch::undecodable`]. Only a position that cannot be read fails the fetch (the schema
+    /// makes both columns NOT NULL and typed, so that means the schema is not ours).
+    pub async fn fetch_bounded(
+        &self,
+        client: &Client,
+        after: Position,
+        limits: Limits,
+        topics: Option<&[String]>,
+    ) -> Result<Batch> {
+        let rows = i64::try_from(limits.rows.max(1)).unwrap_or(i64::MAX);
+        let bytes = i64::try_from(limits.bytes.max(1)).unwrap_or(i64::MAX);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&after.tx_text(), &after.id, &rows, &topics, &bytes];
+        let stream = client
+            .query_raw(&self.fetch, params)
             .await
             .map_err(|e| Error::database(format!("fetch events after {after}"), e))?;
-        let mut batch = Batch {
-            scanned: rows.len(),
-            ..Batch::default()
-        };
-        for row in &rows {
-            let position = Position::from_text(row.get(1), row.get(0))?;
+        futures_util::pin_mut!(stream);
+        let mut batch = Batch::default();
+        let mut last_more = false;
+        while let Some(row) = stream.next().await {
+            let row = row.map_err(|e| Error::database(format!("fetch events after {after}"), e))?;
+            if batch.scanned > 0 && batch.bytes >= limits.bytes {
+                // Cut on the text actually received (stored sizes may be compressed); the rest of
+                // the rows still arrive and are dropped unread, so memory stays bounded.
+                batch.more = true;
+                continue;
+            }
+            let position = row
+                .try_get::<_, &str>(1)
+                .map_err(|e| Error::Schema(format!("events.tx_id cannot be read: {e}")))
+                .and_then(|tx| {
+                    let id = row
+                        .try_get::<_, i64>(0)
+                        .map_err(|e| Error::Schema(format!("events.id cannot be read: {e}")))?;
+                    Position::from_text(tx, id)
+                })?;
+            batch.scanned += 1;
             batch.end = Some(position);
-            if row.get::<_, bool>(9) {
-                batch.events.push(event_from_row(position, row));
+            last_more = row.try_get::<_, bool>(10).unwrap_or(false);
+            if row.try_get::<_, bool>(9).unwrap_or(true) {
+                match event_from_row(position, &row) {
+                    Ok(event) => {
+                        batch.bytes += event.payload.len() + event.headers.len();
+                        batch.events.push(event);
+                    }
+                    Err(bad) => {
+                        batch.bytes += bad.payload.as_ref().map_or(0, |p| p.len());
+                        batch.undecodable.push(bad);
+                    }
+                }
             }
         }
+        batch.more |= last_more || batch.scanned >= limits.rows;
         Ok(batch)
     }
 
@@ -201,20 +317,72 @@ impl Reader {
             .query_one(&self.beyond_horizon, &[&after.tx_text(), &after.id])
             .await
             .map_err(|e| Error::database("check for events beyond the visibility horizon", e))?;
-        Ok(row.get(0))
+        row.try_get(0)
+            .map_err(|e| Error::database("check for events beyond the visibility horizon", e))
     }
 }
 
-fn event_from_row(position: Position, row: &Row) -> Event {
-    Event {
-        position,
-        event_id: row.get(2),
-        topic: row.get(3),
-        key: row.get(4),
-        event_type: row.get(5),
-        created_at: row.get(6),
-        payload: row.get(7),
-        headers: row.get(8),
+/// An event from a fetched row, or what could be read of it and why the rest could not.
+fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Undecodable> {
+    let event_id = row.try_get(2);
+    let topic = row.try_get(3);
+    let key = row.try_get(4);
+    let event_type = row.try_get(5);
+    let created_at = row.try_get(6);
+    let payload = row.try_get::<_, Option<String>>(7);
+    let headers = row.try_get::<_, Option<String>>(8);
+    match (
+        event_id, topic, key, event_type, created_at, payload, headers,
+    ) {
+        (
+            Ok(event_id),
+            Ok(topic),
+            Ok(key),
+            Ok(event_type),
+            Ok(created_at),
+            Ok(Some(payload)),
+            Ok(headers),
+        ) => Ok(Event {
+            position,
+            event_id,
+            topic,
+            key,
+            event_type,
+            created_at,
+            payload: RawJson::from(payload),
+            headers: RawJson::from(headers.unwrap_or_else(|| "{}".into())),
+        }),
+        (event_id, topic, key, event_type, created_at, payload, headers) => {
+            let reason = [
+                event_id.as_ref().err().map(|e| format!("event_id: {e}")),
+                topic.as_ref().err().map(|e| format!("topic: {e}")),
+                key.as_ref().err().map(|e| format!("key: {e}")),
+                event_type.as_ref().err().map(|e| format!("type: {e}")),
+                created_at
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("created_at: {e}")),
+                match &payload {
+                    Err(e) => Some(format!("payload: {e}")),
+                    Ok(None) => Some("payload: NULL".into()),
+                    Ok(Some(_)) => None,
+                },
+                headers.as_ref().err().map(|e| format!("headers: {e}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ");
+            Err(Undecodable {
+                position,
+                event_id: event_id.ok(),
+                topic: topic.ok(),
+                key: key.ok().flatten(),
+                event_type: event_type.ok().flatten(),
+                payload: payload.ok().flatten(),
+                reason: format!("undecodable column: {reason}"),
+            })
+        }
     }
 }
 
@@ -641,8 +809,8 @@ mod tests {
     #[test]
     fn positions_round_trip_through_their_text() {
         let p = Position::new(1_000_000, 42);
-        assert_eq!(p.to_string().parse::<Position>().unwrap(), p);
-        assert_eq!(" 7/8 ".parse::<Position>().unwrap(), Position::new(7, 8));
+        assert_eq!(Position::parse(&p.to_string()).unwrap(), p);
+        assert_eq!(Position::parse(" 7/8 ").unwrap(), Position::new(7, 8));
         for bad in [
             "",
             "7",
@@ -655,7 +823,7 @@ mod tests {
             "1.5/2",
             "99999999999999999999/1",
         ] {
-            let err = bad.parse::<Position>().unwrap_err();
+            let err = Position::parse(bad).unwrap_err();
             assert!(err.to_string().contains("TX_ID/ID"), "{bad:?}: {err}");
         }
     }

@@ -23,6 +23,8 @@ pub struct Step {
     /// Last row scanned (wanted or not).
     pub end: Option<Position>,
     pub scanned: usize,
+    /// More rows were ready when the batch was cut (by rows or bytes): fetch again at once.
+    pub more: bool,
     /// Read after the fetch, in the same pipeline: a purge that took rows this fetch would have
     /// returned shows here.
     pub watermark: Option<Watermark>,
@@ -55,10 +57,6 @@ impl CatchUp {
             batch_size,
             metrics,
         }
-    }
-
-    pub fn batch_size(&self) -> usize {
-        self.batch_size
     }
 
     async fn take(&self) -> Result<Conn> {
@@ -100,6 +98,7 @@ impl CatchUp {
             events: batch.events.into_iter().map(Encoded::new).collect(),
             end: batch.end,
             scanned: batch.scanned,
+            more: batch.more,
             watermark,
         })
     }
@@ -109,7 +108,7 @@ impl CatchUp {
     pub async fn ahead_of_cluster(&self, position: Position) -> Result<Option<String>> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
-        let checked = consumer::delivery::check_not_ahead(&conn.client, "gateway", position).await;
+        let checked = consumer::fetcher::check_not_ahead(&conn.client, "gateway", position).await;
         self.give_back(conn);
         match checked {
             Ok(()) => Ok(None),

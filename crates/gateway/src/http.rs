@@ -269,7 +269,7 @@ fn admit(app: &App, params: Params, headers: &HeaderMap) -> Result<(Subscription
         }
     };
     let start = match headers.get("last-event-id") {
-        Some(value) => match value.to_str().ok().map(str::parse::<Position>) {
+        Some(value) => match value.to_str().ok().map(Position::parse) {
             Some(Ok(position)) => Start::After(position),
             Some(Err(e)) => Start::Malformed(format!("Last-Event-ID {e}")),
             None => Start::Malformed("Last-Event-ID is not text".into()),
@@ -277,7 +277,7 @@ fn admit(app: &App, params: Params, headers: &HeaderMap) -> Result<(Subscription
         None => match params.from.as_deref() {
             None | Some("latest") => Start::Latest,
             Some("earliest") => Start::Earliest,
-            Some(text) => match text.parse::<Position>() {
+            Some(text) => match Position::parse(text) {
                 Ok(position) => Start::After(position),
                 Err(e) => {
                     return Err(plain(

@@ -222,7 +222,13 @@ impl Hub {
                       "Events were purged before the gateway could read them; live clients are told.");
                 gap_reported_to = w;
             }
-            let scanned = batch.scanned;
+            let more = batch.more;
+            if !batch.undecodable.is_empty() {
+                // Passed over, as the consumer does (it records them as dead letters).
+                warn!(rows = batch.undecodable.len(), first = %batch.undecodable[0].position,
+                      reason = %batch.undecodable[0].reason,
+                      "Rows that cannot be decoded are not sent to live clients.");
+            }
             if let Some(end) = batch.end {
                 let events = batch.events.into_iter().map(Encoded::new).collect();
                 live.publish(LiveBatch {
@@ -234,7 +240,7 @@ impl Hub {
                 after = end;
                 self.metrics.head(end);
             }
-            if scanned >= limit {
+            if more {
                 caught_up = false;
                 connection = Some((conn, reader));
                 continue;

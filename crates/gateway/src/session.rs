@@ -117,6 +117,11 @@ pub async fn run(shared: Arc<Shared>, sub: Subscription, tx: mpsc::Sender<Frame>
     drop(slot);
 }
 
+struct Fetched {
+    scanned: usize,
+    more: bool,
+}
+
 struct State {
     after: Position,
     /// The highest watermark already reported (or, for `earliest`, already there at the start).
@@ -172,7 +177,7 @@ impl State {
             if !start_live {
                 loop {
                     match self.fetch(shared, sub, tx).await {
-                        Ok(scanned) if scanned >= shared.catch_up.batch_size() => continue,
+                        Ok(step) if step.more => continue,
                         Ok(_) => break,
                         Err(end) => return end,
                     }
@@ -186,7 +191,7 @@ impl State {
             // The hub may be ahead of what the stored reads reached: read up to its head.
             while self.after < head {
                 match self.fetch(shared, sub, tx).await {
-                    Ok(0) => break, // purged meanwhile (reported as a gap)
+                    Ok(step) if step.scanned == 0 => break, // purged meanwhile (reported as a gap)
                     Ok(_) => {}
                     Err(end) => return end,
                 }
@@ -219,13 +224,13 @@ impl State {
     }
 
     /// One stored-events fetch, queued (waiting for room: a catching-up client paces itself).
-    /// Returns the rows scanned.
+    /// Returns how much was scanned and whether more is ready.
     async fn fetch(
         &mut self,
         shared: &Shared,
         sub: &Subscription,
         tx: &mpsc::Sender<Frame>,
-    ) -> Result<usize, End> {
+    ) -> Result<Fetched, End> {
         let step: Step = match shared
             .catch_up
             .fetch(self.after, sub.topics.as_deref())
@@ -264,7 +269,10 @@ impl State {
         if let Some(end) = step.end {
             self.after = self.after.max(end);
         }
-        Ok(step.scanned)
+        Ok(Fetched {
+            scanned: step.scanned,
+            more: step.more,
+        })
     }
 
     async fn gap(

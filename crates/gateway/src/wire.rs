@@ -32,18 +32,22 @@ impl Encoded {
     pub fn new(event: Event) -> Arc<Encoded> {
         let position = event.position.to_string();
         let created_at = humantime::format_rfc3339_micros(event.created_at).to_string();
-        let json = json!({
-            "position": position,
-            "id": event.position.id,
-            "event_id": event.event_id.to_string(),
-            "topic": event.topic,
-            "key": event.key,
-            "type": event.event_type,
-            "created_at": created_at,
-            "payload": event.payload,
-            "headers": event.headers,
-        })
-        .to_string();
+        // Payload and headers go out as PostgreSQL printed them (exact: jsonb numbers such as 1e400
+        // or 40-digit integers survive, where a round trip through f64 would not). jsonb text is
+        // one line, so the object stays one `data:` line.
+        let text = |s: &str| serde_json::Value::from(s).to_string();
+        let json = format!(
+            "{{\"position\":{},\"id\":{},\"event_id\":\"{}\",\"topic\":{},\"key\":{},\"type\":{},\"created_at\":\"{}\",\"payload\":{},\"headers\":{}}}",
+            text(&position),
+            event.position.id,
+            event.event_id,
+            text(&event.topic),
+            event.key.as_deref().map_or("null".into(), text),
+            event.event_type.as_deref().map_or("null".into(), text),
+            created_at,
+            one_line(event.payload.as_str()),
+            one_line(event.headers.as_str()),
+        );
         let name = sse_event_name(event.event_type.as_deref());
         // `event:` first, so the untyped frame is a zero-copy slice of the typed one.
         let event_line = format!("event: {name}\n");
@@ -67,6 +71,17 @@ impl Encoded {
         } else {
             self.sse.slice(self.untyped_from..)
         }
+    }
+}
+
+/// JSON text on one line. PostgreSQL's jsonb text has no raw line breaks (they are escaped inside
+/// strings), so this only guards the framing should one ever appear between tokens, where JSON
+/// allows whitespace.
+fn one_line(json: &str) -> std::borrow::Cow<'_, str> {
+    if json.contains(['\n', '\r']) {
+        json.replace(['\n', '\r'], " ").into()
+    } else {
+        json.into()
     }
 }
 
@@ -171,8 +186,10 @@ mod tests {
             topic: "courses".into(),
             key: Some("k".into()),
             event_type: event_type.map(Into::into),
-            payload: json!({"text": "two\nlines"}),
-            headers: json!({}),
+            payload: r#"{"big": 1234567890123456789012345678901234567890, "text": "two\nlines"}"#
+                .to_string()
+                .into(),
+            headers: "{}".to_string().into(),
             created_at: SystemTime::UNIX_EPOCH,
         }
     }
@@ -192,6 +209,12 @@ mod tests {
         assert_eq!(v["position"], "10/3");
         assert_eq!(v["id"], 3);
         assert_eq!(v["payload"]["text"], "two\nlines");
+        assert!(
+            lines[2].contains(r#""big": 1234567890123456789012345678901234567890"#),
+            "exact numbers: {text}"
+        );
+        assert_eq!(v["key"], "k");
+        assert_eq!(v["type"], "created");
         assert_eq!(v["created_at"], "1970-01-01T00:00:00.000000Z");
         let plain = e.sse(false);
         assert_eq!(std::str::from_utf8(&plain).unwrap(), &text[15..]);
