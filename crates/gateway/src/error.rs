@@ -12,8 +12,15 @@ pub enum Error {
     Tokens(String),
     #[error(transparent)]
     Store(#[from] event_store::Error),
+    /// Boxed: the consumer's error carries a whole dead letter, and ours is returned often.
     #[error(transparent)]
-    Consumer(#[from] consumer::Error),
+    Consumer(Box<consumer::Error>),
+}
+
+impl From<consumer::Error> for Error {
+    fn from(e: consumer::Error) -> Error {
+        Error::Consumer(Box::new(e))
+    }
 }
 
 impl Error {

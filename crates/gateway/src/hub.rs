@@ -191,7 +191,6 @@ impl Hub {
                     reader.watermark(client),
                 )
                 .await
-                .map(|(beyond, batch, watermark)| (beyond, batch, watermark))
             } else {
                 try_join(
                     reader.fetch(client, after, limit, None),

@@ -65,7 +65,7 @@ impl Subscription {
     fn wants(&self, event: &Encoded) -> bool {
         self.topics
             .as_ref()
-            .is_none_or(|topics| topics.iter().any(|t| *t == event.topic))
+            .is_none_or(|topics| topics.contains(&event.topic))
             && self
                 .key
                 .as_ref()

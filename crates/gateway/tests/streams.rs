@@ -315,7 +315,7 @@ async fn live_clients_share_one_fetch_per_wake_up() {
     }
     let fetches = metric(gw.addr, live).await - fetches_before;
     let wakeups = metric(gw.addr, "gateway_wakeups_total").await - wakeups_before;
-    assert!(wakeups >= 1.0 && wakeups <= 5.0, "wake-ups: {wakeups}");
+    assert!((1.0..=5.0).contains(&wakeups), "wake-ups: {wakeups}");
     // One fetch per wake-up (a second only when a batch was full or an open transaction held
     // rows back), for 30 clients: nowhere near one per client.
     assert!(
