@@ -39,15 +39,7 @@ use crate::health::{Context, GAP};
 use crate::listener::Listener;
 use crate::sink::Delivery;
 use crate::writer::Committed;
-use event_store::retry::{sleep_or_stop, Policy, Retry};
-
-/// Re-polling while an open transaction holds the visibility horizon back: 20 ms doubling to 1 s
-/// (short transactions that overlap are waited out quickly, long ones cheaply).
-const HORIZON_POLL: Policy = Policy {
-    first: Duration::from_millis(20),
-    cap: Duration::from_secs(1),
-    healthy_after: Duration::ZERO,
-};
+use event_store::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
 
 /// How long committed events may wait behind an open transaction before the blocker is named.
 const HELD_BACK_REPORT_AFTER: Duration = Duration::from_secs(5);

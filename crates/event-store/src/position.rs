@@ -56,6 +56,32 @@ impl Position {
     }
 }
 
+/// Why a text is not a position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a position: expected TX_ID/ID, two non-negative integers such as 1234/56")]
+pub struct BadPosition {
+    pub text: String,
+}
+
+impl Position {
+    /// Parses the `tx_id/id` text that [`Position`]'s `Display` prints (the form services log
+    /// and clients send back to resume). Strict: two plain non-negative integers.
+    pub fn parse(text: &str) -> std::result::Result<Position, BadPosition> {
+        let bad = || BadPosition {
+            text: text.chars().take(64).collect(),
+        };
+        let (tx, id) = text.trim().split_once('/').ok_or_else(bad)?;
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(tx) || !all_digits(id) {
+            return Err(bad());
+        }
+        Ok(Position {
+            tx_id: tx.parse().map_err(|_| bad())?,
+            id: id.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.tx_id, self.id)
@@ -361,6 +387,29 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, B
                 reason: format!("undecodable column: {reason}"),
             }))
         }
+    }
+}
+
+/// The position of the newest event below the visibility horizon, or [`Position::START`] when
+/// there is none: a reader starting here sees every event that becomes readable from now on and
+/// none from before. Every transaction below the horizon has ended, so no row can still appear
+/// behind it. (A backward scan of the position index from the top, skipping the few rows of
+/// transactions still at or above the horizon.)
+pub async fn latest(client: &Client) -> Result<Position> {
+    let row = client
+        .query_opt(
+            // Qualified: a bare `tx_id` would sort by the text output column of the same name.
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY e.tx_id DESC, e.id DESC
+              LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("find the newest readable event", e))?;
+    match row {
+        Some(row) => Position::from_text(row.get(0), row.get(1)),
+        None => Ok(Position::START),
     }
 }
 
@@ -937,23 +986,37 @@ pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
 }
 
 impl std::str::FromStr for Position {
-    type Err = String;
+    type Err = BadPosition;
 
-    /// `<tx_id>/<id>`, as [`Position`] displays itself (e.g. `81234/1048576`).
-    fn from_str(text: &str) -> std::result::Result<Position, String> {
-        let (tx, id) = text.split_once('/').ok_or_else(|| {
-            format!("{text:?} is not a position (expected <tx_id>/<id>, e.g. 81234/1048576)")
-        })?;
-        let tx_id = tx.trim().parse::<u64>().map_err(|_| {
-            format!("{text:?}: the transaction id {tx:?} is not a non-negative integer")
-        })?;
-        let id = id
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| format!("{text:?}: the event id {id:?} is not an integer"))?;
-        if id < 0 {
-            return Err(format!("{text:?}: the event id must not be negative"));
+    /// [`Position::parse`]: `<tx_id>/<id>`, as [`Position`] displays itself.
+    fn from_str(text: &str) -> std::result::Result<Position, BadPosition> {
+        Position::parse(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_through_their_text() {
+        let p = Position::new(1_000_000, 42);
+        assert_eq!(Position::parse(&p.to_string()).unwrap(), p);
+        assert_eq!(Position::parse(" 7/8 ").unwrap(), Position::new(7, 8));
+        for bad in [
+            "",
+            "7",
+            "7/",
+            "/8",
+            "a/b",
+            "-1/2",
+            "1/-2",
+            "1/2/3",
+            "1.5/2",
+            "99999999999999999999/1",
+        ] {
+            let err = Position::parse(bad).unwrap_err();
+            assert!(err.to_string().contains("TX_ID/ID"), "{bad:?}: {err}");
         }
-        Ok(Position { tx_id, id })
     }
 }

@@ -44,7 +44,9 @@ impl FromStr for Target {
             _ => {}
         }
         if text.contains('/') {
-            return text.parse::<Position>().map(Target::Position);
+            return Position::parse(text)
+                .map(Target::Position)
+                .map_err(|e| e.to_string());
         }
         parse_rfc3339(text).map(Target::Time).map_err(|e| {
             format!(
