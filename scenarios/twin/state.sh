@@ -24,3 +24,4 @@ load_state() {
     read_state
 }
 save_var() { printf '%s=%q\n' "$1" "$2" >>"$(state_file)"; }
+new_secret() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }

@@ -38,9 +38,11 @@ cmd_up() {
     mkdir -p "$TWIN_DIR"/{logs,run}
     : >"$TWIN_DIR/.pgevents-twin"
     : >"$(state_file)"
+    chmod 600 "$(state_file)" # it holds the generated passwords
     save_var BIN_DIR "$BIN_DIR"
     save_var TWIN_PROFILE "$TWIN_PROFILE"
-    POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-postgres}
+    # No default passwords: unset ones are generated, and kept in the state file.
+    POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-$(new_secret)}
     local used=()
 
     PG_DIR='' PG_SOCK=''
@@ -77,8 +79,8 @@ cmd_up() {
     CONSUMER_HTTP_PORT=$(pick_port 8082 "${used[@]}"); used+=("$CONSUMER_HTTP_PORT")
     PURGER_HTTP_PORT=$(pick_port 8083 "${used[@]}"); used+=("$PURGER_HTTP_PORT")
 
-    local -A logins=([producer]=${PRODUCER_DB_PASSWORD:-producer} [consumer]=${CONSUMER_DB_PASSWORD:-consumer}
-        [purger]=${PURGER_DB_PASSWORD:-purger})
+    local -A logins=([producer]=${PRODUCER_DB_PASSWORD:-$(new_secret)}
+        [consumer]=${CONSUMER_DB_PASSWORD:-$(new_secret)} [purger]=${PURGER_DB_PASSWORD:-$(new_secret)})
     PRODUCER_URL=$(url_with_user "$OWNER_URL" producer "${logins[producer]}")
     CONSUMER_URL=$(url_with_user "$OWNER_URL" consumer "${logins[consumer]}")
     PURGER_URL=$(url_with_user "$OWNER_URL" purger "${logins[purger]}")

@@ -9,7 +9,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct PostgresArgs {
     /// PostgreSQL connection string of the events database, e.g.
-    /// postgres://user:password@host:5432/dbname (key=value form works too).
+    /// postgres://user:password@host:5432/dbname?sslmode=verify-full&sslrootcert=/etc/pg/ca.pem
+    /// (key=value form works too). sslmode: disable, prefer (default), require, verify-ca,
+    /// verify-full, as in libpq; sslrootcert: the CA file, or "system".
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 }

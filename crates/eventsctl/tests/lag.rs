@@ -14,7 +14,7 @@ async fn lag_exits_1_exactly_when_a_consumer_is_over_a_threshold() {
         .await
         .unwrap();
     produce(&env.admin, "orders", 5).await;
-    let last = position::horizon_end(&env.admin).await.unwrap();
+    let last = position::latest(&env.admin).await.unwrap();
     position::register(&env.admin, "caught-up", last)
         .await
         .unwrap();

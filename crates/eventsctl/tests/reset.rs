@@ -17,7 +17,7 @@ const NAME: &str = "sink";
 async fn deliver_all(env: &Env) {
     let running = spawn(env.consumer_config(NAME));
     let expected = env.pg_ids().await;
-    let last = position::horizon_end(&env.admin).await.unwrap().to_string();
+    let last = position::latest(&env.admin).await.unwrap().to_string();
     wait_until(
         "the consumer delivered every event",
         Duration::from_secs(60),
@@ -222,7 +222,7 @@ async fn reset_is_refused_while_the_consumer_runs_and_for_bad_input() {
 
     for (to, what) in [
         ("yesterday", "an RFC 3339 time"),
-        ("12/x", "not an integer"),
+        ("12/x", "is not a position"),
         ("2026-12-04T18:00:00", "a time zone is required"),
         (
             "99999999999/1",

@@ -18,7 +18,7 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
     assert!(fresh["events"]["estimated_rows"].is_null(), "{fresh}");
     assert_eq!(fresh["events"]["counted_rows"], 10);
     env.admin.batch_execute("ANALYZE events").await.unwrap();
-    let last = position::horizon_end(&env.admin).await.unwrap();
+    let last = position::latest(&env.admin).await.unwrap();
     position::register(&env.admin, "fast", last).await.unwrap();
     position::register(&env.admin, "slow", Position::START)
         .await
