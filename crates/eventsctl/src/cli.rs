@@ -62,4 +62,6 @@ pub enum Command {
     Reset(cmd::reset::Args),
     Tail(cmd::tail::Args),
     Append(cmd::append::Args),
+    #[command(name = "dead-letters")]
+    DeadLetters(cmd::dead_letters::Args),
 }

@@ -14,7 +14,8 @@ pub enum Code {
     Usage = 2,
     /// Refused to act: `reset --yes` while the consumer is running.
     Refused = 3,
-    /// Failed: a database unreachable, the schema missing, a privilege missing, a write failed.
+    /// Failed: a database unreachable, the schema missing, a privilege missing, a write failed, a
+    /// dead letter that could not be replayed.
     Error = 4,
 }
 
@@ -31,7 +32,8 @@ Exit codes:
   1  `lag`: a consumer is over --fail-above-events or --fail-above-seconds
   2  bad usage or input (unknown option, malformed --to/--from, unknown consumer)
   3  refused: `reset --yes` while the consumer is running (its lease is held)
-  4  failed: a database unreachable, the schema or a privilege missing, a write failed";
+  4  failed: a database unreachable, the schema or a privilege missing, a write failed,
+     a dead letter that could not be replayed";
 
 /// An error that exits with a code of its own instead of [`Code::Error`].
 #[derive(Debug)]

@@ -8,7 +8,8 @@
 //! `consumer`), so the tool reads and writes exactly as the services do.
 //!
 //! - [`cli`]: the command line (clap derive; each subcommand's options live in its module).
-//! - [`cmd`]: one module per subcommand (`status`, `lag`, `reset`, `tail`, `append`).
+//! - [`cmd`]: one module per subcommand (`status`, `lag`, `reset`, `tail`, `append`,
+//!   `dead-letters`).
 //! - [`target`]: `earliest | latest | <tx_id>/<id> | <RFC 3339 time>`, shared by `reset --to` and
 //!   `tail --from`.
 //! - [`exit`]: the exit codes, documented in `--help` and the README.

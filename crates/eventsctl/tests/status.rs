@@ -40,7 +40,7 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
         .await
         .unwrap();
     db.collection::<Document>("deadLetters")
-        .insert_one(doc! {"_id": 1_i64, "reason": "test"})
+        .insert_one(doc! {"_id": 1_i64, "reason": "test", "consumer": "slow"})
         .await
         .unwrap();
 
@@ -105,6 +105,8 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
         .unwrap()
         .contains("\"slow\""));
     assert_eq!(s["dead_letters"], 1);
+    assert_eq!(slow["dead_letters"], 1);
+    assert_eq!(fast["dead_letters"], 0);
 
     let events = &s["events"];
     assert_eq!(events["estimated_rows"], 10);

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use consumer::sink::mongo::DEAD_LETTERS;
 use event_store::config::parse_duration;
 use event_store::migrations::Role;
 use event_store::position::{self, Position};
@@ -49,7 +50,7 @@ struct Status {
     /// The slowest consumer that still holds purging back (events after its position stay).
     purging_held_back_by: Option<String>,
     horizon: Horizon,
-    /// Documents in the MongoDB `deadLetters` collection (null without MONGODB_URI).
+    /// Documents in the MongoDB `deadLetters` collection, all consumers (null without MONGODB_URI).
     dead_letters: Option<u64>,
 }
 
@@ -60,6 +61,8 @@ struct ConsumerStatus {
     state: &'static str,
     /// Its MongoDB checkpoint (where delivery resumes), when MONGODB_URI is set.
     checkpoint: Option<Position>,
+    /// Its dead letters (events it set aside), when MONGODB_URI is set.
+    dead_letters: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,17 +148,26 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         Some(db) => Some(checkpoints(db).await?),
         None => None,
     };
-    let consumers: Vec<ConsumerStatus> = standings
-        .into_iter()
-        .map(|standing| ConsumerStatus {
+    let mut consumers = Vec::with_capacity(standings.len());
+    for standing in standings {
+        let dead_letters = match &mongo {
+            Some(db) => Some(
+                db.collection::<Document>(DEAD_LETTERS)
+                    .count_documents(doc! {"consumer": &standing.consumer})
+                    .await?,
+            ),
+            None => None,
+        };
+        consumers.push(ConsumerStatus {
             state: consumers::state(&standing, args.stale_after, args.consumer_expiry),
             checkpoint: checkpoints
                 .as_ref()
                 .and_then(|c| c.iter().find(|(n, _)| *n == standing.consumer))
                 .map(|(_, p)| *p),
+            dead_letters,
             standing,
-        })
-        .collect();
+        });
+    }
     let purging_held_back_by = consumers.iter().find(|c| c.state != "expired").map(|c| {
         format!(
             "consumer {:?} at {}",
@@ -177,7 +189,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         horizon: horizon(&client).await?,
         dead_letters: match &mongo {
             Some(db) => Some(
-                db.collection::<Document>("deadLetters")
+                db.collection::<Document>(DEAD_LETTERS)
                     .count_documents(doc! {})
                     .await?,
             ),
@@ -350,6 +362,7 @@ fn render(s: &Status, with_mongo: bool) -> String {
                     st.lag_text(),
                     consumers::seconds(st.lag_seconds),
                     format!("{} ago", consumers::seconds(st.heartbeat_age_seconds)),
+                    c.dead_letters.map_or("-".into(), |n| n.to_string()),
                     st.running
                         .as_ref()
                         .map_or("no".into(), |r| format!("pid {} ({})", r.pid, r.seen_by)),
@@ -365,6 +378,7 @@ fn render(s: &Status, with_mongo: bool) -> String {
                 "LAG",
                 "LAG AGE",
                 "HEARTBEAT",
+                "DEAD",
                 "RUNNING",
             ],
             &rows,
@@ -378,7 +392,9 @@ fn render(s: &Status, with_mongo: bool) -> String {
         ));
     }
     if let Some(n) = s.dead_letters {
-        out.push_str(&format!("Dead letters: {n}\n"));
+        out.push_str(&format!(
+            "Dead letters: {n} (eventsctl dead-letters list)\n"
+        ));
     }
 
     out.push_str("\nEvents:\n");
