@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# One image for every pgevents binary: migrate, producer, consumer, purger, gateway.
+# One image for every pgevents binary: migrate, producer, consumer, purger, gateway, eventsctl.
 # Compose picks the binary per service (its `entrypoint`).
 #
 #   docker build -t pgevents .
@@ -8,7 +8,7 @@
 #
 # Stages: `chef` (Rust + cargo-chef) → `planner` (the dependency recipe; changes only when a
 # Cargo.toml or Cargo.lock does) → `builder` (dependencies first, cached as their own layer, then
-# the workspace) → `runtime` (Debian slim, non-root, the five binaries and nothing else).
+# the workspace) → `runtime` (Debian slim, non-root, the six binaries and nothing else).
 
 ARG RUST_VERSION=1
 ARG DEBIAN_RELEASE=bookworm
@@ -27,10 +27,10 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --bins -p event-store -p producer -p consumer -p purger \
-       -p gateway \
+       -p gateway -p eventsctl \
  && mkdir -p /out \
  && cp target/release/migrate target/release/producer target/release/consumer \
-       target/release/purger target/release/gateway /out/
+       target/release/purger target/release/gateway target/release/eventsctl /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN apt-get update \

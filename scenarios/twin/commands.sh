@@ -89,7 +89,7 @@ EOF
 cmd_run() {
     [ $# -gt 0 ] || die "usage: scenarios/local run SERVICE [ARGS]"
     load_state
-    run_app "$@"
+    RUN_EXEC=1 run_app "$@"
 }
 
 cmd_psql() {

@@ -74,5 +74,7 @@ run_app() { # service args...
     local e
     for e in "${envs[@]}"; do [[ $e == HTTP_ADDR=* ]] || filtered+=("$e"); done
     [ -t 2 ] || filtered+=(NO_COLOR=1)
+    # `scenarios/local run` becomes the process itself, so a signal to it reaches the binary.
+    if [ "${RUN_EXEC:-0}" = 1 ]; then exec env -i "${filtered[@]}" "$(bin_path "$svc")" "$@"; fi
     env -i "${filtered[@]}" "$(bin_path "$svc")" "$@"
 }
