@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use consumer::sink::{NullSink, Sink};
+use consumer::sink::NullSink;
 use consumer::Config;
 use event_store::position::Position;
 use event_store::{db, migrations};
@@ -123,7 +123,7 @@ async fn catch_up(config: Config, admin: &Client, last: Position) -> Duration {
     let started = Instant::now();
     let handle = tokio::spawn(consumer::run_with(
         config,
-        Sink::Null(NullSink::new()),
+        NullSink::new(),
         shutdown.clone(),
     ));
     let want = format!("{}/{}", last.tx_id, last.id);

@@ -26,6 +26,28 @@ pub enum Error {
     /// A call took too long (the peer may be gone); worth retrying.
     #[error("{0} timed out")]
     Timeout(String),
+    /// The sink's stored checkpoint is not where this consumer's last write left it: the sink lost
+    /// writes it had acknowledged (a crash without journal, a failover rollback), or an operator
+    /// moved it. Delivery goes on from the stored checkpoint; nothing is skipped.
+    #[error(
+        "the stored checkpoint is at {}, not at {expected} where this consumer's last write left \
+         it; delivering again from the stored checkpoint",
+        found.map_or("(none)".to_string(), |p| p.to_string())
+    )]
+    CheckpointMoved {
+        expected: event_store::Position,
+        found: Option<event_store::Position>,
+    },
+    /// Another session holds this consumer's lease; waiting for it to end.
+    #[error("{0}")]
+    LeaseHeld(String),
+    /// An event cannot be stored and `--on-poison stop` is set.
+    #[error(
+        "event {} (id {}, topic {}) cannot be stored: {}: {}. Fix the data or the mapping, or run \
+         with --on-poison dead-letter to record it in deadLetters and go on",
+        .0.position, .0.id(), .0.topic.as_deref().unwrap_or("?"), .0.code, .0.detail
+    )]
+    Poison(Box<crate::sink::DeadLetter>),
 }
 
 impl Error {
@@ -36,29 +58,53 @@ impl Error {
         }
     }
 
+    /// Retrying cannot fix it and an operator must act (credentials, privileges, schema,
+    /// configuration): at start-up the consumer exits; later it waits the retry policy's longest
+    /// pause between attempts and says why on `/healthz`.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => true,
+            Error::Store(e) => e.is_permanent(),
+            Error::Mongo { source, .. } => !mongo_is_transient(source),
+            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => false,
+        }
+    }
+
     /// Worth retrying after a pause. Configuration and integrity errors are not; neither are
     /// PostgreSQL schema/privilege errors or MongoDB authentication failures, which a retry cannot
     /// fix.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Config(_) | Error::Integrity(_) => false,
-            Error::Timeout(_) => true,
+            Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => false,
+            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => true,
             Error::Store(e) => e.is_transient(),
             Error::Mongo { source, .. } => mongo_is_transient(source),
         }
     }
 }
 
-/// MongoDB failures worth retrying: everything except bad credentials, missing privileges and
-/// invalid arguments (the driver retries the rest once itself; we keep retrying with backoff).
+/// MongoDB failures worth retrying, decided from the driver's error kinds, labels and server
+/// codes (never from message text):
+/// - retry: network and pool errors, server selection, anything labelled
+///   `TransientTransactionError`, `RetryableWriteError` or `UnknownTransactionCommitResult`,
+///   not-primary and shutdown codes, write-concern errors (a majority not reached yet);
+/// - never: bad credentials or TLS settings, missing privileges (13 Unauthorized,
+///   18 AuthenticationFailed), invalid arguments, and documents the server refuses as invalid
+///   (those are isolated as dead letters before they get here).
 pub fn mongo_is_transient(e: &mongodb::error::Error) -> bool {
-    use mongodb::error::ErrorKind;
+    use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
+    if e.contains_label(TRANSIENT_TRANSACTION_ERROR) || e.contains_label(RETRYABLE_WRITE_ERROR) {
+        return true;
+    }
+    if crate::sink::mongo::is_rejected(e) {
+        return false;
+    }
     match e.kind.as_ref() {
         ErrorKind::Authentication { .. }
         | ErrorKind::InvalidArgument { .. }
         | ErrorKind::InvalidTlsConfig { .. } => false,
-        // 13 Unauthorized, 18 AuthenticationFailed.
         ErrorKind::Command(c) => !matches!(c.code, 13 | 18),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => !matches!(w.code, 13 | 18),
         _ => true,
     }
 }

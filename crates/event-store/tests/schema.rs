@@ -276,7 +276,11 @@ async fn a_reader_never_passes_an_open_transaction() {
         .fetch(&admin, Position::START, 100, None)
         .await
         .unwrap();
-    let payloads: Vec<_> = batch.events.iter().map(|e| e.payload.clone()).collect();
+    let payloads: Vec<_> = batch
+        .events
+        .iter()
+        .map(|e| e.payload.parse().unwrap())
+        .collect();
     assert_eq!(
         payloads,
         vec![serde_json::json!(1), serde_json::json!(2)],

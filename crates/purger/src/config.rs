@@ -54,7 +54,8 @@ pub struct Config {
     #[arg(long, env = "PURGER_DRY_RUN")]
     pub dry_run: bool,
 
-    /// A consumer whose published position has not moved for this long (e.g. 3d) stops holding
+    /// A consumer whose `consumer_positions` row has not been refreshed for this long (e.g. 3d;
+    /// running consumers refresh it every heartbeat interval, also when idle) stops holding
     /// purging back; the purger warns, naming it and what it loses, and the consumer reports the
     /// gap if it returns. Unset: consumers hold purging back until they move or an operator
     /// removes them from consumer_positions.

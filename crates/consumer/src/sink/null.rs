@@ -6,7 +6,8 @@ use std::time::Instant;
 use event_store::Position;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Delivery, Written};
+use super::{Checkpoint, Delivery, Encoder, Probe, Sink, Written};
+use crate::error::{Error, Result};
 
 /// One batch as the null sink saw it.
 #[derive(Debug, Clone)]
@@ -18,7 +19,7 @@ pub struct Delivered {
 
 #[derive(Debug, Default)]
 pub struct NullSink {
-    position: Option<Position>,
+    checkpoint: Option<Checkpoint>,
     observer: Option<UnboundedSender<Delivered>>,
 }
 
@@ -30,17 +31,28 @@ impl NullSink {
     /// Reports every batch to `observer`.
     pub fn observed(observer: UnboundedSender<Delivered>) -> NullSink {
         NullSink {
-            position: None,
+            checkpoint: None,
             observer: Some(observer),
         }
     }
+}
 
-    pub fn checkpoint(&self) -> Option<Position> {
-        self.position
+impl Sink for NullSink {
+    type Probe = NullProbe;
+
+    async fn open(&mut self) -> Result<Option<Checkpoint>> {
+        Ok(self.checkpoint.clone())
     }
 
-    pub fn write(&mut self, delivery: &Delivery) -> Written {
-        self.position = Some(delivery.end);
+    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+        let position = self.checkpoint.as_ref().map(|c| c.position);
+        if position.unwrap_or(Position::START) != delivery.start {
+            return Err(Error::CheckpointMoved {
+                expected: delivery.start,
+                found: position,
+            });
+        }
+        self.checkpoint = Some(delivery.checkpoint());
         if let Some(observer) = &self.observer {
             let _ = observer.send(Delivered {
                 ids: delivery.events.iter().map(|e| e.id()).collect(),
@@ -48,9 +60,31 @@ impl NullSink {
                 at: Instant::now(),
             });
         }
-        Written {
+        Ok(Written {
             inserted: delivery.events.len(),
             already_present: 0,
-        }
+            dead_letters: delivery.dead_letters.clone(),
+        })
+    }
+
+    fn encoder(&self) -> Encoder {
+        Delivery::plain
+    }
+
+    fn probe(&self) -> NullProbe {
+        NullProbe
+    }
+
+    fn describe(&self) -> String {
+        "the null sink".into()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct NullProbe;
+
+impl Probe for NullProbe {
+    async fn ping(&self) -> Result<()> {
+        Ok(())
     }
 }
