@@ -27,8 +27,9 @@ async fn main() {
     let pg = Postgres::start_tls();
     let ca = pg.tls_ca().display().to_string();
     let port = pg.port();
-    let admin_url =
-        format!("postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}");
+    let admin_url = format!(
+        "postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
+    );
     let mut admin = db::connect_spawned(&db::config(&admin_url, "bench").unwrap())
         .await
         .unwrap();
