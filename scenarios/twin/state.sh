@@ -24,4 +24,5 @@ load_state() {
     read_state
 }
 save_var() { printf '%s=%q\n' "$1" "$2" >>"$(state_file)"; }
+# A password for the twin's logins (none has a default).
 new_secret() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }
