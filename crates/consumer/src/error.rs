@@ -38,13 +38,16 @@ pub enum Error {
         expected: event_store::Position,
         found: Option<event_store::Position>,
     },
+    /// Another session holds this consumer's lease; waiting for it to end.
+    #[error("{0}")]
+    LeaseHeld(String),
     /// An event cannot be stored and `--on-poison stop` is set.
     #[error(
         "event {} (id {}, topic {}) cannot be stored: {}: {}. Fix the data or the mapping, or run \
          with --on-poison dead-letter to record it in deadLetters and go on",
         .0.position, .0.id(), .0.topic.as_deref().unwrap_or("?"), .0.code, .0.detail
     )]
-    Poison(crate::sink::DeadLetter),
+    Poison(Box<crate::sink::DeadLetter>),
 }
 
 impl Error {
@@ -55,13 +58,25 @@ impl Error {
         }
     }
 
+    /// Retrying cannot fix it and an operator must act (credentials, privileges, schema,
+    /// configuration): at start-up the consumer exits; later it waits the retry policy's longest
+    /// pause between attempts and says why on `/healthz`.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => true,
+            Error::Store(e) => e.is_permanent(),
+            Error::Mongo { source, .. } => !mongo_is_transient(source),
+            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => false,
+        }
+    }
+
     /// Worth retrying after a pause. Configuration and integrity errors are not; neither are
     /// PostgreSQL schema/privilege errors or MongoDB authentication failures, which a retry cannot
     /// fix.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => false,
-            Error::Timeout(_) | Error::CheckpointMoved { .. } => true,
+            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => true,
             Error::Store(e) => e.is_transient(),
             Error::Mongo { source, .. } => mongo_is_transient(source),
         }
@@ -94,10 +109,13 @@ pub fn mongo_is_transient(e: &mongodb::error::Error) -> bool {
     }
 }
 
-/// A MongoDB error in one readable line: the driver's `Display` includes the raw server response
-/// as hex, and an insert's every write error.
+/// The MongoDB counterpart of [`event_store::error::pg_report`], and the one place a MongoDB
+/// error becomes text (logs, `/healthz`, exit messages): one line with the server's error code and
+/// code name, its message, the error labels (`[RetryableWriteError, …]`), and what to do when a
+/// retry cannot help. The driver's own `Display` includes the raw server response as hex, and an
+/// insert's every write error.
 pub fn compact(e: &mongodb::error::Error) -> String {
-    use mongodb::error::ErrorKind;
+    use mongodb::error::{ErrorKind, WriteFailure};
     let mut text = match e.kind.as_ref() {
         ErrorKind::InsertMany(failure) => {
             let errors = failure.write_errors.as_deref().unwrap_or_default();
@@ -106,10 +124,26 @@ pub fn compact(e: &mongodb::error::Error) -> String {
                 text += &format!(" (first: code {} {})", first.code, first.message);
             }
             if let Some(concern) = &failure.write_concern_error {
-                text += &format!("; write concern: {}", concern.message);
+                text += &format!(
+                    "; write concern error code {} ({}): {}",
+                    concern.code, concern.code_name, concern.message
+                );
             }
             text
         }
+        ErrorKind::Write(WriteFailure::WriteError(w)) => format!(
+            "write error code {}{}: {}",
+            w.code,
+            w.code_name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            w.message
+        ),
+        ErrorKind::Write(WriteFailure::WriteConcernError(c)) => format!(
+            "write concern error code {} ({}): {}",
+            c.code, c.code_name, c.message
+        ),
         kind => kind.to_string(),
     };
     let mut labels: Vec<&String> = e.labels().iter().collect();
@@ -117,6 +151,22 @@ pub fn compact(e: &mongodb::error::Error) -> String {
         labels.sort();
         let labels: Vec<&str> = labels.iter().map(|l| l.as_str()).collect();
         text += &format!(" [{}]", labels.join(", "));
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Authentication { .. } => {
+            text += " — check the user, password and authSource in MONGODB_URI";
+        }
+        ErrorKind::Command(c) if c.code == 18 => {
+            text += " — check the user, password and authSource in MONGODB_URI";
+        }
+        ErrorKind::Command(c) if c.code == 13 => {
+            text += " — the MongoDB user lacks a privilege: grant it readWrite on the consumer's \
+                     database";
+        }
+        ErrorKind::InvalidTlsConfig { .. } => {
+            text += " — check the tls, tlsCAFile and tlsCertificateKeyFile options in MONGODB_URI";
+        }
+        _ => {}
     }
     text
 }

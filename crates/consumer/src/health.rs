@@ -24,7 +24,7 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 /// What the fetcher, the writer and the monitor share.
 pub struct Context {
     pub name: String,
-    pub pg: tokio_postgres::Config,
+    pub pg: event_store::db::Database,
     pub channel: String,
     pub topics: Option<Vec<String>>,
     pub limits: Limits,
@@ -37,6 +37,8 @@ pub struct Context {
     pub sink_check: &'static str,
     /// Prepares batches in the sink's format before they are queued.
     pub encoder: Encoder,
+    /// `--accept-divergence`.
+    pub accept_divergence: bool,
     /// Dead letters recorded by this run, for `/healthz`.
     pub dead_letters: std::sync::atomic::AtomicU64,
 }

@@ -383,7 +383,7 @@ async fn the_documented_rebase_after_a_restore_works() {
         .await
         .update_one(
             doc! {"_id": "consumer"},
-            doc! {"$set": {"tx_id": 1_i64, "id": resume}},
+            doc! {"$set": {"tx_id": 1_i64, "id": resume}, "$unset": {"event_id": "", "origin": ""}},
         )
         .await
         .unwrap();
@@ -467,4 +467,31 @@ async fn an_idle_consumer_is_not_expired_by_the_purger() {
     })
     .await;
     consumer.stop().await;
+}
+
+/// The lease: a second consumer with the same name waits (and says why on `/healthz`) instead of
+/// writing beside the first; it takes over when the first stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_consumer_with_the_same_name_waits_for_the_lease() {
+    let env = setup().await;
+    let first = spawn(env.config("twin"));
+    produce(&env.admin, "courses", 20).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
+
+    let addr = free_addr();
+    let mut config = env.config("twin");
+    config.http.http_addr = Some(addr);
+    let second = spawn(config);
+    wait_until(
+        "the second one reports the held lease",
+        Duration::from_secs(30),
+        || async {
+            matches!(http_get(addr, "/healthz").await, Some((503, body)) if body.contains("lease"))
+        },
+    )
+    .await;
+    first.stop().await;
+    produce(&env.admin, "courses", 20).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(60)).await;
+    second.stop().await;
 }

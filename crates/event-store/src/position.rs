@@ -111,6 +111,9 @@ pub struct Batch {
     pub more: bool,
     /// Bytes of payload and headers text in the batch.
     pub bytes: usize,
+    /// The `event_id` of the row at `end` (wanted or not): a checkpoint records it, so a reader
+    /// can later tell that the row at its position is still the same event.
+    pub end_event_id: Option<uuid::Uuid>,
 }
 
 /// How much one fetch may return.
@@ -291,6 +294,7 @@ impl Reader {
                 })?;
             batch.scanned += 1;
             batch.end = Some(position);
+            batch.end_event_id = row.try_get(2).ok();
             last_more = row.try_get::<_, bool>(10).unwrap_or(false);
             if row.try_get::<_, bool>(9).unwrap_or(true) {
                 match event_from_row(position, &row) {
@@ -300,7 +304,7 @@ impl Reader {
                     }
                     Err(bad) => {
                         batch.bytes += bad.payload.as_ref().map_or(0, |p| p.len());
-                        batch.undecodable.push(bad);
+                        batch.undecodable.push(*bad);
                     }
                 }
             }
@@ -323,7 +327,7 @@ impl Reader {
 }
 
 /// An event from a fetched row, or what could be read of it and why the rest could not.
-fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Undecodable> {
+fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Box<Undecodable>> {
     let event_id = row.try_get(2);
     let topic = row.try_get(3);
     let key = row.try_get(4);
@@ -373,7 +377,7 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, U
             .flatten()
             .collect::<Vec<_>>()
             .join("; ");
-            Err(Undecodable {
+            Err(Box::new(Undecodable {
                 position,
                 event_id: event_id.ok(),
                 topic: topic.ok(),
@@ -381,7 +385,7 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, U
                 event_type: event_type.ok().flatten(),
                 payload: payload.ok().flatten(),
                 reason: format!("undecodable column: {reason}"),
-            })
+            }))
         }
     }
 }
@@ -434,17 +438,13 @@ impl fmt::Display for HorizonBlocker {
     }
 }
 
-/// The backend whose open *writing* transaction holds delivery back, if any (needs
-/// `pg_read_all_stats` to see other users' sessions; the consumer role has it).
+/// The backend whose open *writing* transaction holds delivery back, if any. Asked through
+/// migration V4's `events_horizon_blocker()`, a narrow `SECURITY DEFINER` function that the
+/// consumer role may execute, instead of granting it `pg_read_all_stats` (every session's query).
 pub async fn horizon_blocker(client: &Client) -> Result<Option<HorizonBlocker>> {
     let row = client
         .query_opt(
-            "SELECT pid, usename::text, coalesce(application_name, ''), state,
-                    extract(epoch FROM now() - xact_start)::float8
-               FROM pg_stat_activity
-              WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
-              ORDER BY age(backend_xid) DESC
-              LIMIT 1",
+            "SELECT pid, usename, application_name, state, open_for FROM events_horizon_blocker()",
             &[],
         )
         .await
@@ -488,6 +488,10 @@ pub async fn backlog(client: &Client, after: Position, cap: i64) -> Result<Backl
 
 /// Records `consumer`'s delivered position so the purger keeps what it still needs. Positions only
 /// move forward here, even if an older write arrives late.
+///
+/// A row belongs to the login that first wrote it (`owner`, row-level security since V4): another
+/// login publishing under the same name fails with SQLSTATE 42501 instead of moving someone
+/// else's position. A row from before V4 (no owner) is claimed by the first login to publish.
 pub async fn publish(client: &Client, consumer: &str, position: Position) -> Result<()> {
     upsert_position(client, consumer, position, false).await
 }
@@ -510,7 +514,8 @@ async fn upsert_position(
             "INSERT INTO consumer_positions AS p (consumer, tx_id, id, updated_at)
              VALUES ($1, $2::text::xid8, $3, now())
              ON CONFLICT (consumer) DO UPDATE
-                SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now()
+                SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now(),
+                    owner = current_user
               WHERE $4 OR (p.tx_id, p.id) <= (EXCLUDED.tx_id, EXCLUDED.id)",
             &[&consumer, &position.tx_text(), &position.id, &may_move_back],
         )
@@ -557,6 +562,58 @@ pub struct Watermark {
     pub position: Position,
     pub forced: bool,
     pub updated_at: SystemTime,
+}
+
+/// Which database a reader reads: the cluster's system identifier (new with every `initdb`, kept
+/// by physical replicas) and the database's name. A checkpoint records it, so a consumer pointed
+/// at another database, or at a new cluster, notices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub system_id: String,
+    pub database: String,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "database {:?} of cluster {}",
+            self.database, self.system_id
+        )
+    }
+}
+
+/// The [`Origin`] of `client`'s database (`pg_control_system()` is readable by every role).
+pub async fn origin(client: &Client) -> Result<Origin> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the cluster's system identifier", e))?;
+    let read = |i: usize| {
+        row.try_get::<_, String>(i)
+            .map_err(|e| Error::database("read the cluster's system identifier", e))
+    };
+    Ok(Origin {
+        system_id: read(0)?,
+        database: read(1)?,
+    })
+}
+
+/// The `event_id` of the event stored at `position`, if any.
+pub async fn event_at(client: &Client, position: Position) -> Result<Option<uuid::Uuid>> {
+    let row = client
+        .query_opt(
+            "SELECT event_id FROM events WHERE id = $2 AND tx_id = $1::text::xid8",
+            &[&position.tx_text(), &position.id],
+        )
+        .await
+        .map_err(|e| Error::database(format!("look up the event at {position}"), e))?;
+    row.map(|row| row.try_get(0))
+        .transpose()
+        .map_err(|e| Error::database(format!("look up the event at {position}"), e))
 }
 
 pub async fn watermark(client: &Client) -> Result<Option<Watermark>> {
@@ -800,6 +857,141 @@ pub async fn kept(
         by_position,
         by_horizon,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where to start reading, and how much lies between two positions (operator tools: `eventsctl
+// reset --to …`, `tail --from …`, `status`).
+
+/// The last event below the visibility horizon (or [`Position::START`] when there is none): a
+/// reader placed here has passed every event that can no longer change, and will read every
+/// event that commits from now on — including those of transactions still open, which is what
+/// "from the latest" must mean when ids commit out of order.
+pub async fn horizon_end(client: &Client) -> Result<Position> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY e.tx_id DESC, e.id DESC
+              LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("find the last event below the visibility horizon", e))?;
+    match row {
+        Some(row) => Position::from_text(row.get(0), row.get(1)),
+        None => Ok(Position::START),
+    }
+}
+
+/// The position just before the first event (in position order) created at or after `time`, or
+/// `None` when no event is that recent. A reader placed there reads every event created since
+/// `time` — and possibly a few older ones, because `created_at` (the writing transaction's start)
+/// does not follow commit order: re-reading is safe, skipping is not.
+pub async fn before_time(client: &Client, time: SystemTime) -> Result<Option<Position>> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.created_at >= $1
+              ORDER BY e.tx_id, e.id
+              LIMIT 1",
+            &[&time],
+        )
+        .await
+        .map_err(|e| Error::database("find the first event created after a time", e))?;
+    row.map(|row| {
+        let first = Position::from_text(row.get(0), row.get(1))?;
+        // Nothing lies between (tx, id - 1) and (tx, id): ids are integers, and no event of an
+        // earlier position was created after `time` (this one is the first).
+        Ok(Position::new(first.tx_id, first.id - 1))
+    })
+    .transpose()
+}
+
+/// Events after `after` up to and including `up_to`, counted along the position index and
+/// stopping at `cap` (so the answer is exact below `cap`, and "at least `cap`" at it).
+pub async fn count_between(
+    client: &Client,
+    after: Position,
+    up_to: Position,
+    cap: i64,
+) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM events
+                WHERE (tx_id, id) > ($1::text::xid8, $2::bigint)
+                  AND (tx_id, id) <= ($3::text::xid8, $4::bigint)
+                ORDER BY tx_id, id LIMIT $5) AS page",
+            &[
+                &after.tx_text(),
+                &after.id,
+                &up_to.tx_text(),
+                &up_to.id,
+                &cap.max(0),
+            ],
+        )
+        .await
+        .map_err(|e| Error::database("count the events between two positions", e))?;
+    Ok(row.get(0))
+}
+
+/// The first and the last event by position, each with its `created_at`; `None` when the table
+/// is empty. Two index probes, however large the table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ends {
+    pub oldest: (Position, SystemTime),
+    pub newest: (Position, SystemTime),
+}
+
+pub async fn ends(client: &Client) -> Result<Option<Ends>> {
+    let rows = client
+        .query(
+            "(SELECT e.tx_id::text, e.id, e.created_at FROM events e ORDER BY e.tx_id, e.id LIMIT 1)
+             UNION ALL
+             (SELECT e.tx_id::text, e.id, e.created_at FROM events e
+               ORDER BY e.tx_id DESC, e.id DESC LIMIT 1)",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the first and last event", e))?;
+    if rows.len() < 2 {
+        return Ok(None);
+    }
+    let end = |row: &Row| -> Result<(Position, SystemTime)> {
+        Ok((Position::from_text(row.get(0), row.get(1))?, row.get(2)))
+    };
+    Ok(Some(Ends {
+        oldest: end(&rows[0])?,
+        newest: end(&rows[1])?,
+    }))
+}
+
+/// The visibility horizon (`pg_snapshot_xmin`: the oldest transaction still open, or the next
+/// one) and the next transaction id to be assigned (`pg_snapshot_xmax`).
+pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text
+               FROM pg_current_snapshot() AS s",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the visibility horizon", e))?;
+    let parse = |i: usize| -> Result<u64> {
+        let text: &str = row.get(i);
+        text.parse()
+            .map_err(|_| Error::Schema(format!("unexpected xid8 text {text:?} from the server")))
+    };
+    Ok((parse(0)?, parse(1)?))
+}
+
+impl std::str::FromStr for Position {
+    type Err = BadPosition;
+
+    /// [`Position::parse`]: `<tx_id>/<id>`, as [`Position`] displays itself.
+    fn from_str(text: &str) -> std::result::Result<Position, BadPosition> {
+        Position::parse(text)
+    }
 }
 
 #[cfg(test)]

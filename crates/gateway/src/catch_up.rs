@@ -36,7 +36,7 @@ struct Conn {
 }
 
 pub struct CatchUp {
-    pg: tokio_postgres::Config,
+    pg: event_store::db::Database,
     permits: Semaphore,
     idle: Mutex<Vec<Conn>>,
     batch_size: usize,
@@ -45,7 +45,7 @@ pub struct CatchUp {
 
 impl CatchUp {
     pub fn new(
-        pg: tokio_postgres::Config,
+        pg: event_store::db::Database,
         concurrency: usize,
         batch_size: usize,
         metrics: Metrics,
@@ -108,7 +108,8 @@ impl CatchUp {
     pub async fn ahead_of_cluster(&self, position: Position) -> Result<Option<String>> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
-        let checked = consumer::fetcher::check_not_ahead(&conn.client, "gateway", position).await;
+        let checked =
+            consumer::divergence::check_not_ahead(&conn.client, "gateway", position).await;
         self.give_back(conn);
         match checked {
             Ok(()) => Ok(None),

@@ -33,4 +33,14 @@ impl Error {
             Error::Config(_) | Error::Tokens(_) => false,
         }
     }
+
+    /// Retrying cannot fix it (credentials, privileges, schema): the retry policy waits its
+    /// longest pause between attempts.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Store(e) => e.is_permanent(),
+            Error::Consumer(e) => e.is_permanent(),
+            Error::Config(_) | Error::Tokens(_) => true,
+        }
+    }
 }

@@ -17,11 +17,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consumer::backoff::Backoff;
 use consumer::listener::Listener;
 use event_store::migrations::{self, Role};
 use event_store::ops::Health;
 use event_store::position::{self, Reader};
+use event_store::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
 use event_store::Position;
 use futures_util::future::{try_join, try_join3};
 use tokio::sync::{broadcast, Notify};
@@ -86,7 +86,7 @@ impl Live {
 
 /// What the hub needs.
 pub struct Hub {
-    pub pg: tokio_postgres::Config,
+    pub pg: event_store::db::Database,
     pub channel: String,
     pub batch_size: usize,
     pub poll_interval: Duration,
@@ -102,8 +102,7 @@ impl Hub {
         wake: Arc<Notify>,
         shutdown: &CancellationToken,
     ) -> Result<Option<(Listener, Reader, Position)>> {
-        let mut backoff = Backoff::reconnect();
-        let mut attempt = 0u32;
+        let mut retry = Retry::new(Policy::default());
         loop {
             let connected = async {
                 let listener = Listener::connect(&self.pg, &self.channel, wake.clone()).await?;
@@ -120,12 +119,10 @@ impl Hub {
                 }
                 Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => {
-                    attempt += 1;
-                    warn!(error = %e, attempt, "Cannot reach PostgreSQL at start-up; retrying.");
+                    let pause = retry.failed("Cannot reach PostgreSQL at start-up", &e, false);
                     self.health.failing(POSTGRES, e.to_string());
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_pause()) => {}
-                        _ = shutdown.cancelled() => return Ok(None),
+                    if sleep_or_stop(pause, shutdown).await {
+                        return Ok(None);
                     }
                 }
             }
@@ -142,8 +139,8 @@ impl Hub {
     ) {
         let mut after = live.head();
         let mut caught_up = false;
-        let mut reconnect = Backoff::reconnect();
-        let mut horizon = Backoff::horizon();
+        let mut reconnect = Retry::new(Policy::default());
+        let mut horizon = Retry::new(HORIZON_POLL);
         let mut failures = 0u32;
         let mut gap_reported_to = after;
         loop {
@@ -165,7 +162,7 @@ impl Hub {
                             info!(attempts = failures + 1, "Reconnected to PostgreSQL.");
                             self.health.ok(POSTGRES);
                             failures = 0;
-                            reconnect.reset();
+                            reconnect.succeeded();
                             caught_up = false;
                             live
                         }
@@ -174,7 +171,9 @@ impl Hub {
                             warn!(error = %e, attempt = failures,
                                   "Cannot connect to PostgreSQL; live streams wait.");
                             self.health.failing(POSTGRES, e.to_string());
-                            if pause(reconnect.next_pause(), &shutdown).await {
+                            if sleep_or_stop(reconnect.next_pause(e.is_permanent()), &shutdown)
+                                .await
+                            {
                                 return;
                             }
                             continue;
@@ -207,7 +206,7 @@ impl Hub {
                     warn!(error = %e, attempt = failures, "Fetching live events failed; reconnecting.");
                     self.health.failing(POSTGRES, e.to_string());
                     drop(conn);
-                    if pause(reconnect.next_pause(), &shutdown).await {
+                    if sleep_or_stop(reconnect.next_pause(e.is_permanent()), &shutdown).await {
                         return;
                     }
                     continue;
@@ -250,7 +249,7 @@ impl Hub {
                 continue;
             }
             if beyond {
-                let wait = horizon.next_pause();
+                let wait = horizon.next_pause(false);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = async {
@@ -263,7 +262,7 @@ impl Hub {
                 connection = Some((conn, reader));
                 continue;
             }
-            horizon.reset();
+            horizon = Retry::new(HORIZON_POLL);
             tokio::select! {
                 _ = wake.notified() => self.metrics.wakeup(),
                 _ = tokio::time::sleep(self.poll_interval) => {}
@@ -272,13 +271,5 @@ impl Hub {
             }
             connection = Some((conn, reader));
         }
-    }
-}
-
-/// Sleeps; `true` when stopped meanwhile.
-async fn pause(duration: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(duration) => false,
-        _ = shutdown.cancelled() => true,
     }
 }

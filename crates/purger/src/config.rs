@@ -45,6 +45,11 @@ pub struct Config {
     #[arg(long, env = "PURGER_ONCE")]
     pub once: bool,
 
+    /// With --once: how long to keep retrying an unreachable or failing database before exiting
+    /// non-zero (a cron job must end).
+    #[arg(long, env = "PURGER_GIVE_UP_AFTER", default_value = "5m", value_parser = parse_positive_duration)]
+    pub give_up_after: Duration,
+
     /// Report what a pass would delete, and whom it would affect, but delete nothing.
     #[arg(long, env = "PURGER_DRY_RUN")]
     pub dry_run: bool,
@@ -154,6 +159,7 @@ mod tests {
             "the library's defaults are the command line's"
         );
         assert!(!config.once && !config.dry_run && !config.force);
+        assert_eq!(config.give_up_after, Duration::from_secs(300));
         assert_eq!(config.consumer_expiry, None);
         assert_eq!(config.http.http_addr, None);
     }
