@@ -55,18 +55,7 @@ async fn a_database_that_lost_commits_is_refused() {
     let mut config = env.config("c");
     config.accept_divergence = true;
     let consumer = spawn(config);
-    let last = env.pg_last_position("");
-    wait_until(
-        "the checkpoint reaches the new end",
-        Duration::from_secs(30),
-        || async {
-            env.checkpoint("c")
-                .await
-                .map(|c| common::checkpoint_text(&c))
-                == Some(last.clone())
-        },
-    )
-    .await;
+    common::wait_checkpoint_at_end(&env, "c", Duration::from_secs(30)).await;
     consumer.stop().await;
 }
 

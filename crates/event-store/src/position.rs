@@ -863,27 +863,6 @@ pub async fn kept(
 // Where to start reading, and how much lies between two positions (operator tools: `eventsctl
 // reset --to …`, `tail --from …`, `status`).
 
-/// The last event below the visibility horizon (or [`Position::START`] when there is none): a
-/// reader placed here has passed every event that can no longer change, and will read every
-/// event that commits from now on — including those of transactions still open, which is what
-/// "from the latest" must mean when ids commit out of order.
-pub async fn horizon_end(client: &Client) -> Result<Position> {
-    let row = client
-        .query_opt(
-            "SELECT e.tx_id::text, e.id FROM events e
-              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-              ORDER BY e.tx_id DESC, e.id DESC
-              LIMIT 1",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::database("find the last event below the visibility horizon", e))?;
-    match row {
-        Some(row) => Position::from_text(row.get(0), row.get(1)),
-        None => Ok(Position::START),
-    }
-}
-
 /// The position just before the first event (in position order) created at or after `time`, or
 /// `None` when no event is that recent. A reader placed there reads every event created since
 /// `time` — and possibly a few older ones, because `created_at` (the writing transaction's start)

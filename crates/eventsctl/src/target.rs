@@ -95,13 +95,13 @@ impl Target {
     pub async fn resolve(&self, client: &Client) -> event_store::Result<Resolved> {
         let position = match self {
             Target::Earliest => Position::START,
-            Target::Latest => position::horizon_end(client).await?,
+            Target::Latest => position::latest(client).await?,
             Target::Position(p) => *p,
             Target::Time(t) => match position::before_time(client, *t).await? {
                 Some(p) => p,
                 None => {
                     return Ok(Resolved {
-                        position: position::horizon_end(client).await?,
+                        position: position::latest(client).await?,
                         nothing_newer: true,
                     })
                 }

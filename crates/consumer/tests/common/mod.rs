@@ -247,6 +247,15 @@ pub async fn wait_delivered(env: &Env, collection: &str, filter: &str, limit: Du
     }
 }
 
+/// Waits until consumer `name`'s checkpoint is at the last event in PostgreSQL.
+pub async fn wait_checkpoint_at_end(env: &Env, name: &str, limit: Duration) {
+    let last = env.pg_last_position("");
+    wait_until("the checkpoint reaches the last event", limit, || async {
+        env.checkpoint(name).await.map(|c| checkpoint_text(&c)) == Some(last.clone())
+    })
+    .await;
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
