@@ -19,8 +19,8 @@ pub struct PostgresArgs {
 /// Logging.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
-    /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
-    /// "info,consumer=debug".
+    /// Log filter: a level (error, warn, info, debug, trace, off) or module=level directives such
+    /// as "info,consumer=debug"; anything else is refused at start-up.
     #[arg(long = "log-level", env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 }

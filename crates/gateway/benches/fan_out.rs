@@ -179,10 +179,18 @@ async fn consumer_null_sink(url: &str, last: Position, round: usize) -> Duration
     elapsed
 }
 
-/// The `gateway` binary as a child process.
+/// The `gateway` binary as a child process (stopped on drop, also when the benchmark fails).
 struct Gateway {
     child: Child,
     addr: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
 }
 
 impl Gateway {
@@ -231,6 +239,10 @@ impl Gateway {
     }
 
     fn stop(&mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -358,7 +370,8 @@ async fn fan_out(
                     connected.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(at) = find(frame, b"\"seq\":") {
-                    let digits = &frame[at + 6..];
+                    // jsonb text: `"seq": 12` (a space after the colon).
+                    let digits = frame[at + 6..].trim_ascii_start();
                     let end = digits
                         .iter()
                         .position(|b| !b.is_ascii_digit())

@@ -107,7 +107,11 @@ impl Browser {
             .uri(path)
             .header("host", self.addr.to_string())
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(if body.is_null() {
+                Bytes::new()
+            } else {
+                Bytes::from(body.to_string())
+            }))
             .unwrap();
         let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
             .await
@@ -127,6 +131,17 @@ impl Browser {
         let path = format!("/session/{}/execute/sync", self.session);
         self.call("POST", &path, json!({"script": script, "args": []}))
             .await
+    }
+
+    /// A PNG of the page, saved where a person can look at it.
+    async fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine;
+        let route = format!("/session/{}/screenshot", self.session);
+        let png = self.call("GET", &route, Value::Null).await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().expect("base64 PNG"))
+            .expect("valid base64");
+        std::fs::write(path, bytes).expect("write the screenshot");
     }
 
     /// The positions the page has received so far.
@@ -229,5 +244,16 @@ async fn the_demo_page_resumes_after_a_gateway_restart_without_gaps_or_duplicate
     // Settle: nothing more arrives.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(browser.received().await.len(), expected.len());
+    let shown = browser
+        .eval("return document.getElementById('count').textContent;")
+        .await;
+    assert_eq!(
+        shown,
+        expected.len().to_string(),
+        "the page shows the count"
+    );
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-demo-page.png");
+    browser.screenshot(&shot).await;
+    eprintln!("screenshot of the demo page: {}", shot.display());
     gw.stop().await;
 }

@@ -399,3 +399,57 @@ async fn a_slow_client_is_dropped_with_its_resume_position_while_a_fast_one_keep
     assert_eq!(all, expected);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_keeps_live_streams_open_and_loses_nothing() {
+    let mut env = setup().await;
+    let gw = start(env.config()).await;
+    let addr = gw.addr;
+    let mut live = Sse::open(addr, "/v1/topics/courses/events", &[]).await;
+    produce(&env.admin, "courses", 3, 1).await;
+    let mut got = event_ids(&live.events(3).await);
+
+    let pg = tokio::task::spawn_blocking(move || {
+        env.pg.stop();
+        env
+    });
+    env = pg.await.unwrap();
+    // Health says so; a client that needs stored events is told where to resume.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = get(addr, "/healthz", &[]).await.unwrap();
+        if status == 503 {
+            assert!(body.contains("postgres"), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let resume = got[1].clone();
+    let mut stored = Sse::open(
+        addr,
+        &format!("/v1/topics/courses/events?from={resume}"),
+        &[],
+    )
+    .await;
+    let bye = stored.rest().await;
+    let goodbye = bye.last().expect("a goodbye");
+    assert_eq!(goodbye.json()["reason"], "database_unavailable", "{bye:?}");
+    assert_eq!(goodbye.id.as_deref(), Some(resume.as_str()));
+
+    let env = tokio::task::spawn_blocking(move || {
+        env.pg.restart();
+        env
+    })
+    .await
+    .unwrap();
+    let writer = connect(&env.pg.url()).await;
+    produce(&writer, "courses", 4, 1).await;
+    // The same live stream carries on.
+    got.extend(event_ids(&live.events(4).await));
+    assert_eq!(got, env.positions(""));
+    gw.stop().await;
+}

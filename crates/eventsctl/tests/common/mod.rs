@@ -7,7 +7,9 @@ use std::future::Future;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use event_store::{db, migrations};
+use event_store::db;
+use event_store::migrations::Role;
+use event_store::testing::TestDatabase;
 use mongodb::bson::{doc, Document};
 use testbed::{Mongo, Postgres};
 use tokio::task::JoinHandle;
@@ -34,18 +36,16 @@ pub async fn setup(with_mongo: bool) -> Env {
 }
 
 pub async fn setup_with(with_mongo: bool, settings: &[&str]) -> Env {
-    let pg = Postgres::start_with(settings);
-    let mut admin = connect(&pg.url()).await;
-    migrations::run(&mut admin).await.expect("migrate");
-    admin
-        .batch_execute(
-            "CREATE ROLE ops LOGIN IN ROLE events_consumer;
-             CREATE ROLE ops2 LOGIN IN ROLE events_consumer;
-             CREATE ROLE app LOGIN IN ROLE events_producer;
-             CREATE ROLE keeper LOGIN IN ROLE events_purger;",
-        )
-        .await
-        .unwrap();
+    let TestDatabase { pg, admin } = TestDatabase::on(
+        Postgres::start_with(settings),
+        &[
+            ("ops", Role::Consumer),
+            ("ops2", Role::Consumer),
+            ("app", Role::Producer),
+            ("keeper", Role::Purger),
+        ],
+    )
+    .await;
     let mongo = with_mongo.then(Mongo::start);
     let database = mongo
         .as_ref()

@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use event_store::migrations::Role;
+#[allow(unused_imports)] // not every test file connects
+pub use event_store::testing::connect;
+use event_store::testing::TestDatabase;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
@@ -37,25 +41,8 @@ pub fn init_logging() {
 /// Migrated PostgreSQL with the gateway's login.
 pub async fn setup() -> Env {
     init_logging();
-    let pg = Postgres::start();
-    let mut admin = connect(&pg.url()).await;
-    event_store::migrations::run(&mut admin)
-        .await
-        .expect("migrate");
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {GATEWAY_USER} LOGIN IN ROLE events_consumer"
-        ))
-        .await
-        .unwrap();
+    let TestDatabase { pg, admin } = TestDatabase::start(&[(GATEWAY_USER, Role::Gateway)]).await;
     Env { pg, admin }
-}
-
-pub async fn connect(url: &str) -> Client {
-    let config = event_store::db::config(url, "gateway-test").unwrap();
-    event_store::db::connect_spawned(&config)
-        .await
-        .expect("connect to PostgreSQL")
 }
 
 impl Env {
