@@ -1,0 +1,457 @@
+-- Table-change capture: row changes of user tables become events in `events`, committed in the same
+-- transaction as the change.
+--
+-- Each captured table gets statement-level AFTER triggers with transition tables (one each for
+-- INSERT, UPDATE and DELETE, since a transition-table trigger handles one event, plus a TRUNCATE
+-- trigger without them). Each fires once per statement and writes all of the statement's events
+-- with one INSERT … SELECT.
+--
+-- The capture settings live in the triggers' own arguments (topic, key and excluded column numbers,
+-- full_old): they belong to the table, go wherever the table goes (pg_dump, rename) and vanish with
+-- it, and no settings table can drift from the triggers that use it. Columns are stored by number
+-- (attnum), never by name, and names are looked up per statement, so renaming a column neither
+-- breaks capture nor lets an excluded column leak under its new name. Rows are turned into JSON with
+-- `to_jsonb(row)`, never through a fixed column list, so ADD/DROP/RENAME COLUMN need no refresh:
+-- the next statement's events carry the table's new shape.
+--
+-- Privileges:
+-- - `events_capture` (NOLOGIN, never granted to anyone) owns the SECURITY DEFINER trigger
+--   functions and may only append to `events`. Writers of a captured table need no privilege on
+--   `events` at all.
+-- - `events_capture_admin` (NOLOGIN) may add and remove capture. Grant it to the role that owns
+--   (and migrates) the tables to capture; `capture_add` additionally requires the caller to own
+--   the table. Without it anyone able to create a table could publish events on any topic.
+-- Roles are cluster-wide, so they are created only when missing (as in V2).
+--
+-- Everything below is created in the schema that holds `events`, found at migration time, and
+-- every function pins `search_path = pg_catalog, pg_temp` and qualifies what it names: a caller's
+-- own objects (a function, operator or table called like ours, in any schema or pg_temp) cannot
+-- take over a SECURITY DEFINER function.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'events_capture') THEN
+        CREATE ROLE events_capture NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'events_capture_admin') THEN
+        CREATE ROLE events_capture_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Append only: the same columns a producer may write, minus event_id (capture never chooses one).
+GRANT INSERT (topic, key, type, payload) ON events TO events_capture;
+GRANT USAGE ON SEQUENCE events_id_seq TO events_capture;
+
+DO $migration$
+DECLARE
+    -- The schema that holds `events` (normally public), quoted for splicing into function bodies.
+    s text := (SELECT pg_catalog.quote_ident(n.nspname)
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.oid = 'events'::regclass);
+    body text;
+BEGIN
+    -- A non-superuser migrating role must be able to SET ROLE events_capture to hand it the
+    -- trigger functions (ALTER … OWNER TO).
+    IF NOT pg_catalog.pg_has_role(current_user, 'events_capture', 'MEMBER') THEN
+        EXECUTE pg_catalog.format('GRANT events_capture TO %I', current_user);
+    END IF;
+
+    ------------------------------------------------------------------------------------------------
+    -- What one statement needs to know about its table, read once per statement from the trigger's
+    -- arguments and the catalog (so current names, after any rename).
+    body := $body$
+CREATE FUNCTION @s@.capture_settings(
+    relid oid, args text[],
+    OUT topic text, OUT schema_name text, OUT table_name text, OUT full_old boolean,
+    OUT excluded text[], OUT non_key text[], OUT key_names text[], OUT key_prefix text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    keys int2[] := pg_catalog.string_to_array(args[2], ',')::int2[];
+    excl int2[] := COALESCE(pg_catalog.string_to_array(NULLIF(args[3], ''), ',')::int2[], '{}');
+BEGIN
+    topic := args[1];
+    full_old := args[4] = 'true';
+    SELECT n.nspname, c.relname INTO schema_name, table_name
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = relid;
+    SELECT COALESCE(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+                                   FILTER (WHERE a.attnum OPERATOR(pg_catalog.=) ANY (excl)), '{}'),
+           COALESCE(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+                                   FILTER (WHERE NOT a.attnum OPERATOR(pg_catalog.=) ANY (keys)), '{}'),
+           COALESCE(pg_catalog.array_agg(a.attname::text ORDER BY pg_catalog.array_position(keys, a.attnum))
+                                   FILTER (WHERE a.attnum OPERATOR(pg_catalog.=) ANY (keys)), '{}')
+      INTO excluded, non_key, key_names
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = relid AND a.attnum > 0 AND NOT a.attisdropped;
+    -- A one-column key (the common case) is rendered per row by concatenation alone.
+    IF pg_catalog.cardinality(key_names) = 1 THEN
+        key_prefix := '{' OPERATOR(pg_catalog.||) pg_catalog.to_json(key_names[1])::text OPERATOR(pg_catalog.||) ':';
+    END IF;
+END
+$f$;
+
+-- The event's `key` column for keys of several columns: the row's key as compact JSON text,
+-- `{"a":1,"b":"x"}`, columns in key order. (One-column keys, the common case, are concatenated in
+-- the trigger's own statement instead: no call per row.) A SQL-standard body is bound when it is
+-- created, so no search_path can redirect it.
+CREATE FUNCTION @s@.capture_key_text(row_json jsonb, key_names text[])
+RETURNS text
+LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+    SELECT '{' OPERATOR(pg_catalog.||)
+           pg_catalog.string_agg(pg_catalog.to_json(u.k)::text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||)
+                                 COALESCE((row_json OPERATOR(pg_catalog.->) u.k)::text, 'null'), ',' ORDER BY u.i)
+           OPERATOR(pg_catalog.||) '}'
+      FROM pg_catalog.unnest(key_names) WITH ORDINALITY AS u(k, i);
+END;
+
+CREATE FUNCTION @s@.capture_insert() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    c record;
+BEGIN
+    SELECT * INTO c FROM @s@.capture_settings(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]]);
+    INSERT INTO @s@.events (topic, key, type, payload)
+    SELECT c.topic, CASE WHEN c.key_prefix IS NOT NULL
+                THEN c.key_prefix OPERATOR(pg_catalog.||) COALESCE((r.j OPERATOR(pg_catalog.->) c.key_names[1])::text, 'null') OPERATOR(pg_catalog.||) '}'
+                ELSE @s@.capture_key_text(r.j, c.key_names) END, 'insert',
+           pg_catalog.jsonb_build_object('op', 'insert', 'schema', c.schema_name, 'table', c.table_name,
+                                         'key', r.j OPERATOR(pg_catalog.-) c.non_key, 'new', r.j)
+      FROM (SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) c.excluded AS j FROM capture_new t) r;
+    RETURN NULL;
+END
+$f$;
+
+CREATE FUNCTION @s@.capture_delete() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    c record;
+BEGIN
+    SELECT * INTO c FROM @s@.capture_settings(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]]);
+    INSERT INTO @s@.events (topic, key, type, payload)
+    SELECT c.topic, CASE WHEN c.key_prefix IS NOT NULL
+                THEN c.key_prefix OPERATOR(pg_catalog.||) COALESCE((r.j OPERATOR(pg_catalog.->) c.key_names[1])::text, 'null') OPERATOR(pg_catalog.||) '}'
+                ELSE @s@.capture_key_text(r.j, c.key_names) END, 'delete',
+           pg_catalog.jsonb_build_object('op', 'delete', 'schema', c.schema_name, 'table', c.table_name,
+                                         'key', r.j OPERATOR(pg_catalog.-) c.non_key, 'old', r.j)
+      FROM (SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) c.excluded AS j FROM capture_old t) r;
+    RETURN NULL;
+END
+$f$;
+
+-- Old and new rows are paired by key. A pair whose captured columns are all equal emits nothing;
+-- an old row without a partner is a delete of its key, a new row without one an insert (an UPDATE
+-- that changed the key). `changed` lists only the columns whose values differ: one pass over the
+-- new row's fields with a keyed lookup into the old row (no join of two field lists per row).
+CREATE FUNCTION @s@.capture_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    c record;
+BEGIN
+    SELECT * INTO c FROM @s@.capture_settings(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]]);
+    INSERT INTO @s@.events (topic, key, type, payload)
+    SELECT c.topic,
+           CASE WHEN c.key_prefix IS NOT NULL
+                THEN c.key_prefix OPERATOR(pg_catalog.||) COALESCE((COALESCE(p.nj, p.oj) OPERATOR(pg_catalog.->) c.key_names[1])::text, 'null') OPERATOR(pg_catalog.||) '}'
+                ELSE @s@.capture_key_text(COALESCE(p.nj, p.oj), c.key_names) END,
+           CASE WHEN p.nj IS NULL THEN 'delete' WHEN p.oj IS NULL THEN 'insert' ELSE 'update' END,
+           CASE
+           WHEN p.nj IS NULL THEN
+               pg_catalog.jsonb_build_object('op', 'delete', 'schema', c.schema_name, 'table', c.table_name,
+                                             'key', p.ok, 'old', p.oj)
+           WHEN p.oj IS NULL THEN
+               pg_catalog.jsonb_build_object('op', 'insert', 'schema', c.schema_name, 'table', c.table_name,
+                                             'key', p.nk, 'new', p.nj)
+           ELSE
+               pg_catalog.jsonb_build_object(
+                   'op', 'update', 'schema', c.schema_name, 'table', c.table_name, 'key', p.nk, 'new', p.nj,
+                   'changed', (SELECT pg_catalog.jsonb_object_agg(
+                                          f.key, pg_catalog.jsonb_build_object('old', p.oj OPERATOR(pg_catalog.->) f.key, 'new', f.value))
+                                 FROM pg_catalog.jsonb_each(p.nj) f
+                                WHERE f.value IS DISTINCT FROM p.oj OPERATOR(pg_catalog.->) f.key))
+               OPERATOR(pg_catalog.||)
+               CASE WHEN c.full_old THEN pg_catalog.jsonb_build_object('old', p.oj) ELSE '{}'::jsonb END
+           END
+      FROM (SELECT o.j AS oj, o.k AS ok, n.j AS nj, n.k AS nk
+              FROM (SELECT x.j, x.j OPERATOR(pg_catalog.-) c.non_key AS k
+                      FROM (SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) c.excluded AS j FROM capture_old t) x) o
+              FULL JOIN
+                   (SELECT x.j, x.j OPERATOR(pg_catalog.-) c.non_key AS k
+                      FROM (SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) c.excluded AS j FROM capture_new t) x) n
+                ON o.k OPERATOR(pg_catalog.=) n.k) p
+     WHERE p.oj IS DISTINCT FROM p.nj;
+    RETURN NULL;
+END
+$f$;
+
+CREATE FUNCTION @s@.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    c record;
+BEGIN
+    SELECT * INTO c FROM @s@.capture_settings(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]]);
+    INSERT INTO @s@.events (topic, key, type, payload)
+    VALUES (c.topic, NULL, 'truncate',
+            pg_catalog.jsonb_build_object('op', 'truncate', 'schema', c.schema_name, 'table', c.table_name));
+    RETURN NULL;
+END
+$f$;
+$body$;
+    EXECUTE pg_catalog.replace(body, '@s@', s);
+
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s.capture_settings(oid, text[]) OWNER TO events_capture', s);
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s.capture_key_text(jsonb, text[]) OWNER TO events_capture', s);
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s.capture_insert() OWNER TO events_capture', s);
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s.capture_update() OWNER TO events_capture', s);
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s.capture_delete() OWNER TO events_capture', s);
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s.capture_truncate() OWNER TO events_capture', s);
+
+    ------------------------------------------------------------------------------------------------
+    -- Management, called by the table owner (a member of events_capture_admin), e.g. from the
+    -- owner's own migrations. SECURITY INVOKER: the triggers are created with the caller's rights,
+    -- so nobody gains a right over a table through these functions.
+    body := $body$
+-- The triggers capture uses, by operation.
+CREATE FUNCTION @s@.capture_trigger_name(op text) RETURNS name
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+RETURN ('events_capture_' OPERATOR(pg_catalog.||) op)::name;
+
+-- A table name as text → regclass, with an error that names the table when it does not exist.
+-- No pinned search_path here: the name resolves as it would in the caller's own SQL.
+CREATE FUNCTION @s@.capture_table(name text) RETURNS regclass
+LANGUAGE plpgsql STABLE
+AS $f$
+DECLARE
+    tab regclass := pg_catalog.to_regclass(name);
+BEGIN
+    IF tab IS NULL THEN
+        RAISE EXCEPTION 'table % does not exist', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'undefined_table',
+                  HINT = 'quote names that need it, e.g. ''sales."Order Items"''';
+    END IF;
+    RETURN tab;
+END
+$f$;
+
+-- Starts capturing `tab`'s row changes as events on `topic`.
+--   ops:             any of insert, update, delete, truncate (default: all four)
+--   exclude_columns: columns that never appear in any event (stored by number: a rename keeps them out)
+--   key_columns:     the row key (default: the primary key; required when there is none)
+--   full_old:        updates also carry the whole old row under "old"
+-- Adding capture to a table that already has it is an error (remove it first): a silent replace
+-- would hide a conflicting second configuration, e.g. from two migrations.
+CREATE FUNCTION @s@.capture_add(
+    tab regclass, topic text,
+    ops text[] DEFAULT ARRAY['insert', 'update', 'delete', 'truncate'],
+    exclude_columns text[] DEFAULT '{}',
+    key_columns text[] DEFAULT NULL,
+    full_old boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    rel record;
+    keys int2[];
+    excl int2[] := '{}';
+    col text;
+    num int2;
+    op text;
+    args text;
+BEGIN
+    IF tab IS NULL OR topic IS NULL THEN
+        RAISE EXCEPTION 'capture_add needs a table and a topic' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT c.oid, c.relkind, c.relowner, n.nspname, c.relname INTO rel
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = tab;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table: only ordinary and partitioned tables can be captured', tab
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF rel.nspname IN ('pg_catalog', 'information_schema') OR rel.nspname LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'system table % cannot be captured', tab USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF tab = '@s@.events'::regclass THEN
+        RAISE EXCEPTION 'the events table itself cannot be captured' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_catalog.pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of table % to capture it (its owner is %)',
+                        tab, pg_catalog.pg_get_userbyid(rel.relowner)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'run capture_add as the table''s owner, who must be a member of events_capture_admin';
+    END IF;
+    IF topic !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$' THEN
+        RAISE EXCEPTION 'bad topic %: 1 to 128 letters, digits, ''_'', ''.'' or ''-'', starting with a letter or digit',
+                        pg_catalog.quote_literal(topic) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF ops IS NULL OR pg_catalog.cardinality(ops) = 0 THEN
+        RAISE EXCEPTION 'capture_add needs at least one operation (insert, update, delete, truncate)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH op IN ARRAY ops LOOP
+        IF op IS NULL OR op NOT IN ('insert', 'update', 'delete', 'truncate') THEN
+            RAISE EXCEPTION 'unknown operation %: use insert, update, delete or truncate', pg_catalog.quote_nullable(op)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                WHERE t.tgrelid = tab AND t.tgname LIKE 'events\_capture\_%') THEN
+        RAISE EXCEPTION 'table % is already captured', tab
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'call capture_remove first to change its settings';
+    END IF;
+
+    -- Columns by number, validated against the table as it is now.
+    FOREACH col IN ARRAY COALESCE(exclude_columns, '{}') LOOP
+        SELECT a.attnum INTO num FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = tab AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF num IS NULL THEN
+            RAISE EXCEPTION 'table % has no column %', tab, pg_catalog.quote_ident(col) USING ERRCODE = 'undefined_column';
+        END IF;
+        excl := excl OPERATOR(pg_catalog.||) num;
+    END LOOP;
+    IF key_columns IS NULL OR pg_catalog.cardinality(key_columns) = 0 THEN
+        SELECT i.indkey::int2[] INTO keys FROM pg_catalog.pg_index i
+         WHERE i.indrelid = tab AND i.indisprimary;
+        IF keys IS NULL THEN
+            RAISE EXCEPTION 'table % has no primary key: name the columns that identify a row', tab
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'pass key_columns => ARRAY[''col'', …] (eventsctl: --key-columns)';
+        END IF;
+    ELSE
+        keys := '{}';
+        FOREACH col IN ARRAY key_columns LOOP
+            SELECT a.attnum INTO num FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = tab AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+            IF num IS NULL THEN
+                RAISE EXCEPTION 'table % has no column %', tab, pg_catalog.quote_ident(col) USING ERRCODE = 'undefined_column';
+            END IF;
+            IF num OPERATOR(pg_catalog.=) ANY (keys) THEN
+                RAISE EXCEPTION 'key column % is named twice', pg_catalog.quote_ident(col) USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            keys := keys OPERATOR(pg_catalog.||) num;
+        END LOOP;
+    END IF;
+    IF keys OPERATOR(pg_catalog.&&) excl THEN
+        RAISE EXCEPTION 'a key column cannot be excluded: every event carries its key'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    args := pg_catalog.format('%L, %L, %L, %L', topic, pg_catalog.array_to_string(keys, ','),
+                              pg_catalog.array_to_string(excl, ','), COALESCE(full_old, false)::text);
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        CONTINUE WHEN NOT op OPERATOR(pg_catalog.=) ANY (ops);
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION @s@.%I(%s)',
+            @s@.capture_trigger_name(op), pg_catalog.upper(op), tab,
+            CASE op WHEN 'insert' THEN 'REFERENCING NEW TABLE AS capture_new'
+                    WHEN 'update' THEN 'REFERENCING OLD TABLE AS capture_old NEW TABLE AS capture_new'
+                    WHEN 'delete' THEN 'REFERENCING OLD TABLE AS capture_old'
+                    ELSE '' END,
+            'capture_' OPERATOR(pg_catalog.||) op, args);
+    END LOOP;
+END
+$f$;
+
+-- The same, with the table as text (`'sales."Order Items"'`), for callers that hold a name.
+CREATE FUNCTION @s@.capture_add(
+    tab text, topic text,
+    ops text[] DEFAULT ARRAY['insert', 'update', 'delete', 'truncate'],
+    exclude_columns text[] DEFAULT '{}',
+    key_columns text[] DEFAULT NULL,
+    full_old boolean DEFAULT false)
+RETURNS void
+LANGUAGE sql
+BEGIN ATOMIC
+    SELECT @s@.capture_add(@s@.capture_table(tab), topic, ops, exclude_columns, key_columns, full_old);
+END;
+
+-- Stops capturing `tab`: drops its capture triggers and nothing else. Returns whether it was
+-- captured. Dropping a trigger needs the table's ownership, which PostgreSQL checks itself.
+CREATE FUNCTION @s@.capture_remove(tab regclass) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $f$
+DECLARE
+    trig name;
+    found boolean := false;
+BEGIN
+    FOR trig IN SELECT t.tgname FROM pg_catalog.pg_trigger t
+                 WHERE t.tgrelid = tab AND t.tgname LIKE 'events\_capture\_%' LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', trig, tab);
+        found := true;
+    END LOOP;
+    RETURN found;
+END
+$f$;
+
+CREATE FUNCTION @s@.capture_remove(tab text) RETURNS boolean
+LANGUAGE sql
+BEGIN ATOMIC
+    SELECT @s@.capture_remove(@s@.capture_table(tab));
+END;
+
+-- Every captured table with its settings, read back from the triggers themselves.
+CREATE FUNCTION @s@.capture_list()
+RETURNS TABLE (schema_name text, table_name text, topic text, ops text[],
+               key_columns text[], exclude_columns text[], full_old boolean)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT n.nspname::text, c.relname::text, g.args[1], g.ops,
+           (SELECT pg_catalog.array_agg(a.attname::text ORDER BY pg_catalog.array_position(g.keys, a.attnum))
+              FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND NOT a.attisdropped AND a.attnum = ANY (g.keys)),
+           COALESCE((SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+              FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND NOT a.attisdropped AND a.attnum = ANY (g.excl)), '{}'),
+           g.args[4] = 'true'
+      FROM (SELECT t.tgrelid, t.ops, t.args,
+                   pg_catalog.string_to_array(t.args[2], ',')::int2[] AS keys,
+                   pg_catalog.string_to_array(NULLIF(t.args[3], ''), ',')::int2[] AS excl
+              FROM (SELECT t.tgrelid,
+                           pg_catalog.array_agg(pg_catalog.substr(t.tgname, 16)::text ORDER BY
+                               pg_catalog.array_position(ARRAY['insert', 'update', 'delete', 'truncate'], pg_catalog.substr(t.tgname, 16)::text)) AS ops,
+                           -- tgargs: the arguments, each ended by a NUL byte (\000 once escaped).
+                           pg_catalog.string_to_array(pg_catalog.min(pg_catalog.encode(t.tgargs, 'escape')), '\000') AS args
+                      FROM pg_catalog.pg_trigger t
+                     WHERE t.tgname LIKE 'events\_capture\_%'
+                       AND t.tgfoid IN ('@s@.capture_insert()'::regprocedure, '@s@.capture_update()'::regprocedure,
+                                        '@s@.capture_delete()'::regprocedure, '@s@.capture_truncate()'::regprocedure)
+                     GROUP BY t.tgrelid) t) g
+      JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     ORDER BY 1, 2;
+END;
+$body$;
+    EXECUTE pg_catalog.replace(body, '@s@', s);
+END
+$migration$;
+
+-- New functions are executable by PUBLIC. Trigger functions cannot be called directly, but a role
+-- able to attach them to a table it owns could publish events on any topic, so only capture admins
+-- may; the management functions likewise.
+REVOKE EXECUTE ON FUNCTION capture_settings(oid, text[]), capture_key_text(jsonb, text[]),
+    capture_insert(), capture_update(), capture_delete(), capture_truncate(),
+    capture_trigger_name(text), capture_add(regclass, text, text[], text[], text[], boolean),
+    capture_add(text, text, text[], text[], text[], boolean), capture_remove(regclass),
+    capture_remove(text), capture_table(text), capture_list()
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION capture_insert(), capture_update(), capture_delete(), capture_truncate(),
+    capture_trigger_name(text), capture_add(regclass, text, text[], text[], text[], boolean),
+    capture_add(text, text, text[], text[], text[], boolean), capture_remove(regclass),
+    capture_remove(text), capture_table(text), capture_list()
+    TO events_capture_admin;
