@@ -50,9 +50,10 @@ DECLARE
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.oid = 'events'::regclass);
     body text;
+    caller_path text := pg_catalog.current_setting('search_path');
 BEGIN
     -- Bodies written as SQL-standard functions (BEGIN ATOMIC) are bound to the objects their names
-    -- resolve to now, so resolve them in pg_catalog only (until the end of this transaction).
+    -- resolve to now, so resolve them in pg_catalog only (restored at the end of this block).
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     -- A non-superuser migrating role must be able to SET ROLE events_capture to hand it the
     -- trigger functions (ALTER … OWNER TO).
@@ -468,5 +469,6 @@ GRANT EXECUTE ON FUNCTION @s@.capture_insert(), @s@.capture_update(), @s@.captur
     TO events_capture_admin;
 $body$;
     EXECUTE pg_catalog.replace(body, '@s@', s);
+    PERFORM pg_catalog.set_config('search_path', caller_path, true);
 END
 $migration$;

@@ -11,9 +11,12 @@
 //! - [`db`]: connection pools and dedicated connections, with errors that say what to do.
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
+//! - [`capture`]: table-change capture (row changes of your own tables become events in the same
+//!   transaction); the work is done by triggers from migration V5, this module manages them.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
 //!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
 
+pub mod capture;
 pub mod config;
 pub mod db;
 pub mod error;
