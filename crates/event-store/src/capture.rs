@@ -403,7 +403,12 @@ mod tests {
     fn column_lists_are_validated() {
         let spec = CaptureSpec::new("orders", topic());
         assert!(spec.clone().exclude_columns(["a", "B c"]).is_ok());
-        for bad in [vec![""], vec!["a", "a"], vec![&*"x".repeat(64)], vec!["a\0b"]] {
+        for bad in [
+            vec![""],
+            vec!["a", "a"],
+            vec![&*"x".repeat(64)],
+            vec!["a\0b"],
+        ] {
             assert!(
                 matches!(
                     spec.clone().key_columns(bad.clone()),

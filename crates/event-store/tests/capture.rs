@@ -82,9 +82,7 @@ async fn every_operation_becomes_the_documented_event() {
         .unwrap();
     capture::add(
         &admin,
-        &spec("orders", "orders")
-            .exclude_columns(["card"])
-            .unwrap(),
+        &spec("orders", "orders").exclude_columns(["card"]).unwrap(),
     )
     .await
     .unwrap();
@@ -135,25 +133,98 @@ async fn every_operation_becomes_the_documented_event() {
 
     let got = events_after(&admin, 0).await;
     let expected = vec![
-        row("orders", r#"{"id":1}"#, "insert", with("insert", json!({"key": {"id": 1}, "new": {"id": 1, "status": "new", "amount": 10.50}}))),
-        row("orders", r#"{"id":2}"#, "insert", with("insert", json!({"key": {"id": 2}, "new": {"id": 2, "status": "new", "amount": 3}}))),
-        row("orders", r#"{"id":3}"#, "insert", with("insert", json!({"key": {"id": 3}, "new": {"id": 3, "status": "new", "amount": 7}}))),
-        row("orders", r#"{"id":1}"#, "update", with("update", json!({"key": {"id": 1}, "new": {"id": 1, "status": "paid", "amount": 10.50},
-                                                                   "changed": {"status": {"old": "new", "new": "paid"}}}))),
-        row("orders", r#"{"id":2}"#, "delete", with("delete", json!({"key": {"id": 2}, "old": {"id": 2, "status": "new", "amount": 3}}))),
-        row("orders", r#"{"id":20}"#, "insert", with("insert", json!({"key": {"id": 20}, "new": {"id": 20, "status": "new", "amount": 3}}))),
-        row("orders", r#"{"id":3}"#, "update", with("update", json!({"key": {"id": 3}, "new": {"id": 3, "status": "new", "amount": 8},
-                                                                   "changed": {"amount": {"old": 7, "new": 8}}}))),
-        row("orders", r#"{"id":1}"#, "delete", with("delete", json!({"key": {"id": 1}, "old": {"id": 1, "status": "paid", "amount": 10.50}}))),
-        Row { topic: "orders".into(), key: None, kind: "truncate".into(), payload: table("truncate") },
+        row(
+            "orders",
+            r#"{"id":1}"#,
+            "insert",
+            with(
+                "insert",
+                json!({"key": {"id": 1}, "new": {"id": 1, "status": "new", "amount": 10.50}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":2}"#,
+            "insert",
+            with(
+                "insert",
+                json!({"key": {"id": 2}, "new": {"id": 2, "status": "new", "amount": 3}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":3}"#,
+            "insert",
+            with(
+                "insert",
+                json!({"key": {"id": 3}, "new": {"id": 3, "status": "new", "amount": 7}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":1}"#,
+            "update",
+            with(
+                "update",
+                json!({"key": {"id": 1}, "new": {"id": 1, "status": "paid", "amount": 10.50},
+                                                                   "changed": {"status": {"old": "new", "new": "paid"}}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":2}"#,
+            "delete",
+            with(
+                "delete",
+                json!({"key": {"id": 2}, "old": {"id": 2, "status": "new", "amount": 3}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":20}"#,
+            "insert",
+            with(
+                "insert",
+                json!({"key": {"id": 20}, "new": {"id": 20, "status": "new", "amount": 3}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":3}"#,
+            "update",
+            with(
+                "update",
+                json!({"key": {"id": 3}, "new": {"id": 3, "status": "new", "amount": 8},
+                                                                   "changed": {"amount": {"old": 7, "new": 8}}}),
+            ),
+        ),
+        row(
+            "orders",
+            r#"{"id":1}"#,
+            "delete",
+            with(
+                "delete",
+                json!({"key": {"id": 1}, "old": {"id": 1, "status": "paid", "amount": 10.50}}),
+            ),
+        ),
+        Row {
+            topic: "orders".into(),
+            key: None,
+            kind: "truncate".into(),
+            payload: table("truncate"),
+        },
     ];
     // The delete and insert of one key change come from one statement; their relative order is
     // not part of the contract (they concern different keys).
     let mut got_sorted = got;
     got_sorted[4..6].sort_by(|a, b| a.kind.cmp(&b.kind));
     assert_eq!(got_sorted, expected);
-    let dump = serde_json::to_string(&got_sorted.iter().map(|r| &r.payload).collect::<Vec<_>>()).unwrap();
-    assert!(!dump.contains("card") && !dump.contains("4111") && !dump.contains("9999"), "{dump}");
+    let dump =
+        serde_json::to_string(&got_sorted.iter().map(|r| &r.payload).collect::<Vec<_>>()).unwrap();
+    assert!(
+        !dump.contains("card") && !dump.contains("4111") && !dump.contains("9999"),
+        "{dump}"
+    );
 
     // --full-old: updates carry the whole old row too; a multi-column key renders in key order.
     admin
@@ -197,12 +268,32 @@ async fn every_operation_becomes_the_documented_event() {
     let listed = capture::list(&admin).await.unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(
-        (listed[0].table.as_str(), &listed[0].key_columns, listed[0].ops.as_slice(), listed[0].full_old),
-        ("lines", &vec!["order_id".to_string(), "line".to_string()], [Op::Update].as_slice(), true)
+        (
+            listed[0].table.as_str(),
+            &listed[0].key_columns,
+            listed[0].ops.as_slice(),
+            listed[0].full_old
+        ),
+        (
+            "lines",
+            &vec!["order_id".to_string(), "line".to_string()],
+            [Op::Update].as_slice(),
+            true
+        )
     );
     assert_eq!(
-        (listed[1].table.as_str(), listed[1].topic.as_str(), &listed[1].exclude_columns, listed[1].ops.as_slice()),
-        ("orders", "orders", &vec!["card".to_string()], Op::ALL.as_slice())
+        (
+            listed[1].table.as_str(),
+            listed[1].topic.as_str(),
+            &listed[1].exclude_columns,
+            listed[1].ops.as_slice()
+        ),
+        (
+            "orders",
+            "orders",
+            &vec!["card".to_string()],
+            Op::ALL.as_slice()
+        )
     );
 }
 
@@ -216,9 +307,14 @@ async fn schema_changes_never_break_capture_or_leak_an_excluded_column() {
         )
         .await
         .unwrap();
-    capture::add(&admin, &spec("accounts", "accounts").exclude_columns(["secret"]).unwrap())
-        .await
-        .unwrap();
+    capture::add(
+        &admin,
+        &spec("accounts", "accounts")
+            .exclude_columns(["secret"])
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     let before = last_id(&admin).await;
     admin
         .batch_execute(
@@ -309,7 +405,10 @@ async fn hostile_names_and_every_column_type_arrive_intact() {
         .unwrap();
     assert_eq!(
         (prix.get::<_, String>(0), prix.get::<_, String>(1)),
-        ("number".into(), "12345678901234567890123456789012345678.5".into())
+        (
+            "number".into(),
+            "12345678901234567890123456789012345678.5".into()
+        )
     );
     assert_eq!(new["tags"], json!(["a", "b c"]));
     assert_eq!(new["doc"], json!({"n": {"deep": [1, 2.5, null]}}));
@@ -329,7 +428,10 @@ async fn hostile_names_and_every_column_type_arrive_intact() {
         .batch_execute(r#"CREATE TABLE "user" (id int PRIMARY KEY); SELECT capture_add('"user"'::regclass, 'users');"#)
         .await
         .unwrap();
-    admin.batch_execute(r#"INSERT INTO "user" VALUES (7)"#).await.unwrap();
+    admin
+        .batch_execute(r#"INSERT INTO "user" VALUES (7)"#)
+        .await
+        .unwrap();
     let last = events_after(&admin, 2).await;
     assert_eq!(last[0].payload["table"], "user");
 }
@@ -337,7 +439,10 @@ async fn hostile_names_and_every_column_type_arrive_intact() {
 fn refused(result: Result<impl std::fmt::Debug, CaptureError>, code: SqlState, needle: &str) {
     let err = result.expect_err(needle);
     assert_eq!(err.code(), Some(&code), "{err}");
-    assert!(err.to_string().contains(needle), "{err:?} should mention {needle:?}");
+    assert!(
+        err.to_string().contains(needle),
+        "{err:?} should mention {needle:?}"
+    );
 }
 
 #[tokio::test]
@@ -383,12 +488,22 @@ async fn bad_requests_are_refused_with_the_cause_and_the_fix() {
         .execute("SELECT capture_add('t', 'bad topic')", &[])
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some(&SqlState::INVALID_PARAMETER_VALUE), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_PARAMETER_VALUE),
+        "{err}"
+    );
     let err = admin
         .execute("SELECT capture_add('t', 't', ops => ARRAY['upsert'])", &[])
         .await
         .unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("unknown operation"), "{err}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("unknown operation"),
+        "{err}"
+    );
 
     // Adding twice is an error, not a silent replace; remove, then add again, works.
     capture::add(&admin, &spec("t", "t")).await.unwrap();
@@ -397,16 +512,35 @@ async fn bad_requests_are_refused_with_the_cause_and_the_fix() {
         SqlState::DUPLICATE_OBJECT,
         "already captured",
     );
-    admin.batch_execute("INSERT INTO t VALUES (1, 'a')").await.unwrap();
-    assert!(capture::remove(&admin, "t").await.unwrap());
-    assert!(!capture::remove(&admin, "t").await.unwrap(), "a second remove finds nothing");
     admin
-        .batch_execute("INSERT INTO t VALUES (2, 'b'); UPDATE t SET v = 'c'; DELETE FROM t WHERE id = 1")
+        .batch_execute("INSERT INTO t VALUES (1, 'a')")
         .await
         .unwrap();
-    assert_eq!(events_after(&admin, 0).await.len(), 1, "remove stops the events");
-    let rows = admin.query_one("SELECT count(*) FROM t", &[]).await.unwrap();
-    assert_eq!(rows.get::<_, i64>(0), 1, "remove leaves the table and its data alone");
+    assert!(capture::remove(&admin, "t").await.unwrap());
+    assert!(
+        !capture::remove(&admin, "t").await.unwrap(),
+        "a second remove finds nothing"
+    );
+    admin
+        .batch_execute(
+            "INSERT INTO t VALUES (2, 'b'); UPDATE t SET v = 'c'; DELETE FROM t WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        events_after(&admin, 0).await.len(),
+        1,
+        "remove stops the events"
+    );
+    let rows = admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.get::<_, i64>(0),
+        1,
+        "remove leaves the table and its data alone"
+    );
     assert!(capture::list(&admin).await.unwrap().is_empty());
     capture::add(&admin, &spec("t", "other")).await.unwrap();
 }
@@ -446,12 +580,22 @@ async fn writers_need_no_grant_on_events_and_only_owners_who_are_capture_admins_
     // An owner that is not a capture admin: refused (otherwise anyone able to create a table
     // could publish events on any topic).
     let plain = connect(&pg.url_for("plain_owner", None)).await;
-    plain.batch_execute("CREATE TABLE mine (id int PRIMARY KEY)").await.unwrap();
-    let err = capture::add(&plain, &spec("mine", "orders")).await.unwrap_err();
+    plain
+        .batch_execute("CREATE TABLE mine (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let err = capture::add(&plain, &spec("mine", "orders"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
-    assert!(err.to_string().contains("GRANT events_capture_admin"), "{err}");
+    assert!(
+        err.to_string().contains("GRANT events_capture_admin"),
+        "{err}"
+    );
     // The owner, a capture admin: accepted.
-    capture::add(&owner, &spec("shop.orders", "orders")).await.unwrap();
+    capture::add(&owner, &spec("shop.orders", "orders"))
+        .await
+        .unwrap();
     // Removing is the owner's too.
     refused(
         capture::remove(&other, "shop.orders").await,
@@ -462,7 +606,10 @@ async fn writers_need_no_grant_on_events_and_only_owners_who_are_capture_admins_
     // The application writes the captured table without any privilege on events…
     let app = connect(&pg.url_for("app", None)).await;
     let denied = app
-        .execute("INSERT INTO events (topic, payload) VALUES ('orders', '{}')", &[])
+        .execute(
+            "INSERT INTO events (topic, payload) VALUES ('orders', '{}')",
+            &[],
+        )
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
@@ -490,10 +637,25 @@ async fn writers_need_no_grant_on_events_and_only_owners_who_are_capture_admins_
         .query_one("SELECT count(*) FROM app.hijacked", &[])
         .await
         .unwrap();
-    assert_eq!(hijacked.get::<_, i64>(0), 0, "none of the caller's objects ran");
-    let temp = app.query_one("SELECT count(*) FROM pg_temp.events", &[]).await.unwrap();
-    assert_eq!(temp.get::<_, i64>(0), 0, "the events went to the real table");
-    let kinds: Vec<String> = events_after(&admin, 0).await.into_iter().map(|r| r.kind).collect();
+    assert_eq!(
+        hijacked.get::<_, i64>(0),
+        0,
+        "none of the caller's objects ran"
+    );
+    let temp = app
+        .query_one("SELECT count(*) FROM pg_temp.events", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        temp.get::<_, i64>(0),
+        0,
+        "the events went to the real table"
+    );
+    let kinds: Vec<String> = events_after(&admin, 0)
+        .await
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
     assert_eq!(kinds, ["insert", "insert", "update", "delete", "truncate"]);
 
     // The trigger's owner may only append.

@@ -45,7 +45,10 @@ async fn migrations_apply_once_and_rerun_is_a_no_op() {
     let pg = Postgres::start();
     let mut admin = connect(&pg.url()).await;
     let first = migrations::run(&mut admin).await.unwrap();
-    assert_eq!(first.applied, vec!["V1__events", "V2__roles", "V5__capture"]);
+    assert_eq!(
+        first.applied,
+        vec!["V1__events", "V2__roles", "V5__capture"]
+    );
     assert_eq!(first.version, Some(migrations::latest_version()));
     let second = migrations::run(&mut admin).await.unwrap();
     assert!(
