@@ -17,9 +17,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use consumer::sink::{Delivered, NullSink, Sink};
+use consumer::sink::{Delivered, NullSink};
 use consumer::Config;
-use event_store::{db, migrations};
+use event_store::db::{self, Database};
+use event_store::migrations;
 use producer::{Channel, Notifier};
 use testbed::{env_or, Postgres};
 use tokio::sync::mpsc;
@@ -281,7 +282,7 @@ async fn main() {
 }
 
 /// Commits/s of single-row UPDATEs over `connections` connections.
-async fn commit_rate(config: &tokio_postgres::Config, connections: usize, run: Duration) -> f64 {
+async fn commit_rate(config: &Database, connections: usize, run: Duration) -> f64 {
     let deadline = Instant::now() + run;
     let mut tasks = Vec::new();
     for c in 0..connections {
@@ -312,19 +313,14 @@ async fn commit_rate(config: &tokio_postgres::Config, connections: usize, run: D
 
 /// Commit → delivered latencies of captured single-row updates at `rate`/s; the first second is
 /// warm-up.
-async fn latencies(
-    pg: &Postgres,
-    config: &tokio_postgres::Config,
-    rate: u64,
-    seconds: u64,
-) -> Vec<Duration> {
+async fn latencies(pg: &Postgres, config: &Database, rate: u64, seconds: u64) -> Vec<Duration> {
     let (tx, mut delivered) = mpsc::unbounded_channel::<Delivered>();
     let shutdown = CancellationToken::new();
     let mut consumer_config = Config::new(pg.url_for("bench_consumer", None), None);
     consumer_config.poll_interval = Duration::from_secs(3600);
     let consumer = tokio::spawn(consumer::run_with(
         consumer_config,
-        Sink::Null(NullSink::observed(tx)),
+        NullSink::observed(tx),
         shutdown.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -393,7 +389,7 @@ impl RunningWatcher {
     }
 }
 
-fn start_watcher(db: tokio_postgres::Config, interval: Duration) -> RunningWatcher {
+fn start_watcher(db: Database, interval: Duration) -> RunningWatcher {
     let (notifier, task) = Notifier::spawn(db.clone(), Channel::default(), interval);
     let stop = CancellationToken::new();
     let watcher = tokio::spawn(producer::watcher::run(db, notifier, interval, stop.clone()));

@@ -18,11 +18,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use consumer::sink::{mongo::event_document, Delivered, NullSink, Sink};
+use consumer::sink::{mongo::document::event_document, Delivered, NullSink};
 use consumer::Config;
 use event_store::position::{Position, Reader};
 use event_store::{db, migrations};
-use mongodb::bson::{DateTime, Document};
+use mongodb::bson::{DateTime, RawDocumentBuf};
 use testbed::{env_or, Mongo, Postgres};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +64,7 @@ async fn main() {
                 let client = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
                 let coll = client
                     .database("consumer")
-                    .collection::<Document>("receivedEvents");
+                    .collection::<RawDocumentBuf>("receivedEvents");
                 let started = Instant::now();
                 for chunk in &docs {
                     coll.insert_many(chunk).await.unwrap();
@@ -100,13 +100,7 @@ async fn main() {
             }
             n
         });
-        let elapsed = run_consumer_until(
-            config,
-            Some(Sink::Null(NullSink::observed(tx))),
-            &admin,
-            last,
-        )
-        .await;
+        let elapsed = run_consumer_until(config, Some(NullSink::observed(tx)), &admin, last).await;
         assert_eq!(counter.await.unwrap(), total, "every event delivered once");
         ours_null.push(elapsed);
         eprintln!(
@@ -200,7 +194,7 @@ async fn last_position(admin: &Client) -> Position {
 }
 
 /// The documents the consumer would write, in batches, read with the shared position SQL.
-async fn documents(url: &str, batch: usize) -> Vec<Vec<Document>> {
+async fn documents(url: &str, batch: usize) -> Vec<Vec<RawDocumentBuf>> {
     let client = connect(url).await;
     let reader = Reader::prepare(&client).await.unwrap();
     let mut after = Position::START;
@@ -209,7 +203,12 @@ async fn documents(url: &str, batch: usize) -> Vec<Vec<Document>> {
         let b = reader.fetch(&client, after, batch, None).await.unwrap();
         let Some(end) = b.end else { break };
         let now = DateTime::now();
-        out.push(b.events.iter().map(|e| event_document(e, now)).collect());
+        out.push(
+            b.events
+                .iter()
+                .map(|e| event_document(e, now).unwrap())
+                .collect(),
+        );
         after = end;
     }
     out
@@ -274,7 +273,7 @@ async fn raw_select(url: &str, batch: usize) -> (usize, Duration) {
 /// Runs a consumer in-process until its published position reaches `last`.
 async fn run_consumer_until(
     config: Config,
-    sink: Option<Sink>,
+    sink: Option<NullSink>,
     admin: &Client,
     last: Position,
 ) -> Duration {

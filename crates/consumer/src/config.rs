@@ -70,6 +70,36 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=100_000)
     )]
     pub batch_size: u32,
+    /// Bytes of payload and headers per batch, as well as --batch-size: a run of large events
+    /// never builds a request over MongoDB's limits, and memory stays bounded (about three
+    /// batches are in flight). A single larger event still goes alone. Accepts B, KiB, MiB.
+    #[arg(
+        long = "batch-max-bytes",
+        env = "CONSUMER_BATCH_MAX_BYTES",
+        default_value = "4MiB",
+        value_parser = parse_bytes
+    )]
+    pub batch_max_bytes: usize,
+    /// What to do with an event that cannot be stored (a number no BSON type holds exactly,
+    /// nesting over 100 levels, a document over 16 MiB, a document the server refuses):
+    /// `dead-letter` records it in the `deadLetters` collection, with the reason, in the same
+    /// transaction as the batch and goes on; `stop` halts with an error naming the event.
+    #[arg(
+        long = "on-poison",
+        env = "CONSUMER_ON_POISON",
+        value_enum,
+        default_value_t = OnPoison::DeadLetter
+    )]
+    pub on_poison: OnPoison,
+    /// How often the consumer refreshes its `consumer_positions` row even when idle, so the
+    /// purger (and operators) can tell an idle consumer from a dead one.
+    #[arg(
+        long = "heartbeat-interval",
+        env = "CONSUMER_HEARTBEAT_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub heartbeat_interval: Duration,
 
     /// Fallback poll: the longest a lost or never-sent wake-up can delay delivery (e.g. 500ms, 1s).
     #[arg(
@@ -126,6 +156,37 @@ pub enum Transactions {
     Auto,
     /// Never: idempotent inserts, then the checkpoint.
     Off,
+}
+
+/// The `--on-poison` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnPoison {
+    /// Record the event in `deadLetters` and go on.
+    DeadLetter,
+    /// Stop with an error naming the event.
+    Stop,
+}
+
+/// Parses a byte size: `4194304`, `512KiB`, `4MiB` (also `KB`/`MB`, taken as powers of 1024).
+pub fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; expected e.g. 4MiB, 512KiB or 1048576"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB or MiB")),
+    };
+    match number.checked_mul(scale) {
+        Some(0) | None => Err(format!("{text:?} must be between 1 byte and a few GiB")),
+        Some(bytes) => Ok(bytes),
+    }
 }
 
 /// The `--sink` choices.
@@ -185,9 +246,14 @@ impl Config {
                 }
             }
         }
-        if self.poll_interval.is_zero() || self.monitor_interval.is_zero() {
+        if self.poll_interval.is_zero()
+            || self.monitor_interval.is_zero()
+            || self.heartbeat_interval.is_zero()
+        {
             return Err(Error::Config(
-                "--poll-interval and --monitor-interval must be greater than zero".into(),
+                "--poll-interval, --monitor-interval and --heartbeat-interval must be greater \
+                 than zero"
+                    .into(),
             ));
         }
         Ok(())
@@ -219,6 +285,20 @@ mod tests {
         assert_eq!(c.poll_interval, Duration::from_secs(1));
         assert!(c.topic_filter().is_none());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("4 parsecs").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        let c = parse(&["--sink", "null"]).unwrap();
+        assert_eq!(c.batch_max_bytes, 4 << 20);
+        assert_eq!(c.on_poison, OnPoison::DeadLetter);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
     }
 
     #[test]

@@ -12,13 +12,22 @@
 //! How it fits together:
 //! - [`listener`]: the one dedicated PostgreSQL connection; LISTENs for wake-ups (hints only)
 //!   and runs the position queries.
-//! - [`delivery`]: the loop — a fetcher (PostgreSQL, below the visibility horizon) and a writer
-//!   (the sink) overlapped through a one-slot queue; purge-gap detection; hold-back reporting.
-//! - [`sink`]: MongoDB (documents and checkpoint, one transaction per batch when the server has
-//!   transactions), or the null sink for benchmarks. The sink's checkpoint is where delivery
-//!   resumes.
-//! - [`publisher`]: the committed position, published to PostgreSQL for the purger.
-//! - [`monitor`] and [`metrics`]: lag, `/healthz`, `/metrics`.
+//! - [`fetcher`]: reads batches below the visibility horizon (purge-gap detection, hold-back
+//!   reporting) and queues them, overlapped with the write of the previous one through a one-slot
+//!   queue.
+//! - [`writer`]: stores each batch in the [`sink`], re-reading the sink's checkpoint after any
+//!   failure and rewinding the fetcher when it moved.
+//! - [`sink`]: the [`Sink`](sink::Sink) trait; MongoDB (documents, dead letters and checkpoint,
+//!   one transaction per batch when the server has transactions), or the null sink for
+//!   benchmarks. The sink's checkpoint is where delivery resumes.
+//! - [`publisher`]: the committed position, published to PostgreSQL for the purger, with a
+//!   heartbeat.
+//! - [`health`], [`monitor`] and [`metrics`]: what the parts observe, lag, `/healthz`,
+//!   `/metrics`.
+//!
+//! No row stops the stream: payloads are read as text, never parsed on the PostgreSQL side, and
+//! an event the sink cannot store becomes a dead letter in the same write as its batch
+//! (`--on-poison stop` halts instead).
 //!
 //! Start-up checks that cannot be fixed by waiting (unparseable URIs, schema not migrated, missing
 //! privileges, a checkpoint ahead of the cluster after a restore) end [`run`] with an error;
@@ -26,32 +35,37 @@
 
 pub mod backoff;
 pub mod config;
-pub mod delivery;
 pub mod error;
+pub mod fetcher;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod monitor;
 pub mod publisher;
 pub mod sink;
+pub mod writer;
 
 use std::sync::Arc;
 
 use event_store::db;
 use event_store::migrations::{self, Role};
 use event_store::ops::{self, Health};
-use event_store::position::{Position, Reader};
+use event_store::position::{Limits, Position, Reader};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{Config, SinkKind, Transactions};
+pub use config::{Config, OnPoison, SinkKind, Transactions};
 pub use error::{Error, Result};
+use sink::mongo::MongoConfig;
 use sink::{MongoSink, NullSink, Sink};
 
 use crate::backoff::Backoff;
-use crate::delivery::{Context, Status, MONGODB, POSTGRES};
+use crate::fetcher::{Fetcher, Rewind};
+use crate::health::{Context, Status, MONGODB, POSTGRES};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
+use crate::writer::{Committed, Writer};
 
 /// Batches queued between the fetcher and the writer: one queued plus one being fetched while
 /// one is written.
@@ -61,27 +75,29 @@ const PIPELINE_SLOTS: usize = 1;
 /// after the batch in flight), or until an error that waiting cannot fix.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     config.validate()?;
-    let sink = match config.sink {
-        SinkKind::Null => Sink::Null(NullSink::new()),
+    match config.sink {
+        SinkKind::Null => run_with(config, NullSink::new(), shutdown).await,
         SinkKind::Mongodb => {
-            let uri = config.mongodb_uri.as_deref().unwrap_or_default();
-            Sink::Mongo(Box::new(
-                MongoSink::new(
-                    uri,
-                    &config.mongodb_database,
-                    &config.mongodb_collection,
-                    &config.name,
-                    config.mongodb_transactions,
-                )
-                .await?,
-            ))
+            let sink = MongoSink::new(MongoConfig {
+                uri: config.mongodb_uri.clone().unwrap_or_default(),
+                database: config.mongodb_database.clone(),
+                collection: config.mongodb_collection.clone(),
+                name: config.name.clone(),
+                transactions: config.mongodb_transactions,
+                on_poison: config.on_poison,
+            })
+            .await?;
+            run_with(config, sink, shutdown).await
         }
-    };
-    run_with(config, sink, shutdown).await
+    }
 }
 
 /// [`run`] with a sink of the caller's making (the benchmarks observe a null sink).
-pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToken) -> Result<()> {
+pub async fn run_with<S: Sink>(
+    config: Config,
+    mut sink: S,
+    shutdown: CancellationToken,
+) -> Result<()> {
     config.validate()?;
     let name = config.name.clone();
     let pg = db::config(
@@ -111,7 +127,10 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
         pg: listen_pg,
         channel: config.notify_channel.clone(),
         topics: config.topic_filter(),
-        batch_size: config.batch_size as usize,
+        limits: Limits {
+            rows: config.batch_size as usize,
+            bytes: config.batch_max_bytes,
+        },
         poll_interval: config.poll_interval,
         health: health.clone(),
         metrics: metrics.clone(),
@@ -119,6 +138,7 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
         wake: Arc::new(Notify::new()),
         sink_check: MONGODB,
         encoder: sink.encoder(),
+        dead_letters: Default::default(),
     });
 
     // PostgreSQL first: LISTEN before anything is fetched, then the checks that end start-up
@@ -129,6 +149,7 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
         let connected = async {
             let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
             migrations::check(listener.client(), Role::Consumer).await?;
+            fetcher::take_lease(listener.client(), &ctx.name).await?;
             Ok::<_, Error>(listener)
         }
         .await;
@@ -137,7 +158,7 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
             Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
                 attempt += 1;
-                warn!(error = %e, attempt, "Cannot reach PostgreSQL at start-up; retrying.");
+                warn!(error = %e, attempt, "Cannot start on PostgreSQL yet; retrying.");
                 health.failing(POSTGRES, e.to_string());
                 if sleep_or_stop(backoff.next_pause(), &stop).await {
                     return Ok(());
@@ -174,7 +195,7 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
     // The connection may have broken while we waited for MongoDB; the fetcher then makes a new one
     // and runs the same check.
     let reader = async {
-        delivery::check_not_ahead(listener.client(), &name, start).await?;
+        fetcher::check_not_ahead(listener.client(), &name, start).await?;
         Ok::<_, Error>(Reader::prepare(listener.client()).await?)
     }
     .await;
@@ -185,18 +206,22 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
     };
 
     metrics.position(start);
-    let (committed_tx, committed_rx) = watch::channel(start);
+    let (committed_tx, committed_rx) = watch::channel(Committed {
+        position: start,
+        rewinds: 0,
+    });
     let pool = db::pool(pg, 2)?;
     let publisher = tokio::spawn(publisher::publish_loop(
         pool.clone(),
         name.clone(),
         committed_rx.clone(),
+        config.heartbeat_interval,
         stop.clone(),
     ));
     let monitor = tokio::spawn(monitor::monitor_loop(
         ctx.clone(),
         pool,
-        sink.prober(),
+        sink.probe(),
         committed_rx,
         config.monitor_interval,
         config.stall_timeout,
@@ -204,14 +229,18 @@ pub async fn run_with(config: Config, mut sink: Sink, shutdown: CancellationToke
     ));
 
     let (queue_tx, queue_rx) = mpsc::channel(PIPELINE_SLOTS);
-    let fetcher = tokio::spawn(cancel_on_error(
-        delivery::fetch_loop(ctx.clone(), first, start, queue_tx, stop.clone()),
+    let (rewind_tx, rewind_rx) = watch::channel(Rewind::default());
+    let fetcher = Fetcher::new(ctx.clone(), start, queue_tx, rewind_rx, stop.clone());
+    let writer = Writer::new(
+        ctx.clone(),
+        sink,
+        queue_rx,
+        rewind_tx,
+        committed_tx,
         stop.clone(),
-    ));
-    let writer = tokio::spawn(cancel_on_error(
-        delivery::write_loop(ctx.clone(), sink, queue_rx, committed_tx, stop.clone()),
-        stop.clone(),
-    ));
+    );
+    let fetcher = tokio::spawn(cancel_on_error(fetcher.run(first), stop.clone()));
+    let writer = tokio::spawn(cancel_on_error(writer.run(), stop.clone()));
     let (fetched, written) = tokio::join!(fetcher, writer);
     stop.cancel();
     let _ = tokio::join!(publisher, monitor);

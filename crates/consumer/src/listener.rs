@@ -17,10 +17,11 @@
 use std::sync::Arc;
 
 use event_store::db;
+use event_store::db::Database;
 use futures_util::future::poll_fn;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Config};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
@@ -35,7 +36,7 @@ pub struct Listener {
 impl Listener {
     /// Connects, starts driving the connection, and LISTENs on `channel`. Notifications wake
     /// `wake`; so does the connection's end, so a waiting loop notices it at once.
-    pub async fn connect(config: &Config, channel: &str, wake: Arc<Notify>) -> Result<Listener> {
+    pub async fn connect(config: &Database, channel: &str, wake: Arc<Notify>) -> Result<Listener> {
         let (client, mut connection) = db::connect(config).await?;
         let closed = CancellationToken::new();
         let driver = tokio::spawn({

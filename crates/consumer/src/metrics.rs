@@ -9,11 +9,13 @@ use metrics::{describe_counter, describe_gauge, Counter, Gauge, Unit};
 /// Handles to every series (created once; recording is then a cheap atomic update).
 #[derive(Clone)]
 pub struct Metrics {
+    consumer: String,
     pub delivered: Counter,
     pub redelivered: Counter,
     pub batches: Counter,
     pub wakeups: Counter,
     pub gaps: Counter,
+    pub rewinds: Counter,
     pub reconnects_postgres: Counter,
     pub reconnects_mongodb: Counter,
     pub lag_events: Gauge,
@@ -32,11 +34,13 @@ impl Metrics {
         let counter = |key: &'static str| metrics::counter!(key, "consumer" => name.clone());
         let gauge = |key: &'static str| metrics::gauge!(key, "consumer" => name.clone());
         Metrics {
+            consumer: name.clone(),
             delivered: counter("consumer_events_delivered_total"),
             redelivered: counter("consumer_events_redelivered_total"),
             batches: counter("consumer_batches_total"),
             wakeups: counter("consumer_wakeups_total"),
             gaps: counter("consumer_gaps_total"),
+            rewinds: counter("consumer_checkpoint_rewinds_total"),
             reconnects_postgres: metrics::counter!("consumer_reconnects_total",
                 "consumer" => name.clone(), "database" => "postgres"),
             reconnects_mongodb: metrics::counter!("consumer_reconnects_total",
@@ -52,6 +56,13 @@ impl Metrics {
     pub fn position(&self, position: Position) {
         self.position_tx_id.set(position.tx_id as f64);
         self.position_id.set(position.id as f64);
+    }
+
+    /// One dead letter recorded, by reason (a handful of fixed codes, so the label stays small).
+    pub fn dead_letter(&self, reason: &'static str) {
+        metrics::counter!("consumer_dead_letters_total",
+            "consumer" => self.consumer.clone(), "reason" => reason)
+        .increment(1);
     }
 
     pub fn held_back(&self, for_: Duration) {
@@ -79,6 +90,17 @@ fn describe() {
         "consumer_wakeups_total",
         Unit::Count,
         "Fetches started by a NOTIFY wake-up (bursts count once)."
+    );
+    describe_counter!(
+        "consumer_dead_letters_total",
+        Unit::Count,
+        "Events that cannot be stored, recorded in the deadLetters collection instead, by reason."
+    );
+    describe_counter!(
+        "consumer_checkpoint_rewinds_total",
+        Unit::Count,
+        "Times the sink's checkpoint was not where the last write left it (lost acknowledged \
+         writes, or moved by an operator) and delivery went on from the checkpoint."
     );
     describe_counter!(
         "consumer_gaps_total",

@@ -14,9 +14,10 @@ use event_store::position::{self, Backlog, Position};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{Context, DELIVERY, POSTGRES};
 use crate::error::{Error, Result};
-use crate::sink::Prober;
+use crate::health::{Context, DELIVERY, POSTGRES};
+use crate::sink::Probe;
+use crate::writer::Committed;
 
 /// The backlog is counted up to this many events, to keep the measurement cheap.
 pub const BACKLOG_CAP: i64 = 100_000;
@@ -24,8 +25,8 @@ pub const BACKLOG_CAP: i64 = 100_000;
 pub async fn monitor_loop(
     ctx: Arc<Context>,
     pool: Pool,
-    prober: Prober,
-    committed: watch::Receiver<Position>,
+    prober: impl Probe,
+    committed: watch::Receiver<Committed>,
     interval: Duration,
     stall_timeout: Duration,
     shutdown: CancellationToken,
@@ -38,7 +39,7 @@ pub async fn monitor_loop(
             _ = ticks.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let position = *committed.borrow();
+        let position = committed.borrow().position;
         let probe_timeout = interval.max(Duration::from_secs(2));
         let (backlog, sink) = tokio::join!(
             tokio::time::timeout(probe_timeout, measure(&pool, position)),

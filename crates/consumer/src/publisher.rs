@@ -3,8 +3,12 @@
 //! committed position (intermediate ones are skipped when it lags), retries with backoff when
 //! PostgreSQL is away, and publishes once at start so the purger knows the consumer exists (a new
 //! consumer publishes the very beginning, holding every event for it). That first publish may move
-//! the position *back* (a checkpoint reset or restored from an older backup); later ones only
-//! move it forward.
+//! the position *back* (a checkpoint reset or restored from an older backup), and so may the first
+//! after a rewind; others only move it forward.
+//!
+//! **Heartbeat.** The row is also refreshed every heartbeat interval when nothing moves, so
+//! `updated_at` is the last sign of life: the purger's consumer expiry counts from it, and an idle
+//! but healthy consumer never looks dead.
 
 use std::time::Duration;
 
@@ -16,23 +20,26 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
+use crate::writer::Committed;
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn publish_loop(
     pool: Pool,
     name: String,
-    mut committed: watch::Receiver<Position>,
+    mut committed: watch::Receiver<Committed>,
+    heartbeat: Duration,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::reconnect();
     let mut failures = 0u32;
-    let mut registered = false;
+    // The rewind count last published with `register`; `None` before the first publish.
+    let mut registered: Option<u64> = None;
     loop {
-        let position = *committed.borrow_and_update();
-        match publish(&pool, &name, position, !registered).await {
+        let Committed { position, rewinds } = *committed.borrow_and_update();
+        match publish(&pool, &name, position, registered != Some(rewinds)).await {
             Ok(()) => {
-                registered = true;
+                registered = Some(rewinds);
                 if failures > 0 {
                     info!(attempts = failures, position = %position, "Publishing the position works again.");
                 }
@@ -54,12 +61,14 @@ pub async fn publish_loop(
         }
         tokio::select! {
             changed = committed.changed() => if changed.is_err() { break },
+            // Idle: publish the same position again, as a heartbeat.
+            _ = tokio::time::sleep(heartbeat) => {}
             _ = shutdown.cancelled() => break,
         }
     }
     // The last position, so the purger does not hold back more than needed while we are away.
-    let position = *committed.borrow();
-    if let Err(e) = publish(&pool, &name, position, !registered).await {
+    let Committed { position, rewinds } = *committed.borrow();
+    if let Err(e) = publish(&pool, &name, position, registered != Some(rewinds)).await {
         warn!(error = %e, "Cannot publish the final position.");
     }
 }

@@ -135,6 +135,43 @@ async fn mongodb_stopped_and_crashed_mid_stream() {
     consumer.stop().await;
 }
 
+/// A server that acknowledges writes and then loses them (no journal sync, `kill -9`), many times
+/// under load: the consumer notices its checkpoint moved back, delivers again from there, and in
+/// the end every event is stored exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn mongodb_losing_acknowledged_writes_loses_no_event() {
+    let mut env = common::setup_with(testbed::Mongo::start_forgetful()).await;
+    if env.mongo.kind() == testbed::MongoKind::External {
+        eprintln!("TEST_MONGODB_URI is set: an external server cannot be killed");
+        return;
+    }
+    let addr = free_addr();
+    let mut config = env.config("forgetful");
+    config.http.http_addr = Some(addr);
+    config.batch_size = 50;
+    let consumer = spawn(config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = start_producer(env.pg.url(), stop.clone());
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(400..1500))).await;
+        tokio::task::block_in_place(|| {
+            env.mongo.kill();
+            env.mongo.restart();
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(producer.await.unwrap() > 0);
+    recovered_and_caught_up(&env, addr, "forgetful", "mongodb", 0.0, 120).await;
+    let metrics = http_get(addr, "/metrics").await.unwrap().1;
+    let rewinds = metrics
+        .lines()
+        .find(|l| l.starts_with("consumer_checkpoint_rewinds_total{consumer=\"forgetful\"}"))
+        .unwrap_or("no rewind");
+    eprintln!("checkpoint found moved back after lost writes: {rewinds}");
+    consumer.stop().await;
+}
+
 /// The LISTEN backend terminated by an operator: the consumer reconnects, LISTENs again, and
 /// wake-ups work again (the fallback poll is an hour, so only a wake-up can deliver).
 #[tokio::test(flavor = "multi_thread")]

@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use common::*;
 use mongodb::bson::doc;
 use nix::sys::signal::{kill, Signal};
@@ -418,4 +419,79 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("consumer-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
+}
+
+/// The heartbeat: a consumer that is alive but cannot move (its MongoDB is away) refreshes its
+/// `consumer_positions` row, so a purger with a short consumer expiry still keeps every event it
+/// has not delivered, however many expiry periods pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_consumer_is_not_expired_by_the_purger() {
+    let mut env = setup().await;
+    env.admin
+        .batch_execute("CREATE ROLE idle_purger LOGIN IN ROLE events_purger")
+        .await
+        .unwrap();
+    let mut config = env.config("idle");
+    config.heartbeat_interval = Duration::from_millis(200);
+    let consumer = spawn(config);
+    produce(&env.admin, "courses", 10).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
+
+    tokio::task::block_in_place(|| env.mongo.stop());
+    produce(&env.admin, "courses", 10).await;
+    // Several expiry periods without a single delivery.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let purger = purger::Config::try_parse_from([
+        "purger",
+        "--database-url",
+        &env.pg.url_for("idle_purger", None),
+        "--once",
+        "--retention",
+        "0s",
+        "--consumer-expiry",
+        "1s",
+    ])
+    .unwrap();
+    purger::run(purger, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("the purger pass");
+    assert_eq!(
+        env.pg.psql("SELECT count(*) FROM events"),
+        "10",
+        "the delivered events are purged, the undelivered ones kept"
+    );
+
+    tokio::task::block_in_place(|| env.mongo.restart());
+    wait_until("all 20 delivered", Duration::from_secs(60), || async {
+        env.mongo_count(RECEIVED).await == 20
+    })
+    .await;
+    consumer.stop().await;
+}
+
+/// The lease: a second consumer with the same name waits (and says why on `/healthz`) instead of
+/// writing beside the first; it takes over when the first stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_consumer_with_the_same_name_waits_for_the_lease() {
+    let env = setup().await;
+    let first = spawn(env.config("twin"));
+    produce(&env.admin, "courses", 20).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
+
+    let addr = free_addr();
+    let mut config = env.config("twin");
+    config.http.http_addr = Some(addr);
+    let second = spawn(config);
+    wait_until(
+        "the second one reports the held lease",
+        Duration::from_secs(30),
+        || async {
+            matches!(http_get(addr, "/healthz").await, Some((503, body)) if body.contains("lease"))
+        },
+    )
+    .await;
+    first.stop().await;
+    produce(&env.admin, "courses", 20).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(60)).await;
+    second.stop().await;
 }

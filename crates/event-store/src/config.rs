@@ -32,22 +32,68 @@ pub struct HttpArgs {
     pub http_addr: Option<SocketAddr>,
 }
 
+/// A connection string fit to print: the password (in `user:password@`, or a `password` /
+/// `sslpassword` parameter, URL or key=value form) replaced by `***`. Works for `postgres://`,
+/// `mongodb://` and `mongodb+srv://` URLs alike. The one function that prints connection strings.
+pub fn redact(url: &str) -> String {
+    const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
+    if let Some(scheme_end) = url.find("://") {
+        let (scheme, rest) = url.split_at(scheme_end + 3);
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let authority = match authority.rfind('@') {
+            Some(at) => {
+                let (userinfo, host) = authority.split_at(at);
+                match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***{host}"),
+                    None => authority.to_string(),
+                }
+            }
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if SECRET_KEYS.contains(&key) => format!("{key}=***"),
+                        _ => pair.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", query.join("&"))
+            }
+            None => tail.to_string(),
+        };
+        return format!("{scheme}{authority}{tail}");
+    }
+    let mut out = String::with_capacity(url.len());
+    let mut kept_from = 0;
+    for (start, end, key, _) in crate::tls::key_value_pairs(url) {
+        if SECRET_KEYS.contains(&key.as_str()) {
+            out.push_str(&url[kept_from..start]);
+            out.push_str(&format!("{key}=***"));
+            kept_from = end;
+        }
+    }
+    out.push_str(&url[kept_from..]);
+    out
+}
+
 /// Parses durations such as `250ms`, `30s`, `5m`, `7d` (clap value parser).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{e} (expected a duration such as 250ms, 30s, 5m, 1h or 7d)"))
 }
 
-/// Ends `main`: prints the error chain once, as `error: what: cause`, and picks the exit code.
+/// Ends `main`: prints the error report once ([`crate::error::report`]: each cause once, a
+/// PostgreSQL error with its SQLSTATE and what to do), and picks the exit code.
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "Exiting on an unrecoverable error."
-            );
-            eprintln!("error: {error:#}");
+            let report = crate::error::report(error.as_ref());
+            tracing::error!(error = %report, "Exiting on an unrecoverable error.");
+            eprintln!("error: {report}");
             ExitCode::FAILURE
         }
     }
@@ -56,6 +102,31 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cr%40t@db:5432/events?sslmode=verify-full",
+                "postgres://app:***@db:5432/events?sslmode=verify-full",
+            ),
+            (
+                "mongodb://consumer:p@ss:w0rd@m1,m2/?replicaSet=rs0&authSource=consumer",
+                "mongodb://consumer:***@m1,m2/?replicaSet=rs0&authSource=consumer",
+            ),
+            (
+                "postgresql://db/events?user=app&password=s3cret",
+                "postgresql://db/events?user=app&password=***",
+            ),
+            ("postgres://app@db/events", "postgres://app@db/events"),
+            (
+                "host=db user=app password='s3 cret' dbname=events",
+                "host=db user=app password=*** dbname=events",
+            ),
+        ] {
+            assert_eq!(redact(url), shown);
+        }
+    }
 
     #[test]
     fn durations_parse_with_units_and_explain_bad_input() {

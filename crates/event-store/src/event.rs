@@ -136,12 +136,84 @@ pub struct Event {
     pub topic: String,
     pub key: Option<String>,
     pub event_type: Option<String>,
-    pub payload: Value,
-    pub headers: Value,
+    /// The payload as PostgreSQL prints it (`jsonb::text`): exact, whatever it holds.
+    pub payload: RawJson,
+    /// The headers object, likewise.
+    pub headers: RawJson,
     pub created_at: SystemTime,
 }
 
+/// JSON text exactly as PostgreSQL stored it. Kept as text rather than parsed into a
+/// `serde_json::Value`: jsonb numbers are arbitrary-precision (`1e400`, 40-digit integers) and
+/// nesting is limited only by the server's stack, so a general-purpose parse can fail or round
+/// where the stored value is perfectly valid. Readers that want a value parse it and handle the
+/// error ([`RawJson::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RawJson(String);
+
+impl RawJson {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As a `serde_json::Value`; fails on what serde_json cannot hold (numbers beyond `f64`,
+    /// nesting deeper than 128).
+    pub fn parse(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(&self.0)
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl From<String> for RawJson {
+    fn from(text: String) -> RawJson {
+        RawJson(text)
+    }
+}
+
+impl std::fmt::Display for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl Event {
+    /// The event as one line of JSON, the shape every reader prints (`eventsctl tail`, the
+    /// gateway): `{position, id, event_id, topic, key, type, created_at, payload, headers}`, with
+    /// payload and headers spliced in exactly as PostgreSQL printed them (no parse, no rounding).
+    pub fn to_json(&self) -> String {
+        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        let optional = |s: &Option<String>| s.as_deref().map_or_else(|| "null".into(), text);
+        let created_at = humantime::format_rfc3339_micros(self.created_at).to_string();
+        format!(
+            r#"{{"position":{},"id":{},"event_id":"{}","topic":{},"key":{},"type":{},"created_at":"{}","payload":{},"headers":{}}}"#,
+            text(&self.position.to_string()),
+            self.position.id,
+            self.event_id,
+            text(&self.topic),
+            optional(&self.key),
+            optional(&self.event_type),
+            created_at,
+            self.payload.as_str(),
+            if self.headers.is_empty() {
+                "{}"
+            } else {
+                self.headers.as_str()
+            },
+        )
+    }
+
     /// The event's `id` column (its place in the commit-independent sequence).
     pub fn id(&self) -> i64 {
         self.position.id
@@ -179,6 +251,32 @@ mod tests {
                 "{bad:?} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn events_print_as_exact_json() {
+        let event = Event {
+            position: Position::new(7, 42),
+            event_id: Uuid::nil(),
+            topic: "orders".into(),
+            key: Some("k\"1".into()),
+            event_type: None,
+            payload: RawJson::from(r#"{"n": 1e400, "d": [1, 2]}"#.to_string()),
+            headers: RawJson::default(),
+            created_at: SystemTime::UNIX_EPOCH,
+        };
+        let line = event.to_json();
+        assert!(
+            line.contains(r#""payload":{"n": 1e400, "d": [1, 2]}"#),
+            "{line}"
+        );
+        let parsed: Value = serde_json::from_str(&line.replace("1e400", "1")).unwrap();
+        assert_eq!(parsed["position"], "7/42");
+        assert_eq!(parsed["id"], 42);
+        assert_eq!(parsed["key"], "k\"1");
+        assert_eq!(parsed["type"], Value::Null);
+        assert_eq!(parsed["created_at"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(parsed["headers"], serde_json::json!({}));
     }
 
     #[test]

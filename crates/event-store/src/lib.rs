@@ -9,10 +9,15 @@
 //!   can ever appear behind a position once it has been read. All SQL that reads events by
 //!   position lives in that module, and nowhere else.
 //! - [`db`]: connection pools and dedicated connections, with errors that say what to do.
+//! - [`lease`]: the session advisory lock a running consumer holds, so that operator tools
+//!   (`eventsctl reset`) can tell it is running and refuse to move its checkpoint.
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
 //! - [`capture`]: table-change capture (row changes of your own tables become events in the same
 //!   transaction); the work is done by triggers from migration V5, this module manages them.
+//! - [`tls`]: TLS on every connection, with libpq's `sslmode` and `sslrootcert`.
+//! - [`error`]: the one error report (server message, SQLSTATE, detail, hint, what to do) and the
+//!   transient/permanent classification; [`retry`]: the one retry policy.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
 //!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
 
@@ -21,14 +26,17 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod event;
+pub mod lease;
 pub mod migrations;
 pub mod ops;
 pub mod position;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::{Error, Result};
-pub use event::{Event, NewEvent, Topic};
+pub use event::{Event, NewEvent, RawJson, Topic};
 pub use position::Position;
 
 /// The fixed name of the outbox table (users type `select count(*) from events`).

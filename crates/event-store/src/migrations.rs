@@ -18,9 +18,23 @@ pub struct Applied {
     pub version: Option<i32>,
 }
 
-/// Applies every pending migration. Idempotent: a second run applies nothing. Run it as the
-/// database owner (it creates tables and roles), never as a service role.
+/// The role prefix `migrate` uses unless told otherwise: roles `events_producer`,
+/// `events_consumer`, `events_purger`.
+pub const DEFAULT_ROLE_PREFIX: &str = "events";
+
+/// [`run_with`] with the [default prefix](DEFAULT_ROLE_PREFIX).
 pub async fn run(client: &mut Client) -> Result<Applied> {
+    run_with(client, DEFAULT_ROLE_PREFIX).await
+}
+
+/// Applies every pending migration, then (re)grants this database's group roles
+/// `<role_prefix>_producer`, `_consumer` and `_purger` exactly (migration V4's
+/// `events_grant_roles`). Idempotent: a second run applies nothing and grants the same. Run it as
+/// the database owner (it creates tables and roles), never as a service role.
+///
+/// Fails when roles of that prefix already hold privileges in another database of the cluster:
+/// each database's stream needs roles of its own (see the README, Security).
+pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied> {
     let report = embedded::migrations::runner().run_async(client).await?;
     let applied: Vec<String> = report
         .applied_migrations()
@@ -31,6 +45,10 @@ pub async fn run(client: &mut Client) -> Result<Applied> {
         .get_last_applied_migration_async(client)
         .await?
         .map(|m| m.version());
+    client
+        .execute("SELECT events_grant_roles($1)", &[&role_prefix])
+        .await
+        .map_err(|e| Error::database(format!("grant the roles of prefix {role_prefix:?}"), e))?;
     Ok(Applied { applied, version })
 }
 
@@ -52,66 +70,143 @@ pub enum Role {
     Purger,
 }
 
+/// What a role must be able to do: `(kind, object, privilege)`. Tables are checked per column
+/// where the privilege allows column-level grants (producers and the purger hold those).
+const TABLE: &str = "table";
+const FUNCTION: &str = "function";
+
 impl Role {
-    /// `(table, privilege)` pairs, checked per column where the privilege allows
-    /// column-level grants (producers hold those).
-    fn needs(self) -> &'static [(&'static str, &'static str)] {
+    fn needs(self) -> &'static [(&'static str, &'static str, &'static str)] {
         match self {
-            Role::Producer => &[("events", "INSERT")],
+            Role::Producer => &[(TABLE, "events", "INSERT")],
             Role::Consumer => &[
-                ("events", "SELECT"),
-                ("consumer_positions", "INSERT"),
-                ("consumer_positions", "UPDATE"),
-                ("purge_watermark", "SELECT"),
+                (TABLE, "events", "SELECT"),
+                (TABLE, "consumer_positions", "INSERT"),
+                (TABLE, "consumer_positions", "UPDATE"),
+                (TABLE, "purge_watermark", "SELECT"),
+                (FUNCTION, "events_horizon_blocker()", "EXECUTE"),
             ],
             Role::Purger => &[
-                ("events", "DELETE"),
-                ("consumer_positions", "SELECT"),
-                ("purge_watermark", "INSERT"),
-                ("purge_watermark", "UPDATE"),
+                (TABLE, "events", "DELETE"),
+                (TABLE, "events", "SELECT"),
+                (TABLE, "consumer_positions", "SELECT"),
+                (TABLE, "purge_watermark", "INSERT"),
+                (TABLE, "purge_watermark", "UPDATE"),
             ],
         }
     }
 
-    fn group(self) -> &'static str {
+    /// `producer`, `consumer`, `purger`: the job's name in `event_stream_roles` and in messages.
+    pub fn job(self) -> &'static str {
         match self {
-            Role::Producer => "events_producer",
-            Role::Consumer => "events_consumer",
-            Role::Purger => "events_purger",
+            Role::Producer => "producer",
+            Role::Consumer => "consumer",
+            Role::Purger => "purger",
         }
     }
 }
 
-/// Fails with an actionable message when the schema is missing or the connected role lacks a
-/// privilege `role` needs. Services call it at start-up: bad configuration is reported once,
-/// clearly, instead of as a retry loop of permission errors.
+/// This database's group role for `role` (from `event_stream_roles`; V2's `events_<job>` on an
+/// older schema).
+pub async fn group_role(client: &Client, role: Role) -> Result<String> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('event_stream_roles') IS NOT NULL
+                         THEN (SELECT r.role::text FROM event_stream_roles r WHERE r.job = $1) END",
+            &[&role.job()],
+        )
+        .await
+        .map_err(|e| Error::database("look up the group roles", e))?;
+    Ok(row
+        .get::<_, Option<String>>(0)
+        .unwrap_or_else(|| format!("{DEFAULT_ROLE_PREFIX}_{}", role.job())))
+}
+
+/// The schema version recorded by refinery, as far as this login may read it.
+async fn schema_version(client: &Client) -> Result<Option<i32>> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL,
+                    to_regclass('refinery_schema_history') IS NOT NULL
+                      AND has_table_privilege(current_user, 'refinery_schema_history', 'SELECT')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("check the schema version", e))?;
+    let (exists, readable): (bool, bool) = (row.get(0), row.get(1));
+    if !exists {
+        return Ok(None);
+    }
+    if !readable {
+        // V4 lets everyone read the history: the schema is older than that.
+        return Ok(Some(0));
+    }
+    let row = client
+        .query_one("SELECT max(version) FROM refinery_schema_history", &[])
+        .await
+        .map_err(|e| Error::database("read the schema version", e))?;
+    Ok(Some(row.get::<_, Option<i32>>(0).unwrap_or(0)))
+}
+
+/// Fails with an actionable message when the schema is missing or older than this binary, or the
+/// connected login lacks a privilege `role` needs. Services call it at start-up: bad configuration
+/// is reported once, clearly, instead of as a retry loop of permission errors.
 pub async fn check(client: &Client, role: Role) -> Result<()> {
-    for (table, privilege) in role.needs() {
+    let needed = latest_version();
+    let job = role.job();
+    match schema_version(client).await? {
+        None => {
+            return Err(Error::Schema(format!(
+                "the schema is not migrated; run `migrate` with DATABASE_URL pointing at the same \
+                 database (as its owner): this {job} needs V{needed}"
+            )))
+        }
+        Some(0) => {
+            return Err(Error::Schema(format!(
+                "schema older than V4 (its version is not readable by this login), this {job} \
+                 needs V{needed}: run `migrate` with DATABASE_URL pointing at the same database \
+                 (as its owner)"
+            )));
+        }
+        Some(version) if version < needed => {
+            return Err(Error::Schema(format!(
+                "schema at V{version}, this {job} needs V{needed}: run `migrate` with DATABASE_URL \
+                 pointing at the same database (as its owner)"
+            )))
+        }
+        Some(_) => {}
+    }
+    for (kind, object, privilege) in role.needs() {
+        let sql = if *kind == FUNCTION {
+            "SELECT to_regprocedure($1) IS NOT NULL,
+                    to_regprocedure($1) IS NOT NULL
+                      AND has_function_privilege(current_user, to_regprocedure($1), $2),
+                    current_user::text"
+        } else {
+            "SELECT to_regclass($1) IS NOT NULL,
+                    to_regclass($1) IS NOT NULL
+                      AND CASE WHEN $2 = 'DELETE'
+                               THEN has_table_privilege(current_user, to_regclass($1), $2)
+                               ELSE has_any_column_privilege(current_user, to_regclass($1), $2)
+                          END,
+                    current_user::text"
+        };
         let row = client
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL,
-                        to_regclass($1) IS NOT NULL
-                          AND CASE WHEN $2 = 'DELETE'
-                                   THEN has_table_privilege(current_user, to_regclass($1), $2)
-                                   ELSE has_any_column_privilege(current_user, to_regclass($1), $2)
-                              END,
-                        current_user::text",
-                &[table, privilege],
-            )
+            .query_one(sql, &[object, privilege])
             .await
             .map_err(|e| Error::database("check the schema and privileges", e))?;
         let (exists, allowed, user): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
         if !exists {
             return Err(Error::Schema(format!(
-                "table {table:?} does not exist: the schema is not migrated; run `migrate` with \
+                "{kind} {object:?} does not exist: the schema is not migrated; run `migrate` with \
                  DATABASE_URL pointing at the same database (as its owner)"
             )));
         }
         if !allowed {
+            let group = group_role(client, role).await?;
             return Err(Error::Privilege(format!(
-                "role {user:?} lacks {privilege} on {table:?}; grant it the group role: \
-                 GRANT {} TO \"{user}\"",
-                role.group()
+                "role {user:?} lacks {privilege} on {object:?}; grant it this database's {job} \
+                 group role: GRANT {group} TO \"{user}\""
             )));
         }
     }

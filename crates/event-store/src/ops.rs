@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Default)]
 pub struct Health {
     checks: Mutex<BTreeMap<&'static str, Option<String>>>,
+    /// Facts worth showing that do not make the service unhealthy (e.g. dead letters recorded).
+    notes: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -36,6 +38,20 @@ impl Health {
             .lock()
             .unwrap()
             .insert(check, Some(reason.into()));
+    }
+
+    /// Shows `text` under `name` on `/healthz` without failing it.
+    pub fn note(&self, name: &'static str, text: impl Into<String>) {
+        self.notes.lock().unwrap().insert(name, text.into());
+    }
+
+    /// The notes, one `name: text` line each.
+    pub fn notes(&self) -> String {
+        let notes = self.notes.lock().unwrap();
+        notes
+            .iter()
+            .map(|(name, text)| format!("{name}: {text}\n"))
+            .collect()
     }
 
     /// `Ok(())` when every check passes; otherwise the failing checks, one per line.
@@ -98,9 +114,13 @@ impl OpsServer {
                 get(move || {
                     let health = health.clone();
                     async move {
+                        let notes = health.notes();
                         match health.report() {
-                            Ok(()) => (StatusCode::OK, "ok\n".to_string()),
-                            Err(failing) => (StatusCode::SERVICE_UNAVAILABLE, failing + "\n"),
+                            Ok(()) => (StatusCode::OK, format!("ok\n{notes}")),
+                            Err(failing) => (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("{failing}\n{notes}"),
+                            ),
                         }
                     }
                 }),

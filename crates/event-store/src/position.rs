@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, Row, Statement};
 
 use crate::error::{Error, Result};
-use crate::event::Event;
+use futures_util::StreamExt;
+
+use crate::event::{Event, RawJson};
 
 /// Where a reader stands: it has seen every event at or before `(tx_id, id)`.
 #[derive(
@@ -71,10 +73,56 @@ pub const REBASE_HINT: &str = "a stored position is ahead of this cluster's tran
 #[derive(Debug, Default)]
 pub struct Batch {
     pub events: Vec<Event>,
+    /// Rows whose columns could not be decoded (see [`Undecodable`]); the sink records them as dead
+    /// letters instead of stopping the stream.
+    pub undecodable: Vec<Undecodable>,
     /// Last row scanned (wanted or not); `None` when nothing was past the position.
     pub end: Option<Position>,
-    /// Rows scanned, wanted or not; `scanned == limit` means more may be ready right away.
+    /// Rows scanned, wanted or not.
     pub scanned: usize,
+    /// More rows were ready past `end` when this batch was cut (by rows or by bytes): fetch again
+    /// at once rather than wait for a wake-up.
+    pub more: bool,
+    /// Bytes of payload and headers text in the batch.
+    pub bytes: usize,
+}
+
+/// How much one fetch may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Rows scanned (wanted or not).
+    pub rows: usize,
+    /// Bytes of payload and headers text. A single larger event is still returned alone, so the
+    /// stream never stalls on it.
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// The consumer's defaults: 1000 rows, 4 MiB.
+    pub const DEFAULT: Limits = Limits {
+        rows: 1000,
+        bytes: 4 << 20,
+    };
+
+    pub fn rows(rows: usize) -> Limits {
+        Limits {
+            rows,
+            ..Limits::DEFAULT
+        }
+    }
+}
+
+/// A row that PostgreSQL stored but this reader cannot turn into an [`Event`] (a column of an
+/// unexpected type or value). Whatever could be read is kept for the dead-letter record.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    pub position: Position,
+    pub event_id: Option<uuid::Uuid>,
+    pub topic: Option<String>,
+    pub key: Option<String>,
+    pub event_type: Option<String>,
+    pub payload: Option<String>,
+    pub reason: String,
 }
 
 /// The statements a reader uses, prepared once per connection.
@@ -84,24 +132,48 @@ pub struct Reader {
     watermark: Statement,
 }
 
-/// Rows past `$1/$2`, below the horizon, in position order. Rows of topics outside `$4` (NULL = all
-/// topics) come back without payload and headers: the reader only needs their position to pass them.
+/// Rows past `$1/$2`, below the horizon, in position order, at most `$3` rows and about `$5` bytes.
+/// Rows of topics outside `$4` (NULL = all topics) come back without payload and headers: the
+/// reader only needs their position to pass them.
 ///
-/// The outer ORDER BY names `page.tx_id`, qualified: a bare `tx_id` there resolves to the *output*
-/// column `tx_id::text` (output names win in ORDER BY) and sorts `'999' > '1000'`, which once put
-/// the wrong row last and moved readers backwards at every digit-count boundary of the xid.
+/// Payload and headers travel as text: a jsonb value may hold numbers no double holds (`1e400`)
+/// and nesting deeper than JSON parsers allow, and the reader must never fail on data. The sink
+/// decides what it can store.
+///
+/// The byte bound is applied in two places. Here, on the *stored* sizes (`pg_column_size`, which
+/// reads no TOAST data): rows are kept while the running total before them is under `$5`, so the
+/// first row always comes back, and the text of rows past the cut is never built. Stored sizes can
+/// be compressed, so [`Reader::fetch`] also cuts on the text it actually receives.
+///
+/// `more`: the page had a row after the last one returned (lead over the page, so the window
+/// never needs the whole page in memory).
+///
+/// The ORDER BYs name `page.tx_id`/`sized.tx_id`, qualified: a bare `tx_id` resolves to the
+/// *output* column `tx_id::text` (output names win in ORDER BY) and sorts `'999' > '1000'`, which
+/// once put the wrong row last and moved readers backwards at every digit-count boundary of the
+/// xid.
 const FETCH_SQL: &str = "
-SELECT page.id, page.tx_id::text, page.event_id, page.topic, page.key, page.type, page.created_at,
-       CASE WHEN page.wanted THEN page.payload END,
-       CASE WHEN page.wanted THEN page.headers END,
-       page.wanted
-  FROM (SELECT e.*, ($4::text[] IS NULL OR e.topic = ANY($4::text[])) AS wanted
-          FROM events e
-         WHERE (e.tx_id, e.id) > ($1::text::xid8, $2::bigint)
-           AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY e.tx_id, e.id
-         LIMIT $3) AS page
- ORDER BY page.tx_id, page.id";
+SELECT sized.id, sized.tx_id::text, sized.event_id, sized.topic, sized.key, sized.type,
+       sized.created_at,
+       CASE WHEN sized.wanted THEN sized.payload::text END,
+       CASE WHEN sized.wanted THEN sized.headers::text END,
+       sized.wanted, sized.more
+  FROM (SELECT page.*,
+               sum(page.stored) OVER w - page.stored AS before,
+               lead(page.id) OVER w IS NOT NULL AS more
+          FROM (SELECT e.*, wanted,
+                       CASE WHEN wanted
+                            THEN pg_column_size(e.payload) + pg_column_size(e.headers)
+                            ELSE 0 END AS stored
+                  FROM events e,
+                       LATERAL (SELECT ($4::text[] IS NULL OR e.topic = ANY($4::text[]))) AS f(wanted)
+                 WHERE (e.tx_id, e.id) > ($1::text::xid8, $2::bigint)
+                   AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY e.tx_id, e.id
+                 LIMIT $3) AS page
+        WINDOW w AS (ORDER BY page.tx_id, page.id ROWS UNBOUNDED PRECEDING)) AS sized
+ WHERE sized.before < $5
+ ORDER BY sized.tx_id, sized.id";
 
 /// Committed rows past `$1/$2` that the horizon still holds back: an older transaction is open.
 const BEYOND_HORIZON_SQL: &str = "
@@ -139,7 +211,7 @@ impl Reader {
         row.map(|row| watermark_from_row(&row)).transpose()
     }
 
-    /// Up to `limit` rows past `after`. `topics`: `None` for all.
+    /// Up to `limit` rows past `after`, with the default byte bound. `topics`: `None` for all.
     pub async fn fetch(
         &self,
         client: &Client,
@@ -147,22 +219,67 @@ impl Reader {
         limit: usize,
         topics: Option<&[String]>,
     ) -> Result<Batch> {
-        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&self.fetch, &[&after.tx_text(), &after.id, &limit, &topics])
+        self.fetch_bounded(client, after, Limits::rows(limit), topics)
+            .await
+    }
+
+    /// Rows past `after` within `limits`. `topics`: `None` for all.
+    ///
+    /// Never fails on the *contents* of a row: a row whose columns cannot be decoded comes back in
+    /// [`Batch::undecodable`]. Only a position that cannot be read fails the fetch (the schema
+    /// makes both columns NOT NULL and typed, so that means the schema is not ours).
+    pub async fn fetch_bounded(
+        &self,
+        client: &Client,
+        after: Position,
+        limits: Limits,
+        topics: Option<&[String]>,
+    ) -> Result<Batch> {
+        let rows = i64::try_from(limits.rows.max(1)).unwrap_or(i64::MAX);
+        let bytes = i64::try_from(limits.bytes.max(1)).unwrap_or(i64::MAX);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&after.tx_text(), &after.id, &rows, &topics, &bytes];
+        let stream = client
+            .query_raw(&self.fetch, params)
             .await
             .map_err(|e| Error::database(format!("fetch events after {after}"), e))?;
-        let mut batch = Batch {
-            scanned: rows.len(),
-            ..Batch::default()
-        };
-        for row in &rows {
-            let position = Position::from_text(row.get(1), row.get(0))?;
+        futures_util::pin_mut!(stream);
+        let mut batch = Batch::default();
+        let mut last_more = false;
+        while let Some(row) = stream.next().await {
+            let row = row.map_err(|e| Error::database(format!("fetch events after {after}"), e))?;
+            if batch.scanned > 0 && batch.bytes >= limits.bytes {
+                // Cut on the text actually received (stored sizes may be compressed); the rest of
+                // the rows still arrive and are dropped unread, so memory stays bounded.
+                batch.more = true;
+                continue;
+            }
+            let position = row
+                .try_get::<_, &str>(1)
+                .map_err(|e| Error::Schema(format!("events.tx_id cannot be read: {e}")))
+                .and_then(|tx| {
+                    let id = row
+                        .try_get::<_, i64>(0)
+                        .map_err(|e| Error::Schema(format!("events.id cannot be read: {e}")))?;
+                    Position::from_text(tx, id)
+                })?;
+            batch.scanned += 1;
             batch.end = Some(position);
-            if row.get::<_, bool>(9) {
-                batch.events.push(event_from_row(position, row));
+            last_more = row.try_get::<_, bool>(10).unwrap_or(false);
+            if row.try_get::<_, bool>(9).unwrap_or(true) {
+                match event_from_row(position, &row) {
+                    Ok(event) => {
+                        batch.bytes += event.payload.len() + event.headers.len();
+                        batch.events.push(event);
+                    }
+                    Err(bad) => {
+                        batch.bytes += bad.payload.as_ref().map_or(0, |p| p.len());
+                        batch.undecodable.push(bad);
+                    }
+                }
             }
         }
+        batch.more |= last_more || batch.scanned >= limits.rows;
         Ok(batch)
     }
 
@@ -174,20 +291,72 @@ impl Reader {
             .query_one(&self.beyond_horizon, &[&after.tx_text(), &after.id])
             .await
             .map_err(|e| Error::database("check for events beyond the visibility horizon", e))?;
-        Ok(row.get(0))
+        row.try_get(0)
+            .map_err(|e| Error::database("check for events beyond the visibility horizon", e))
     }
 }
 
-fn event_from_row(position: Position, row: &Row) -> Event {
-    Event {
-        position,
-        event_id: row.get(2),
-        topic: row.get(3),
-        key: row.get(4),
-        event_type: row.get(5),
-        created_at: row.get(6),
-        payload: row.get(7),
-        headers: row.get(8),
+/// An event from a fetched row, or what could be read of it and why the rest could not.
+fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Undecodable> {
+    let event_id = row.try_get(2);
+    let topic = row.try_get(3);
+    let key = row.try_get(4);
+    let event_type = row.try_get(5);
+    let created_at = row.try_get(6);
+    let payload = row.try_get::<_, Option<String>>(7);
+    let headers = row.try_get::<_, Option<String>>(8);
+    match (
+        event_id, topic, key, event_type, created_at, payload, headers,
+    ) {
+        (
+            Ok(event_id),
+            Ok(topic),
+            Ok(key),
+            Ok(event_type),
+            Ok(created_at),
+            Ok(Some(payload)),
+            Ok(headers),
+        ) => Ok(Event {
+            position,
+            event_id,
+            topic,
+            key,
+            event_type,
+            created_at,
+            payload: RawJson::from(payload),
+            headers: RawJson::from(headers.unwrap_or_else(|| "{}".into())),
+        }),
+        (event_id, topic, key, event_type, created_at, payload, headers) => {
+            let reason = [
+                event_id.as_ref().err().map(|e| format!("event_id: {e}")),
+                topic.as_ref().err().map(|e| format!("topic: {e}")),
+                key.as_ref().err().map(|e| format!("key: {e}")),
+                event_type.as_ref().err().map(|e| format!("type: {e}")),
+                created_at
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("created_at: {e}")),
+                match &payload {
+                    Err(e) => Some(format!("payload: {e}")),
+                    Ok(None) => Some("payload: NULL".into()),
+                    Ok(Some(_)) => None,
+                },
+                headers.as_ref().err().map(|e| format!("headers: {e}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ");
+            Err(Undecodable {
+                position,
+                event_id: event_id.ok(),
+                topic: topic.ok(),
+                key: key.ok().flatten(),
+                event_type: event_type.ok().flatten(),
+                payload: payload.ok().flatten(),
+                reason: format!("undecodable column: {reason}"),
+            })
+        }
     }
 }
 
@@ -216,17 +385,13 @@ impl fmt::Display for HorizonBlocker {
     }
 }
 
-/// The backend whose open *writing* transaction holds delivery back, if any (needs
-/// `pg_read_all_stats` to see other users' sessions; the consumer role has it).
+/// The backend whose open *writing* transaction holds delivery back, if any. Asked through
+/// migration V4's `events_horizon_blocker()`, a narrow `SECURITY DEFINER` function that the
+/// consumer role may execute, instead of granting it `pg_read_all_stats` (every session's query).
 pub async fn horizon_blocker(client: &Client) -> Result<Option<HorizonBlocker>> {
     let row = client
         .query_opt(
-            "SELECT pid, usename::text, coalesce(application_name, ''), state,
-                    extract(epoch FROM now() - xact_start)::float8
-               FROM pg_stat_activity
-              WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
-              ORDER BY age(backend_xid) DESC
-              LIMIT 1",
+            "SELECT pid, usename, application_name, state, open_for FROM events_horizon_blocker()",
             &[],
         )
         .await
@@ -270,6 +435,10 @@ pub async fn backlog(client: &Client, after: Position, cap: i64) -> Result<Backl
 
 /// Records `consumer`'s delivered position so the purger keeps what it still needs. Positions only
 /// move forward here, even if an older write arrives late.
+///
+/// A row belongs to the login that first wrote it (`owner`, row-level security since V4): another
+/// login publishing under the same name fails with SQLSTATE 42501 instead of moving someone
+/// else's position. A row from before V4 (no owner) is claimed by the first login to publish.
 pub async fn publish(client: &Client, consumer: &str, position: Position) -> Result<()> {
     upsert_position(client, consumer, position, false).await
 }
@@ -292,7 +461,8 @@ async fn upsert_position(
             "INSERT INTO consumer_positions AS p (consumer, tx_id, id, updated_at)
              VALUES ($1, $2::text::xid8, $3, now())
              ON CONFLICT (consumer) DO UPDATE
-                SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now()
+                SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id, updated_at = now(),
+                    owner = current_user
               WHERE $4 OR (p.tx_id, p.id) <= (EXCLUDED.tx_id, EXCLUDED.id)",
             &[&consumer, &position.tx_text(), &position.id, &may_move_back],
         )
@@ -621,4 +791,152 @@ pub async fn kept(
         by_position,
         by_horizon,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where to start reading, and how much lies between two positions (operator tools: `eventsctl
+// reset --to …`, `tail --from …`, `status`).
+
+/// The last event below the visibility horizon (or [`Position::START`] when there is none): a
+/// reader placed here has passed every event that can no longer change, and will read every
+/// event that commits from now on — including those of transactions still open, which is what
+/// "from the latest" must mean when ids commit out of order.
+pub async fn horizon_end(client: &Client) -> Result<Position> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY e.tx_id DESC, e.id DESC
+              LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("find the last event below the visibility horizon", e))?;
+    match row {
+        Some(row) => Position::from_text(row.get(0), row.get(1)),
+        None => Ok(Position::START),
+    }
+}
+
+/// The position just before the first event (in position order) created at or after `time`, or
+/// `None` when no event is that recent. A reader placed there reads every event created since
+/// `time` — and possibly a few older ones, because `created_at` (the writing transaction's start)
+/// does not follow commit order: re-reading is safe, skipping is not.
+pub async fn before_time(client: &Client, time: SystemTime) -> Result<Option<Position>> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.created_at >= $1
+              ORDER BY e.tx_id, e.id
+              LIMIT 1",
+            &[&time],
+        )
+        .await
+        .map_err(|e| Error::database("find the first event created after a time", e))?;
+    row.map(|row| {
+        let first = Position::from_text(row.get(0), row.get(1))?;
+        // Nothing lies between (tx, id - 1) and (tx, id): ids are integers, and no event of an
+        // earlier position was created after `time` (this one is the first).
+        Ok(Position::new(first.tx_id, first.id - 1))
+    })
+    .transpose()
+}
+
+/// Events after `after` up to and including `up_to`, counted along the position index and
+/// stopping at `cap` (so the answer is exact below `cap`, and "at least `cap`" at it).
+pub async fn count_between(
+    client: &Client,
+    after: Position,
+    up_to: Position,
+    cap: i64,
+) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM events
+                WHERE (tx_id, id) > ($1::text::xid8, $2::bigint)
+                  AND (tx_id, id) <= ($3::text::xid8, $4::bigint)
+                ORDER BY tx_id, id LIMIT $5) AS page",
+            &[
+                &after.tx_text(),
+                &after.id,
+                &up_to.tx_text(),
+                &up_to.id,
+                &cap.max(0),
+            ],
+        )
+        .await
+        .map_err(|e| Error::database("count the events between two positions", e))?;
+    Ok(row.get(0))
+}
+
+/// The first and the last event by position, each with its `created_at`; `None` when the table
+/// is empty. Two index probes, however large the table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ends {
+    pub oldest: (Position, SystemTime),
+    pub newest: (Position, SystemTime),
+}
+
+pub async fn ends(client: &Client) -> Result<Option<Ends>> {
+    let rows = client
+        .query(
+            "(SELECT e.tx_id::text, e.id, e.created_at FROM events e ORDER BY e.tx_id, e.id LIMIT 1)
+             UNION ALL
+             (SELECT e.tx_id::text, e.id, e.created_at FROM events e
+               ORDER BY e.tx_id DESC, e.id DESC LIMIT 1)",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the first and last event", e))?;
+    if rows.len() < 2 {
+        return Ok(None);
+    }
+    let end = |row: &Row| -> Result<(Position, SystemTime)> {
+        Ok((Position::from_text(row.get(0), row.get(1))?, row.get(2)))
+    };
+    Ok(Some(Ends {
+        oldest: end(&rows[0])?,
+        newest: end(&rows[1])?,
+    }))
+}
+
+/// The visibility horizon (`pg_snapshot_xmin`: the oldest transaction still open, or the next
+/// one) and the next transaction id to be assigned (`pg_snapshot_xmax`).
+pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text
+               FROM pg_current_snapshot() AS s",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the visibility horizon", e))?;
+    let parse = |i: usize| -> Result<u64> {
+        let text: &str = row.get(i);
+        text.parse()
+            .map_err(|_| Error::Schema(format!("unexpected xid8 text {text:?} from the server")))
+    };
+    Ok((parse(0)?, parse(1)?))
+}
+
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    /// `<tx_id>/<id>`, as [`Position`] displays itself (e.g. `81234/1048576`).
+    fn from_str(text: &str) -> std::result::Result<Position, String> {
+        let (tx, id) = text.split_once('/').ok_or_else(|| {
+            format!("{text:?} is not a position (expected <tx_id>/<id>, e.g. 81234/1048576)")
+        })?;
+        let tx_id = tx.trim().parse::<u64>().map_err(|_| {
+            format!("{text:?}: the transaction id {tx:?} is not a non-negative integer")
+        })?;
+        let id = id
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("{text:?}: the event id {id:?} is not an integer"))?;
+        if id < 0 {
+            return Err(format!("{text:?}: the event id must not be negative"));
+        }
+        Ok(Position { tx_id, id })
+    }
 }

@@ -45,9 +45,13 @@ async fn migrations_apply_once_and_rerun_is_a_no_op() {
     let pg = Postgres::start();
     let mut admin = connect(&pg.url()).await;
     let first = migrations::run(&mut admin).await.unwrap();
-    assert_eq!(
-        first.applied,
-        vec!["V1__events", "V2__roles", "V5__capture"]
+    assert_eq!(first.applied[..2], ["V1__events", "V2__roles"]);
+    assert!(
+        ["V4__least_privilege", "V5__capture"]
+            .iter()
+            .all(|m| first.applied.iter().any(|a| a == m)),
+        "{:?}",
+        first.applied
     );
     assert_eq!(first.version, Some(migrations::latest_version()));
     let second = migrations::run(&mut admin).await.unwrap();
@@ -274,7 +278,11 @@ async fn a_reader_never_passes_an_open_transaction() {
         .fetch(&admin, Position::START, 100, None)
         .await
         .unwrap();
-    let payloads: Vec<_> = batch.events.iter().map(|e| e.payload.clone()).collect();
+    let payloads: Vec<_> = batch
+        .events
+        .iter()
+        .map(|e| e.payload.parse().unwrap())
+        .collect();
     assert_eq!(
         payloads,
         vec![serde_json::json!(1), serde_json::json!(2)],

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use event_store::db::Database;
 use event_store::{db, migrations, NewEvent, Topic};
 use futures_util::StreamExt;
 use producer::{Channel, Notifier, Producer};
@@ -30,7 +31,7 @@ use serde_json::{json, Value};
 use testbed::{env_or, Postgres};
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Config, Statement};
+use tokio_postgres::{AsyncMessage, Client, Statement};
 use uuid::Uuid;
 
 const BATCH: usize = 100;
@@ -139,7 +140,7 @@ impl Rounds {
 }
 
 struct Bench {
-    config: Config,
+    config: Database,
     admin: Client,
     notifications: Arc<AtomicU64>,
     arrivals: mpsc::UnboundedReceiver<Instant>,

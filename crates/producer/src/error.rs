@@ -1,6 +1,6 @@
 //! Why an append failed.
 
-use event_store::error::is_transient_pg;
+use event_store::error::{is_permanent_pg, is_transient_pg, pg_report};
 use event_store::event::InvalidEvent;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -24,14 +24,14 @@ pub enum AppendError {
     #[error("event #{index} repeats event_id {event_id} of an earlier event in the same batch")]
     DuplicateEventId { index: usize, event_id: Uuid },
     /// A database call failed; `context` says what we were doing.
-    #[error("{context}: {}", pg_detail(source))]
+    #[error("{context}: {}", pg_report(source))]
     Database {
         context: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
     /// No pooled connection could be had.
-    #[error("cannot get a PostgreSQL connection from the pool: {}", pool_detail(.0))]
+    #[error("cannot get a PostgreSQL connection from the pool: {}", pool_report(.0))]
     Pool(#[source] deadpool_postgres::PoolError),
 }
 
@@ -55,6 +55,16 @@ impl AppendError {
             AppendError::Pool(deadpool_postgres::PoolError::Backend(e)) => is_transient_pg(e),
             AppendError::Pool(_) => true,
             AppendError::Invalid { .. } | AppendError::DuplicateEventId { .. } => false,
+        }
+    }
+
+    /// Retrying cannot fix it (a revoked privilege, a dropped table, a failed login; see
+    /// [`event_store::error::is_permanent_pg`]): the service retries only at its longest pause.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            AppendError::Database { source, .. } => is_permanent_pg(source),
+            AppendError::Pool(deadpool_postgres::PoolError::Backend(e)) => is_permanent_pg(e),
+            _ => false,
         }
     }
 
@@ -93,31 +103,9 @@ impl AppendError {
     }
 }
 
-/// A PostgreSQL error with what the server said (tokio-postgres's own text is just "db error",
-/// with the server's message one `source()` down).
-pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
-    if let Some(db) = error.as_db_error() {
-        return db.to_string().replace('\n', " ");
-    }
-    match std::error::Error::source(error) {
-        Some(cause) => format!("{error}: {cause}"),
-        None => error.to_string(),
-    }
-}
-
-fn pool_detail(error: &deadpool_postgres::PoolError) -> String {
+fn pool_report(error: &deadpool_postgres::PoolError) -> String {
     match error {
-        deadpool_postgres::PoolError::Backend(e) => pg_detail(e),
-        other => other.to_string(),
-    }
-}
-
-/// The shared crate's errors, with the server's message (see [`pg_detail`]).
-pub(crate) fn store_detail(error: &event_store::Error) -> String {
-    match error {
-        event_store::Error::Database { context, source } => {
-            format!("{context}: {}", pg_detail(source))
-        }
+        deadpool_postgres::PoolError::Backend(e) => pg_report(e),
         other => other.to_string(),
     }
 }

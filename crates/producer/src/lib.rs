@@ -1,7 +1,7 @@
 //! Appending events to the `events` outbox table, and waking consumers.
 //!
 //! ```no_run
-//! # async fn demo(client: &mut tokio_postgres::Client, db: tokio_postgres::Config) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(client: &mut tokio_postgres::Client, db: event_store::db::Database) -> Result<(), Box<dyn std::error::Error>> {
 //! use producer::{Channel, Notifier, Producer};
 //! use event_store::{NewEvent, Topic};
 //! use std::time::Duration;
@@ -39,7 +39,6 @@
 //! - [`service`]: the `producer` binary, a load generator that counts exactly what committed.
 
 mod append;
-mod backoff;
 mod channel;
 pub mod config;
 mod error;
@@ -50,7 +49,6 @@ pub mod service;
 pub mod watcher;
 
 pub use append::{Appended, NotifyMode, Prepared, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
-pub use backoff::Backoff;
 pub use channel::{Channel, InvalidChannel};
 pub use config::Args;
 pub use error::AppendError;

@@ -17,16 +17,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_store::db;
+use event_store::db::{self, Database};
+use event_store::error::pg_report;
+use event_store::retry::{Policy, Retry};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::channel::Channel;
-use crate::error::{pg_detail, store_detail};
 
 /// More distinct topics than this in one interval wake consumers with the first ones only: a hint
 /// for a few topics wakes every consumer anyway, and one statement stays small.
@@ -65,7 +65,7 @@ impl NotifierTask {
 impl Notifier {
     /// Starts the task (it connects at once and reconnects on its own) and returns its handle.
     /// Must be called inside a Tokio runtime.
-    pub fn spawn(db: Config, channel: Channel, interval: Duration) -> (Notifier, NotifierTask) {
+    pub fn spawn(db: Database, channel: Channel, interval: Duration) -> (Notifier, NotifierTask) {
         let pending = Arc::new(Mutex::new(Vec::new()));
         // Capacity 1: a signal already waiting covers every wake-up that arrives after it.
         let (signal, rx) = mpsc::channel(1);
@@ -75,7 +75,7 @@ impl Notifier {
             interval,
             pending: pending.clone(),
             client: None,
-            backoff: Backoff::default(),
+            retry: Retry::new(Policy::default()),
         };
         let task = tokio::spawn(worker.run(rx));
         (Notifier { pending, signal }, NotifierTask(task))
@@ -98,12 +98,12 @@ impl Notifier {
 }
 
 struct Worker {
-    db: Config,
+    db: Database,
     channel: Channel,
     interval: Duration,
     pending: Arc<Mutex<Vec<String>>>,
     client: Option<Client>,
-    backoff: Backoff,
+    retry: Retry,
 }
 
 impl Worker {
@@ -136,13 +136,12 @@ impl Worker {
                 Ok(()) => {
                     metrics::counter!("producer_notifications_total")
                         .increment(topics.len() as u64);
-                    if self.backoff.attempt() > 0 {
+                    if self.retry.succeeded() {
                         info!(
-                            attempts = self.backoff.attempt(),
+                            attempts = self.retry.attempt(),
                             "The notifier is sending wake-ups again."
                         );
                     }
-                    self.backoff.reset();
                     return;
                 }
                 Err(error) => {
@@ -164,8 +163,11 @@ impl Worker {
                             .clear();
                         return;
                     }
-                    let delay = self.backoff.next_delay();
-                    warn!(%error, attempt = self.backoff.attempt(), ?delay, "Cannot send a wake-up; reconnecting the notifier to PostgreSQL.");
+                    let delay = self.retry.failed(
+                        "Cannot send a wake-up; reconnecting the notifier to PostgreSQL",
+                        &error,
+                        false,
+                    );
                     metrics::counter!("producer_reconnects_total", "connection" => "notifier")
                         .increment(1);
                     tokio::time::sleep(delay).await;
@@ -179,13 +181,13 @@ impl Worker {
             self.client = None;
             let client = db::connect_spawned(&self.db)
                 .await
-                .map_err(|e| store_detail(&e))?;
+                .map_err(|e| e.to_string())?;
             // A wake-up needs no durability (a crash loses hints, never events), so its commit
             // need not wait for a WAL flush — nor hold the NOTIFY queue lock through one.
             client
                 .batch_execute("SET synchronous_commit = off")
                 .await
-                .map_err(|e| format!("configure the notifier's connection: {}", pg_detail(&e)))?;
+                .map_err(|e| format!("configure the notifier's connection: {}", pg_report(&e)))?;
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("connected above"))
@@ -200,7 +202,7 @@ impl Worker {
                 &[(&channel, Type::TEXT), (&topics, Type::TEXT_ARRAY)],
             )
             .await
-            .map_err(|e| format!("send NOTIFY on channel {channel:?}: {}", pg_detail(&e)))?;
+            .map_err(|e| format!("send NOTIFY on channel {channel:?}: {}", pg_report(&e)))?;
         Ok(())
     }
 }

@@ -14,20 +14,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use event_store::db::Database;
 use event_store::migrations::{self, Role};
 use event_store::ops::{self, Health};
+use event_store::retry::{sleep_or_stop, Policy, Retry};
 use event_store::{db, shutdown, telemetry, NewEvent};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::append::{NotifyMode, Prepared, Producer};
-use crate::backoff::Backoff;
 use crate::config::Args;
-use crate::error::{store_detail, AppendError};
+use crate::error::AppendError;
 use crate::notifier::{Notifier, NotifierTask};
 use crate::pace::{Budget, Pace};
 use crate::payload::Generator;
@@ -50,8 +51,10 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Start-up: configuration, connection, schema and privilege checks. Bad configuration is an
-/// error; an unreachable server is retried (with backoff) until it answers or a signal arrives.
+/// Start-up: configuration, connection, schema and privilege checks. What retrying cannot fix
+/// (bad configuration, a failed login or TLS verification, a missing schema or privilege) is an
+/// error; an unreachable server is retried ([`event_store::retry`]) until it answers or a signal
+/// arrives.
 pub async fn start(
     args: &Args,
     health: Arc<Health>,
@@ -60,6 +63,8 @@ pub async fn start(
     let db = db::config(&args.postgres.database_url, "producer")?;
     info!(
         database = %db::describe(&db),
+        url = %event_store::config::redact(&args.postgres.database_url),
+        tls = %db.tls().describe(),
         mode = %args.notify_mode,
         rate = args.rate,
         count = ?args.count,
@@ -70,7 +75,7 @@ pub async fn start(
     if let Some(client) = connect_with_retry(&db, &health, &shutdown).await? {
         migrations::check(&client, Role::Producer)
             .await
-            .map_err(|e| anyhow::anyhow!(store_detail(&e)))?;
+            .map_err(anyhow::Error::new)?;
         check_read_back(&client).await?;
         health.ok("postgres");
     }
@@ -162,7 +167,7 @@ impl Started {
 }
 
 struct Shared {
-    db: Config,
+    db: Database,
     producer: Producer,
     generator: Generator,
     batch_size: u64,
@@ -176,7 +181,7 @@ struct Shared {
 impl Shared {
     async fn work(&self, task: u32, stop: CancellationToken) -> anyhow::Result<()> {
         let mut connection = Connection::new(self.db.clone(), self.producer.clone());
-        let mut backoff = Backoff::default();
+        let mut retry = Retry::new(Policy::default());
         loop {
             if stop.is_cancelled() {
                 return Ok(());
@@ -197,7 +202,7 @@ impl Shared {
             let batch = (first..first + size)
                 .map(|seq| self.generator.event(seq))
                 .collect();
-            self.deliver(&mut connection, &mut backoff, batch, &stop)
+            self.deliver(&mut connection, &mut retry, batch, &stop)
                 .await?;
         }
     }
@@ -208,7 +213,7 @@ impl Shared {
     async fn deliver(
         &self,
         connection: &mut Connection,
-        backoff: &mut Backoff,
+        retry: &mut Retry,
         mut pending: Vec<NewEvent>,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -231,8 +236,10 @@ impl Shared {
             }
             let (client, prepared) = match connection.get().await {
                 Ok((client, prepared)) => (client, prepared),
-                Err(error) if error.is_transient() => {
-                    self.pause(backoff, &error, stop).await;
+                Err(error) if error.is_transient() || error.is_permanent() => {
+                    // Permanent (a revoked grant, a failed login after a password change): the
+                    // longest pause, and /healthz says why, until someone fixes it.
+                    self.pause(retry, &error, error.is_permanent(), stop).await;
                     continue;
                 }
                 Err(error) => return Err(anyhow::anyhow!("{error}")),
@@ -258,7 +265,11 @@ impl Shared {
                     }
                     Err(error) => {
                         connection.reset();
-                        self.pause(backoff, &format!("{error:#}"), stop).await;
+                        let permanent = error
+                            .downcast_ref::<tokio_postgres::Error>()
+                            .is_some_and(event_store::error::is_permanent_pg);
+                        let report = event_store::error::report(error.as_ref());
+                        self.pause(retry, &report, permanent, stop).await;
                         continue;
                     }
                 }
@@ -266,19 +277,18 @@ impl Shared {
             match prepared.append(client, &pending).await {
                 Ok(_) => {
                     self.count(&pending);
-                    if backoff.attempt() > 0 {
-                        info!(attempts = backoff.attempt(), "Appending again.");
+                    if retry.succeeded() {
+                        info!(attempts = retry.attempt(), "Appending again.");
                         self.health.ok("postgres");
-                        backoff.reset();
                     }
                     return Ok(());
                 }
                 // An earlier attempt did commit after all (or is committing right now).
                 Err(error) if error.is_duplicate() => unknown = true,
-                Err(error) if error.is_transient() => {
+                Err(error) if error.is_transient() || error.is_permanent() => {
                     unknown = unknown || error.outcome_unknown();
                     connection.reset();
-                    self.pause(backoff, &error, stop).await;
+                    self.pause(retry, &error, error.is_permanent(), stop).await;
                 }
                 Err(error) => {
                     return Err(
@@ -301,22 +311,23 @@ impl Shared {
 
     async fn pause(
         &self,
-        backoff: &mut Backoff,
+        retry: &mut Retry,
         error: &(dyn std::fmt::Display + Sync),
+        permanent: bool,
         stop: &CancellationToken,
     ) {
-        let delay = backoff.next_delay();
-        warn!(%error, attempt = backoff.attempt(), ?delay, "Cannot append; reconnecting to PostgreSQL.");
+        let delay = retry.failed(
+            "Cannot append; reconnecting to PostgreSQL",
+            error,
+            permanent,
+        );
         self.health.failing("postgres", error.to_string());
         metrics::counter!("producer_reconnects_total", "connection" => "append").increment(1);
         if stop.is_cancelled() {
             // Shutting down: settling an unknown outcome, briefly.
             tokio::time::sleep(delay.min(Duration::from_millis(250))).await;
         } else {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => {}
-            }
+            sleep_or_stop(delay, stop).await;
         }
     }
 }
@@ -341,14 +352,14 @@ async fn stored(client: &Client, events: &[NewEvent]) -> anyhow::Result<HashSet<
 /// One task's connection with the producer's statements prepared on it, made again after it
 /// breaks.
 struct Connection {
-    db: Config,
+    db: Database,
     producer: Producer,
     live: Option<(Client, Prepared)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
-    #[error("{}", store_detail(.0))]
+    #[error(transparent)]
     Connect(#[from] event_store::Error),
     #[error(transparent)]
     Prepare(#[from] AppendError),
@@ -361,10 +372,17 @@ impl ConnectError {
             ConnectError::Prepare(e) => e.is_transient(),
         }
     }
+
+    fn is_permanent(&self) -> bool {
+        match self {
+            ConnectError::Connect(e) => e.is_permanent(),
+            ConnectError::Prepare(e) => e.is_permanent(),
+        }
+    }
 }
 
 impl Connection {
-    fn new(db: Config, producer: Producer) -> Connection {
+    fn new(db: Database, producer: Producer) -> Connection {
         Connection {
             db,
             producer,
@@ -390,25 +408,22 @@ impl Connection {
 /// Connects for the start-up checks, retrying while the server is unreachable. `None` when a
 /// signal arrived first.
 async fn connect_with_retry(
-    db: &Config,
+    db: &Database,
     health: &Health,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Client>> {
-    let mut backoff = Backoff::default();
+    let mut retry = Retry::new(Policy::default());
     loop {
         match db::connect_spawned(db).await {
             Ok(client) => return Ok(Some(client)),
             Err(error) if error.is_transient() => {
-                let error = store_detail(&error);
-                let delay = backoff.next_delay();
-                warn!(%error, attempt = backoff.attempt(), ?delay, "Cannot reach PostgreSQL yet; retrying.");
-                health.failing("postgres", error.clone());
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return Ok(None),
+                let delay = retry.failed("Cannot reach PostgreSQL yet", &error, false);
+                health.failing("postgres", error.to_string());
+                if sleep_or_stop(delay, shutdown).await {
+                    return Ok(None);
                 }
             }
-            Err(error) => return Err(anyhow::anyhow!(store_detail(&error))),
+            Err(error) => return Err(anyhow::Error::new(error)),
         }
     }
 }
@@ -428,9 +443,10 @@ async fn check_read_back(client: &Client) -> anyhow::Result<()> {
         .context("check the producer's privileges")?;
     let (select, usage, user): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
     if !select || !usage {
+        let group = migrations::group_role(client, Role::Producer).await?;
         anyhow::bail!(
-            "role {user:?} lacks {} needed to append events; grant it the group role: \
-             GRANT events_producer TO \"{user}\"",
+            "role {user:?} lacks {} needed to append events; grant it this database's producer \
+             group role: GRANT {group} TO \"{user}\"",
             if select {
                 "USAGE on the events id sequence"
             } else {

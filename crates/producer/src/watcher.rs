@@ -19,21 +19,27 @@
 
 use std::time::Duration;
 
+use event_store::db::{self, Database};
 use event_store::position::{NewestReadable, Position};
-use event_store::{db, Error};
-use tokio_postgres::{Client, Config};
+use event_store::retry::{sleep_or_stop, Policy, Retry};
+use event_store::Error;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::backoff::Backoff;
 use crate::notifier::Notifier;
 
 /// Runs until `shutdown` is cancelled: probes every `interval` and wakes consumers through
-/// `notifier` whenever new events have become readable. Reconnects on its own (with backoff) when
-/// PostgreSQL goes away; needs only SELECT on `events` (the `events_consumer` role has it).
-pub async fn run(db: Config, notifier: Notifier, interval: Duration, shutdown: CancellationToken) {
+/// `notifier` whenever new events have become readable. Reconnects on its own (the shared retry
+/// policy) when PostgreSQL goes away; needs only SELECT on `events` (the consumer role has it).
+pub async fn run(
+    db: Database,
+    notifier: Notifier,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut last: Option<Position> = None;
-    let mut backoff = Backoff::default();
+    let mut retry = Retry::new(Policy::default());
     let mut connection: Option<(Client, NewestReadable)> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -44,29 +50,26 @@ pub async fn run(db: Config, notifier: Notifier, interval: Duration, shutdown: C
         }
         if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             match connect(&db).await {
-                Ok(c) => {
-                    if backoff.attempt() > 0 {
-                        info!(
-                            attempts = backoff.attempt(),
-                            "The change watcher is connected again."
-                        );
-                    }
-                    backoff.reset();
-                    connection = Some(c);
-                }
+                Ok(c) => connection = Some(c),
                 Err(error) => {
-                    let delay = backoff.next_delay();
-                    warn!(%error, attempt = backoff.attempt(), ?delay, "The change watcher cannot reach PostgreSQL; retrying.");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => continue,
+                    let pause = retry.failed(
+                        "The change watcher cannot reach PostgreSQL",
+                        &error,
+                        error.is_permanent(),
+                    );
+                    if sleep_or_stop(pause, &shutdown).await {
+                        return;
                     }
+                    continue;
                 }
             }
         }
         let (client, probe) = connection.as_ref().expect("connected above");
         match probe.read(client).await {
             Ok(Some((position, topic))) => {
+                if retry.succeeded() {
+                    info!("The change watcher is probing again.");
+                }
                 if last.is_none_or(|seen| position > seen) {
                     // The first probe wakes too: events may have arrived while no watcher ran.
                     notifier.wake([topic.as_str()]);
@@ -74,16 +77,25 @@ pub async fn run(db: Config, notifier: Notifier, interval: Duration, shutdown: C
                     last = Some(position);
                 }
             }
-            Ok(None) => {}
+            Ok(None) => {
+                retry.succeeded();
+            }
             Err(error) => {
-                warn!(%error, "The change watcher's probe failed; reconnecting.");
                 connection = None;
+                let pause = retry.failed(
+                    "The change watcher's probe failed",
+                    &error,
+                    error.is_permanent(),
+                );
+                if sleep_or_stop(pause, &shutdown).await {
+                    return;
+                }
             }
         }
     }
 }
 
-async fn connect(db: &Config) -> Result<(Client, NewestReadable), Error> {
+async fn connect(db: &Database) -> Result<(Client, NewestReadable), Error> {
     let client = db::connect_spawned(db).await?;
     let probe = NewestReadable::prepare(&client).await?;
     Ok((client, probe))

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use event_store::db::Database as Config;
 use event_store::event::InvalidEvent;
 use event_store::{db, migrations, NewEvent, Topic};
 use futures_util::StreamExt;
@@ -11,7 +12,7 @@ use producer::{AppendError, Channel, Notifier, NotifierTask, NotifyMode, Produce
 use serde_json::json;
 use testbed::Postgres;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, Config};
+use tokio_postgres::{AsyncMessage, Client};
 use uuid::Uuid;
 
 /// A migrated cluster and the producer login's connection settings.

@@ -45,11 +45,17 @@ pub struct Config {
     #[arg(long, env = "PURGER_ONCE")]
     pub once: bool,
 
+    /// With --once: how long to keep retrying an unreachable or failing database before exiting
+    /// non-zero (a cron job must end).
+    #[arg(long, env = "PURGER_GIVE_UP_AFTER", default_value = "5m", value_parser = parse_positive_duration)]
+    pub give_up_after: Duration,
+
     /// Report what a pass would delete, and whom it would affect, but delete nothing.
     #[arg(long, env = "PURGER_DRY_RUN")]
     pub dry_run: bool,
 
-    /// A consumer whose published position has not moved for this long (e.g. 3d) stops holding
+    /// A consumer whose `consumer_positions` row has not been refreshed for this long (e.g. 3d;
+    /// running consumers refresh it every heartbeat interval, also when idle) stops holding
     /// purging back; the purger warns, naming it and what it loses, and the consumer reports the
     /// gap if it returns. Unset: consumers hold purging back until they move or an operator
     /// removes them from consumer_positions.
@@ -153,6 +159,7 @@ mod tests {
             "the library's defaults are the command line's"
         );
         assert!(!config.once && !config.dry_run && !config.force);
+        assert_eq!(config.give_up_after, Duration::from_secs(300));
         assert_eq!(config.consumer_expiry, None);
         assert_eq!(config.http.http_addr, None);
     }

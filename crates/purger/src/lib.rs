@@ -14,8 +14,8 @@
 //! - [`report`]: what a pass did, logged after each one;
 //! - [`mod@metrics`]: what `/metrics` shows.
 //!
-//! [`run`] is the service: start-up check, passes on a timer, retries with capped backoff on
-//! transient database errors, and a clean stop between batches on SIGTERM.
+//! [`run`] is the service: start-up check, passes on a timer, retries with the shared policy
+//! ([`event_store::retry`]), and a clean stop between batches on SIGTERM.
 
 pub mod config;
 pub mod metrics;
@@ -27,17 +27,21 @@ use std::fmt;
 use std::time::Duration;
 
 use anyhow::Context;
-use event_store::{db, ops};
+use event_store::{db, ops, retry};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use config::{Config, Settings};
 pub use pass::Purger;
 pub use report::{HeldBack, PassReport};
 
-/// The longest wait between retries after transient errors.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How the purger retries: 250 ms doubling to 30 s; a permanent error (a revoked grant) waits
+/// the 30 s at once, so it shows as a line or two a minute, not a storm.
+const RETRY: retry::Policy = retry::Policy {
+    first: Duration::from_millis(250),
+    cap: Duration::from_secs(30),
+    healthy_after: Duration::from_secs(60),
+};
 
 /// What a run did, printed on stdout at exit (`purged <N> events`; `would purge <N> events` for
 /// a dry run's last pass) for scripts.
@@ -59,9 +63,11 @@ impl fmt::Display for Summary {
 
 /// Runs the purger until `shutdown` is cancelled (or after one pass with `--once`).
 ///
-/// Errors (non-zero exit) only for bad configuration: an unparseable URL, a port that cannot be
-/// bound, a missing schema or privilege, a failed login. Transient database errors are logged and
-/// retried with capped exponential backoff, forever.
+/// Errors (non-zero exit) at start-up for what retrying cannot fix: an unparseable URL or TLS
+/// setting, a port that cannot be bound, a missing schema or privilege, a failed login, a
+/// certificate that fails verification. Transient database errors are retried with
+/// [`event_store::retry`]; errors that appear after a good start-up are retried at the longest
+/// pause, and `/healthz` says why. With `--once`, the purger gives up after `--give-up-after`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Summary> {
     let pg = db::config(&config.postgres.database_url, "events-purger")?;
     let target = db::describe(&pg);
@@ -71,6 +77,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ops::spawn(config.http.http_addr, health.clone(), shutdown.clone()).await?;
     info!(
         database = %target,
+        url = %event_store::config::redact(&config.postgres.database_url),
+        tls = %pg.tls().describe(),
         retention = %report::short(settings.retention),
         interval = %report::short(config.interval),
         batch_size = settings.batch_size,
@@ -90,8 +98,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         purged: 0,
         would_purge: None,
     };
+    let started = tokio::time::Instant::now();
     let mut checked = false;
-    let mut attempt: u32 = 0;
+    let mut retry = retry::Retry::new(RETRY);
     while !shutdown.is_cancelled() {
         let result = async {
             if !checked {
@@ -104,7 +113,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await;
         let wait = match result {
             Ok(report) => {
-                attempt = 0;
+                if retry.succeeded() {
+                    info!(
+                        attempts = retry.attempt(),
+                        "Purging again after failed passes."
+                    );
+                }
                 health.ok("postgres");
                 report.log();
                 summary.passes += 1;
@@ -114,41 +128,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 config.interval
             }
-            Err(e) if e.is_transient() => {
-                attempt += 1;
-                metrics::pass_failed();
-                let error = chain(&e);
-                health.failing("postgres", error.clone());
-                let cap = if config.once {
-                    MAX_BACKOFF
-                } else {
-                    config.interval.min(MAX_BACKOFF)
-                };
-                let delay = backoff(attempt, cap);
-                warn!(
-                    error = %error,
-                    attempt,
-                    retry_in = %humantime::format_duration(delay),
-                    "Purge pass failed; retrying."
-                );
-                delay
-            }
-            Err(e) if !checked || config.once => {
+            // Start-up: what retrying cannot fix ends the run, with the report and what to do.
+            Err(e) if !e.is_transient() && !checked => {
                 return Err(e).with_context(|| format!("purging {target}"));
             }
             Err(e) => {
-                // The start-up check passed, so this is most likely a grant or the schema changed
-                // under a running purger: keep trying, loudly, rather than exit.
                 metrics::pass_failed();
-                let error = chain(&e);
+                let error = e.to_string();
                 health.failing("postgres", error.clone());
-                error!(error = %error, "Purge pass failed; retrying at the next interval.");
-                config.interval
+                if config.once && started.elapsed() >= config.give_up_after {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "purging {target}: gave up after {} of failed attempts \
+                             (--give-up-after)",
+                            humantime::format_duration(config.give_up_after)
+                        )
+                    });
+                }
+                // After a good start-up a grant or the schema changed under a running purger:
+                // keep trying, loudly but rarely, rather than exit.
+                let permanent = !e.is_transient();
+                let pause = retry.failed("Purge pass failed", &error, permanent);
+                if config.once {
+                    let left = config.give_up_after.saturating_sub(started.elapsed());
+                    pause.min(left.max(Duration::from_millis(10)))
+                } else {
+                    pause
+                }
             }
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
+        if retry::sleep_or_stop(wait, &shutdown).await {
+            break;
         }
     }
     summary.purged = purger.purged();
@@ -160,43 +170,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(summary)
 }
 
-/// The error and its causes, `what: cause: cause`, each said once (drivers often repeat their
-/// source in their own message).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// `FIRST_BACKOFF` doubled per attempt, at most `cap`.
-fn backoff(attempt: u32, cap: Duration) -> Duration {
-    let factor = 1u32 << attempt.saturating_sub(1).min(16);
-    FIRST_BACKOFF.saturating_mul(factor).min(cap)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let cap = Duration::from_secs(5);
-        let delays: Vec<_> = (1..=7).map(|a| backoff(a, cap).as_millis()).collect();
-        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 5000, 5000]);
-        assert_eq!(backoff(1000, MAX_BACKOFF), MAX_BACKOFF);
-        assert_eq!(
-            backoff(3, Duration::from_millis(10)),
-            Duration::from_millis(10)
-        );
-    }
 
     #[test]
     fn the_summary_line_is_what_scripts_parse() {

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
 use event_store::db;
+use event_store::db::Database;
 use event_store::error::{Error, Result};
 use event_store::migrations::{self, Role};
 use event_store::position::{self, Position};
-use tokio_postgres::{Client, Config as PgConfig};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -40,7 +41,7 @@ pub struct Purger {
 
 impl Purger {
     /// No connection is made yet: the first pass (or [`Purger::check`]) makes it.
-    pub fn new(config: PgConfig, settings: Settings) -> Result<Purger> {
+    pub fn new(config: Database, settings: Settings) -> Result<Purger> {
         let target = db::describe(&config);
         Ok(Purger {
             pool: db::pool(config, 1)?,

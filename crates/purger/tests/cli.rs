@@ -78,6 +78,22 @@ impl Running {
         }
     }
 
+    /// Every stderr line of the next `span`.
+    fn lines_for(&mut self, span: Duration) -> Vec<String> {
+        let end = std::time::Instant::now() + span;
+        let mut lines = Vec::new();
+        while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    lines.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        lines
+    }
+
     fn terminate(mut self) -> (std::process::ExitStatus, String) {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
         let status = self.child.wait().unwrap();
@@ -309,4 +325,136 @@ fn sigterm_while_the_database_is_unreachable_exits_zero() {
     let (status, stdout) = running.terminate();
     assert!(status.success(), "{status}");
     assert_eq!(stdout.trim(), "purged 0 events");
+}
+
+/// Start-up failures that retrying cannot fix end the run at once with exit code 1, the
+/// server's words (SQLSTATE included) and what to do.
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_failures_exit_1_with_the_cause_and_the_fix() {
+    let pg = testbed::Postgres::start_tls();
+    let ca = pg.tls_ca().display().to_string();
+    let url = |user: &str, database: &str| {
+        format!(
+            "postgres://{user}@localhost:{}/{database}?sslmode=verify-full&sslrootcert={ca}",
+            pg.port()
+        )
+    };
+    pg.psql("CREATE DATABASE events_db");
+    pg.psql("CREATE DATABASE empty_db");
+    let mut admin = common::connect(&url("postgres", "events_db")).await;
+    event_store::migrations::run(&mut admin).await.unwrap();
+    pg.psql("CREATE ROLE retention LOGIN PASSWORD 'Right-Pass-1' IN ROLE events_purger");
+
+    let cases = [
+        (
+            url("retention:Wrong-Pass-2", "events_db"),
+            [
+                "SQLSTATE 28P01",
+                "password authentication failed",
+                "fix the password in DATABASE_URL",
+            ],
+        ),
+        (
+            url("retention:Right-Pass-1", "no_such_db"),
+            [
+                "SQLSTATE 3D000",
+                "does not exist",
+                "check the database name",
+            ],
+        ),
+        (
+            url("postgres", "empty_db"),
+            [
+                "the schema is not migrated",
+                "this purger needs V",
+                "run `migrate`",
+            ],
+        ),
+        (
+            format!(
+                "postgres://retention:Right-Pass-1@localhost:{}/events_db?sslmode=disable",
+                pg.port()
+            ),
+            ["SQLSTATE 28000", "no encryption", "sslmode=verify-full"],
+        ),
+    ];
+    for (url, expected) in cases {
+        let (out, _, stderr) = run(purger(&url).arg("--once"));
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("{stderr}"));
+        for text in expected {
+            assert!(error.contains(text), "{text:?} missing: {error}");
+        }
+        assert!(!stderr.contains("retrying"), "not retried: {stderr}");
+        assert!(
+            !stderr.contains("Pass-"),
+            "no password in the output: {stderr}"
+        );
+    }
+}
+
+/// A grant revoked under a running purger: the log says "permission denied" with the SQLSTATE,
+/// `/healthz` says the same, and the retries wait the longest pause at once instead of a storm.
+#[tokio::test]
+async fn a_revoked_privilege_is_reported_and_retried_slowly() {
+    let db = Db::start().await;
+    let port = free_port();
+    let mut running = Running::spawn(purger(&db.purger_url()).args([
+        "--interval",
+        "100ms",
+        "--http-addr",
+        &format!("127.0.0.1:{port}"),
+    ]));
+    running.wait_for("Purge pass finished.");
+    db.admin
+        .batch_execute("REVOKE DELETE ON events FROM events_purger")
+        .await
+        .unwrap();
+    let first = running.wait_for("Purge pass failed; retrying.");
+    assert!(
+        first.contains("permission denied for table events")
+            && first.contains("SQLSTATE 42501")
+            && first.contains("attempt=1")
+            && first.contains("permanent=true"),
+        "{first}"
+    );
+    let (status, body) = get(port, "/healthz");
+    assert!(status.contains("503"), "{status}");
+    assert!(
+        body.contains("postgres:") && body.contains("permission denied for table events"),
+        "{body}"
+    );
+    // At 100 ms passes the old behaviour logged dozens of lines here; the cap (30 s, jittered
+    // down to no less than 15 s) leaves at most one more.
+    let later: Vec<String> = running
+        .lines_for(Duration::from_secs(8))
+        .into_iter()
+        .filter(|l| l.contains("Purge pass failed"))
+        .collect();
+    assert!(later.len() <= 1, "retries must slow down: {later:#?}");
+    let (status, _) = running.terminate();
+    assert!(status.success(), "{status}");
+}
+
+/// `--once` in a cron job must end: an unreachable database is retried for `--give-up-after`,
+/// then the run fails.
+#[test]
+fn once_gives_up_after_a_bounded_time() {
+    let started = std::time::Instant::now();
+    let (out, _, stderr) =
+        run(purger("postgres://u@127.0.0.1:1/db").args(["--once", "--give-up-after", "2s"]));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("gave up after 2s") && stderr.contains("cannot connect to PostgreSQL"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("attempt=2"), "it retried first: {stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "bounded: {:?}",
+        started.elapsed()
+    );
 }

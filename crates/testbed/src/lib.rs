@@ -10,18 +10,27 @@
 //!   harness cannot stop); otherwise a real `mongod` from `PATH`; otherwise SecantusDB from the
 //!   project's git-ignored virtualenv (`scripts/test` installs it).
 //!
+//! - [`Postgres::start_tls`]: the same cluster with `ssl=on`, a server certificate signed by a CA
+//!   made at start-up ([`Ca`]), and a `pg_hba.conf` that accepts TCP connections over TLS only
+//!   (`hostssl`; the superuser without a password, other users with SCRAM passwords).
+//!
 //! Both can be stopped (cleanly or with `SIGKILL`) and started again on the same port with their
 //! data intact, which is what the outage tests need. Dropping a server kills it and removes its
 //! directories, also when the test panics.
+//!
+//! [`reference`] checks the README's configuration reference against each binary's `--help`.
 //!
 //! The calls block (they wait for the server to accept connections). From an async test, prefer the
 //! multi-threaded runtime (`#[tokio::test(flavor = "multi_thread")]`) so that code under test keeps
 //! running while a server restarts.
 
+mod certs;
 mod mongo;
 mod postgres;
 mod process;
+pub mod reference;
 
+pub use certs::Ca;
 pub use mongo::{Mongo, MongoKind};
 pub use postgres::Postgres;
 

@@ -29,6 +29,8 @@ pub struct Mongo {
     port: u16,
     process: Option<ServerProcess>,
     storage: Option<TempDir>,
+    /// Whether acknowledged writes survive `kill -9` (always, except [`Mongo::start_forgetful`]).
+    durable: bool,
 }
 
 static DATABASE_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -36,6 +38,19 @@ static DATABASE_COUNTER: AtomicU32 = AtomicU32::new(0);
 impl Mongo {
     /// Starts (or, with `TEST_MONGODB_URI`, adopts) a server. Panics naming what is missing.
     pub fn start() -> Mongo {
+        Mongo::start_with(true)
+    }
+
+    /// A server that acknowledges writes before they are durable, so `kill -9` loses some it
+    /// acknowledged: SecantusDB without `--sync-on-commit` — a cheap stand-in for a crash before
+    /// the journal sync, or a failover that rolls back what the majority never saw. With `mongod`
+    /// or an external server this is a normal (durable) server, and tests relying on lost writes
+    /// prove less; they still must not lose anything.
+    pub fn start_forgetful() -> Mongo {
+        Mongo::start_with(false)
+    }
+
+    fn start_with(durable: bool) -> Mongo {
         if let Ok(uri) = std::env::var("TEST_MONGODB_URI") {
             return Mongo {
                 kind: MongoKind::External,
@@ -44,6 +59,7 @@ impl Mongo {
                 port: 0,
                 process: None,
                 storage: None,
+                durable: true,
             };
         }
         let (kind, program) = match on_path("mongod") {
@@ -61,6 +77,7 @@ impl Mongo {
             port: 0,
             process: None,
             storage: Some(storage),
+            durable,
         };
         retry_start(5, Duration::ZERO, || {
             mongo.port = free_port();
@@ -88,14 +105,16 @@ impl Mongo {
             MongoKind::Secantus => {
                 cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
                     .args(["--log-level", "WARNING"])
-                    // Acknowledged writes must survive kill -9, as they do with mongod's journal.
-                    .arg("--sync-on-commit")
                     .arg("--storage-path")
                     .arg(&data)
                     // A private HOME keeps ~/.secantus/secantusd.toml from being picked up.
                     .env("HOME", storage);
             }
             MongoKind::External => unreachable!("external servers are not spawned"),
+        }
+        if self.durable && self.kind == MongoKind::Secantus {
+            // Acknowledged writes must survive kill -9, as they do with mongod's journal.
+            cmd.arg("--sync-on-commit");
         }
         let mut process = ServerProcess::spawn(
             "the MongoDB-wire server",

@@ -17,6 +17,8 @@ pub struct Postgres {
     port: u16,
     /// Extra `name=value` server settings, applied after (so overriding) the defaults.
     settings: Vec<String>,
+    /// The CA file of a TLS cluster.
+    tls_ca: Option<PathBuf>,
     // Field order matters on drop: the server dies before its directories go.
     process: Option<ServerProcess>,
     socket_dir: TempDir,
@@ -33,6 +35,55 @@ impl Postgres {
     /// defaults, kept across restarts. Benchmarks use it for durable commits:
     /// `Postgres::start_with(&["fsync=on", "full_page_writes=on"])`.
     pub fn start_with(settings: &[&str]) -> Postgres {
+        let mut pg = Postgres::init(settings);
+        pg.start_on_fresh_port();
+        pg
+    }
+
+    /// A cluster that takes TCP connections over TLS only: `ssl=on` with a server certificate for
+    /// `localhost` and `127.0.0.1` signed by a CA made now ([`Postgres::tls_ca`] is its PEM file,
+    /// for `sslrootcert`), and a `pg_hba.conf` of `hostssl` lines only: the superuser `postgres`
+    /// without a password, every other user with a SCRAM password. A plaintext connection gets
+    /// "no pg_hba.conf entry … no encryption".
+    pub fn start_tls() -> Postgres {
+        let mut pg = Postgres::init(&[]);
+        let ca = crate::Ca::new("testbed CA");
+        let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"]);
+        let data = pg.data_dir();
+        let ca_path = pg.data_root.path().join("root.crt");
+        ca.write(&ca_path);
+        write_owned(pg.run_as, &data.join("server.crt"), &cert, 0o644);
+        write_owned(pg.run_as, &data.join("server.key"), &key, 0o600);
+        write_owned(
+            pg.run_as,
+            &data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all postgres 127.0.0.1/32 trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n",
+            0o600,
+        );
+        pg.settings.extend(
+            [
+                "ssl=on",
+                "ssl_cert_file=server.crt",
+                "ssl_key_file=server.key",
+                "password_encryption=scram-sha-256",
+            ]
+            .map(String::from),
+        );
+        pg.tls_ca = Some(ca_path);
+        pg.start_on_fresh_port();
+        pg
+    }
+
+    /// The CA that signed a [`Postgres::start_tls`] server's certificate (PEM file).
+    pub fn tls_ca(&self) -> &Path {
+        self.tls_ca
+            .as_deref()
+            .expect("tls_ca: this cluster was not started with Postgres::start_tls")
+    }
+
+    fn init(settings: &[&str]) -> Postgres {
         let bindir = find_bindir();
         let run_as = RunAs::detect();
         let data_root = tempfile::Builder::new()
@@ -62,17 +113,16 @@ impl Postgres {
             .env("LC_ALL", "C");
         run(initdb, run_as, "initdb");
 
-        let mut pg = Postgres {
+        Postgres {
             bindir,
             run_as,
             port: 0,
             settings: settings.iter().map(|s| s.to_string()).collect(),
+            tls_ca: None,
             process: None,
             socket_dir,
             data_root,
-        };
-        pg.start_on_fresh_port();
-        pg
+        }
     }
 
     fn start_on_fresh_port(&mut self) {
@@ -197,6 +247,18 @@ impl Postgres {
     /// The directory holding `psql`, `pgbench` and the server binaries in use.
     pub fn bindir(&self) -> &Path {
         &self.bindir
+    }
+}
+
+/// Writes a file the server reads, owned by the server's user with `mode` (PostgreSQL refuses a
+/// key file that others can read).
+fn write_owned(run_as: Option<RunAs>, path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    if let Some(run_as) = run_as {
+        run_as.own(path);
     }
 }
 

@@ -1,13 +1,19 @@
-//! Where delivered events go. A sink writes a batch of events together with the position they
-//! bring the consumer to, and gives that position back on start-up: the sink's own checkpoint is
-//! the source of truth for where delivery resumes.
+//! Where delivered events go. A sink writes a batch of events, the dead letters among them and
+//! the position they bring the consumer to, all or nothing; and gives that position back: the
+//! sink's own checkpoint is the truth about where delivery resumes.
 //!
 //! - [`mongo`]: the product — MongoDB, the only module that talks to it.
 //! - [`null`]: discards events and keeps the position in memory (benchmarks).
+//!
+//! A [`Sink`] is a trait with the two as its implementations; the delivery loop is generic over
+//! it, so a new sink is one module, its configuration and an `impl Sink`.
 
 pub mod mongo;
 pub mod null;
 
+use std::future::Future;
+
+use event_store::position::{Batch, Undecodable};
 use event_store::{Event, Position};
 use mongodb::bson::RawDocumentBuf;
 
@@ -16,116 +22,133 @@ use crate::error::Result;
 pub use mongo::MongoSink;
 pub use null::{Delivered, NullSink};
 
-/// One batch for the sink: the wanted events (possibly none, when a topic filter skipped every
-/// row) and the position after the last row scanned.
-#[derive(Debug, Clone)]
+/// A destination for events.
+pub trait Sink: Send + 'static {
+    /// A cheap handle for `/healthz` probes, usable while a write is in progress.
+    type Probe: Probe;
+
+    /// Connects (when needed) and reads the stored checkpoint, `None` for a new consumer. Called
+    /// at start and again after any failure: the checkpoint, not our memory, says where to go on.
+    fn open(&mut self) -> impl Future<Output = Result<Option<Position>>> + Send;
+
+    /// Stores `delivery`: its events, its dead letters and its end position, atomically as far as
+    /// anyone restarting from the checkpoint can tell. Fails with
+    /// [`Error::CheckpointMoved`](crate::Error::CheckpointMoved) when the stored checkpoint is not
+    /// `delivery.start` (the sink lost writes it had acknowledged, or an operator moved it).
+    fn write(&mut self, delivery: &Delivery) -> impl Future<Output = Result<Written>> + Send;
+
+    /// How the fetcher prepares batches for this sink, ahead of the write.
+    fn encoder(&self) -> Encoder;
+
+    fn probe(&self) -> Self::Probe;
+
+    /// Where events go, for logs (never with credentials).
+    fn describe(&self) -> String;
+}
+
+/// Reachability of a sink, for `/healthz`.
+pub trait Probe: Clone + Send + Sync + 'static {
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Prepares a fetched batch in a sink's format. A plain function, so the fetcher can run it while
+/// the writer waits on the previous batch instead of in front of the next one.
+pub type Encoder = fn(Batch, Position, Position) -> Delivery;
+
+/// One batch for the sink.
+#[derive(Debug, Clone, Default)]
 pub struct Delivery {
-    pub events: Vec<Event>,
+    /// The checkpoint this batch follows (the end of the previous one).
+    pub start: Position,
+    /// The position after the last row scanned.
     pub end: Position,
-    /// The events already in the sink's format ([`Encoder`]), or empty: the sink encodes them.
+    /// The events to store, in position order (possibly none, when a topic filter skipped every
+    /// row or every event was a dead letter).
+    pub events: Vec<Event>,
+    /// `events` in the sink's format ([`Encoder`]), or empty when the sink needs none.
     pub documents: Vec<RawDocumentBuf>,
+    /// Events that cannot be stored, recorded instead of them.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Which rewind of the fetcher this batch belongs to (see the writer).
+    pub generation: u64,
 }
 
 impl Delivery {
-    pub fn new(events: Vec<Event>, end: Position) -> Delivery {
+    /// A batch with nothing prepared: events as fetched, undecodable rows as dead letters.
+    pub fn plain(batch: Batch, start: Position, end: Position) -> Delivery {
         Delivery {
-            events,
+            start,
             end,
-            documents: Vec::new(),
+            dead_letters: batch
+                .undecodable
+                .into_iter()
+                .map(DeadLetter::from)
+                .collect(),
+            events: batch.events,
+            ..Delivery::default()
         }
     }
 }
 
-/// Puts events into a sink's format ahead of the write. The fetcher does this, so that it runs
-/// while the writer waits on the previous batch instead of in front of the next one.
-#[derive(Debug, Clone, Copy)]
-pub enum Encoder {
-    Mongo,
-    Null,
+/// An event set aside because it cannot be stored, with why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub position: Position,
+    pub event_id: Option<uuid::Uuid>,
+    pub topic: Option<String>,
+    pub key: Option<String>,
+    pub event_type: Option<String>,
+    /// The payload text as stored in PostgreSQL (the sink keeps a bounded prefix).
+    pub payload: Option<String>,
+    /// A short stable code (`number_out_of_range`, `too_deep`, `too_large`, `undecodable`,
+    /// `rejected_by_server`, …): the `reason` label of the metric.
+    pub code: &'static str,
+    /// What exactly was wrong.
+    pub detail: String,
 }
 
-impl Encoder {
-    pub fn delivery(self, events: Vec<Event>, end: Position) -> Delivery {
-        let mut delivery = Delivery::new(events, end);
-        if let Encoder::Mongo = self {
-            // On failure the writer encodes again and reports the error.
-            delivery.documents = mongo::encode(&delivery.events).unwrap_or_default();
+impl DeadLetter {
+    pub fn of(event: &Event, code: &'static str, detail: impl Into<String>) -> DeadLetter {
+        DeadLetter {
+            position: event.position,
+            event_id: Some(event.event_id),
+            topic: Some(event.topic.clone()),
+            key: event.key.clone(),
+            event_type: event.event_type.clone(),
+            payload: Some(event.payload.as_str().to_string()),
+            code,
+            detail: detail.into(),
         }
-        delivery
+    }
+
+    /// The event's `id`.
+    pub fn id(&self) -> i64 {
+        self.position.id
+    }
+}
+
+impl From<Undecodable> for DeadLetter {
+    fn from(row: Undecodable) -> DeadLetter {
+        DeadLetter {
+            position: row.position,
+            event_id: row.event_id,
+            topic: row.topic,
+            key: row.key,
+            event_type: row.event_type,
+            payload: row.payload,
+            code: "undecodable",
+            detail: row.reason,
+        }
     }
 }
 
 /// What a write did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Written {
     /// Events newly stored.
     pub inserted: usize,
     /// Events found already stored (a re-delivery after a crash or a lost acknowledgement).
     pub already_present: usize,
-}
-
-/// A sink. An enum rather than a trait object: there are two, and the benchmarks need to reach
-/// the null sink's observer.
-pub enum Sink {
-    Mongo(Box<MongoSink>),
-    Null(NullSink),
-}
-
-impl Sink {
-    /// Connects (when needed) and returns the stored checkpoint, `None` for a new consumer.
-    pub async fn open(&mut self) -> Result<Option<Position>> {
-        match self {
-            Sink::Mongo(s) => s.open().await,
-            Sink::Null(s) => Ok(s.checkpoint()),
-        }
-    }
-
-    /// Stores `delivery` and its end position, all or nothing as far as anyone restarting from the
-    /// checkpoint can tell.
-    pub async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
-        match self {
-            Sink::Mongo(s) => s.write(delivery).await,
-            Sink::Null(s) => Ok(s.write(delivery)),
-        }
-    }
-
-    /// How the fetcher should prepare batches for this sink.
-    pub fn encoder(&self) -> Encoder {
-        match self {
-            Sink::Mongo(_) => Encoder::Mongo,
-            Sink::Null(_) => Encoder::Null,
-        }
-    }
-
-    /// A cheap handle for health probes, usable while a write is in progress.
-    pub fn prober(&self) -> Prober {
-        match self {
-            Sink::Mongo(s) => Prober::Mongo(s.prober()),
-            Sink::Null(_) => Prober::Null,
-        }
-    }
-
-    /// Which health check this sink reports under.
-    pub fn describe(&self) -> String {
-        match self {
-            Sink::Mongo(s) => s.describe(),
-            Sink::Null(_) => "the null sink".into(),
-        }
-    }
-}
-
-/// Probes a sink's reachability for `/healthz`.
-#[derive(Clone)]
-pub enum Prober {
-    Mongo(mongo::MongoProber),
-    Null,
-}
-
-impl Prober {
-    pub async fn ping(&self) -> Result<()> {
-        match self {
-            Prober::Mongo(p) => p.ping().await,
-            Prober::Null => Ok(()),
-        }
-    }
+    /// Dead letters recorded with this batch: the delivery's own, and events the server refused.
+    pub dead_letters: Vec<DeadLetter>,
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 use event_store::Position;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Delivery, Written};
+use super::{Delivery, Encoder, Probe, Sink, Written};
+use crate::error::{Error, Result};
 
 /// One batch as the null sink saw it.
 #[derive(Debug, Clone)]
@@ -34,12 +35,22 @@ impl NullSink {
             observer: Some(observer),
         }
     }
+}
 
-    pub fn checkpoint(&self) -> Option<Position> {
-        self.position
+impl Sink for NullSink {
+    type Probe = NullProbe;
+
+    async fn open(&mut self) -> Result<Option<Position>> {
+        Ok(self.position)
     }
 
-    pub fn write(&mut self, delivery: &Delivery) -> Written {
+    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+        if self.position.unwrap_or(Position::START) != delivery.start {
+            return Err(Error::CheckpointMoved {
+                expected: delivery.start,
+                found: self.position,
+            });
+        }
         self.position = Some(delivery.end);
         if let Some(observer) = &self.observer {
             let _ = observer.send(Delivered {
@@ -48,9 +59,31 @@ impl NullSink {
                 at: Instant::now(),
             });
         }
-        Written {
+        Ok(Written {
             inserted: delivery.events.len(),
             already_present: 0,
-        }
+            dead_letters: delivery.dead_letters.clone(),
+        })
+    }
+
+    fn encoder(&self) -> Encoder {
+        Delivery::plain
+    }
+
+    fn probe(&self) -> NullProbe {
+        NullProbe
+    }
+
+    fn describe(&self) -> String {
+        "the null sink".into()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct NullProbe;
+
+impl Probe for NullProbe {
+    async fn ping(&self) -> Result<()> {
+        Ok(())
     }
 }

@@ -34,9 +34,13 @@ pub fn init_logging() {
 
 /// Migrated PostgreSQL with a consumer login, and a MongoDB-wire server.
 pub async fn setup() -> Env {
+    setup_with(Mongo::start()).await
+}
+
+/// [`setup`] with a MongoDB-wire server of the caller's choosing.
+pub async fn setup_with(mongo: Mongo) -> Env {
     init_logging();
     let pg = Postgres::start();
-    let mongo = Mongo::start();
     let mut admin = connect(&pg.url()).await;
     migrations::run(&mut admin).await.expect("migrate");
     admin

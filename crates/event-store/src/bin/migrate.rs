@@ -8,12 +8,21 @@ use event_store::config::{exit_code, LogArgs, PostgresArgs};
 use event_store::{db, migrations, telemetry};
 
 /// Applies the event stream's schema (tables, indexes, group roles) to the database in
-/// DATABASE_URL. Run it as the database owner; running it again is a no-op.
+/// DATABASE_URL, and grants this database's group roles <prefix>_producer, <prefix>_consumer and
+/// <prefix>_purger exactly what each job needs. Run it as the database owner; running it again
+/// changes nothing.
 #[derive(Debug, Parser)]
 #[command(name = "migrate", version)]
 struct Args {
     #[command(flatten)]
     postgres: PostgresArgs,
+    /// Prefix of this database's group roles (<prefix>_producer, _consumer, _purger). Roles are
+    /// cluster-wide, so every database of a cluster that holds an event stream needs its own
+    /// prefix (e.g. the database name); migrate refuses roles that already hold privileges in
+    /// another database. Lower-case letters, digits and _.
+    #[arg(long, env = "EVENTS_ROLE_PREFIX", default_value = migrations::DEFAULT_ROLE_PREFIX)]
+    role_prefix: String,
+
     #[command(flatten)]
     log: LogArgs,
 }
@@ -28,7 +37,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     telemetry::init(&args.log.log_level)?;
     let config = db::config(&args.postgres.database_url, "events-migrate")?;
     let mut client = db::connect_spawned(&config).await?;
-    let outcome = migrations::run(&mut client)
+    let outcome = migrations::run_with(&mut client, &args.role_prefix)
         .await
         .with_context(|| format!("migrating {}", db::describe(&config)))?;
     let version = outcome.version.unwrap_or(0);
@@ -40,5 +49,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             outcome.applied.join(", ")
         );
     }
+    println!(
+        "group roles: {0}_producer, {0}_consumer, {0}_purger",
+        args.role_prefix
+    );
     Ok(())
 }

@@ -1,0 +1,916 @@
+//! MongoDB: the only module that talks to it.
+//!
+//! Each event becomes one document in `<database>.<collection>` ([`document`] has the mapping):
+//!
+//! ```text
+//! { _id: <events.id, Int64>, event_id: <UUID>, topic, key, type,
+//!   payload: <BSON value>, headers: <BSON document>, created_at: <date>, received_at: <date> }
+//! ```
+//!
+//! An event that cannot be stored (see [`document`]; or one the server refuses as invalid) is
+//! recorded in `deadLetters` instead, in the same write as the batch and the checkpoint:
+//!
+//! ```text
+//! { _id: <events.id>, event_id, topic, key, type, position: "<tx_id>/<id>", consumer,
+//!   reason: <code>, detail, payload_text: <first 64 KiB>, payload_bytes, payload_sha256,
+//!   first_seen_at, last_seen_at }
+//! ```
+//!
+//! A batch the server refuses as invalid is split in halves, each written with its own end
+//! position, until the refused event is alone; the events around it are delivered.
+//!
+//! The consumer's checkpoint is `{ _id: <name>, tx_id, id, updated_at }` in `checkpoints` of the
+//! same database. `tx_id` is stored as Int64 (an xid8 only exceeds it after 2^31 wraparound
+//! epochs) and as a decimal string should one ever not fit; both read back as the same `u64`.
+//!
+//! **The checkpoint is the truth.** Every write moves the checkpoint *from* the position the batch
+//! follows: the update matches `{_id, tx_id, id}` of that position. When it matches nothing, the
+//! server no longer holds what we wrote last (it acknowledged writes and lost them in a crash or a
+//! failover rollback, or an operator moved the checkpoint), and the write fails with
+//! [`Error::CheckpointMoved`]: the consumer reads the checkpoint again and delivers from there.
+//! Writes use write concern `majority` with journaling unless the URI says otherwise (`w=`,
+//! `journal=`), so an acknowledged batch survives a crash of the server.
+//!
+//! How a batch is written depends on the deployment, detected with `hello`:
+//! - **Transactions** (a replica set, single-node included, or a sharded cluster): the documents,
+//!   the dead letters and the checkpoint are written in one transaction.
+//! - **Standalone server**: the documents first (unordered inserts; duplicates of already-stored
+//!   events are recognised and skipped), then the dead letters, then the checkpoint. A crash in
+//!   between leaves documents past the checkpoint, which the restarted consumer writes again —
+//!   recognised as present.
+//!
+//! Either way `_id` is the event's id, so a re-delivery can never create a second document. When
+//! an insert meets an `_id` that is already taken, the stored document must hold the *same*
+//! event (`event_id`); if it holds another one, the collection is shared with a different event
+//! store, and the consumer stops rather than skip or overwrite an event.
+
+pub mod document;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use event_store::position::Batch;
+use event_store::{Event, Position};
+use mongodb::bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
+use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
+use mongodb::{Client, ClientSession, Collection};
+use sha2::{Digest, Sha256};
+
+use super::{DeadLetter, Delivery, Encoder, Probe, Sink, Written};
+use crate::config::{OnPoison, Transactions};
+use crate::error::{compact, Error, Result};
+
+/// The checkpoints collection, next to the events collection.
+pub const CHECKPOINTS: &str = "checkpoints";
+/// The dead letters collection, next to the events collection.
+pub const DEAD_LETTERS: &str = "deadLetters";
+/// How much of a dead letter's payload is kept (its full length and hash are kept too).
+pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
+
+const DUPLICATE_KEY: i32 = 11000;
+/// Retries of a transaction the server asks us to retry (write conflicts), before backing off.
+const TRANSACTION_ATTEMPTS: usize = 3;
+
+/// Where and how the MongoDB sink writes.
+#[derive(Debug, Clone)]
+pub struct MongoConfig {
+    pub uri: String,
+    pub database: String,
+    pub collection: String,
+    /// The consumer's name: its checkpoint's `_id`.
+    pub name: String,
+    pub transactions: Transactions,
+    pub on_poison: OnPoison,
+}
+
+pub struct MongoSink {
+    client: Client,
+    events: Collection<Document>,
+    /// The same collection, for writing documents encoded ahead of time.
+    raw_events: Collection<RawDocumentBuf>,
+    checkpoints: Collection<Document>,
+    dead_letters: Collection<Document>,
+    name: String,
+    where_: String,
+    on_poison: OnPoison,
+    /// `--mongodb-transactions auto`.
+    allow_transactions: bool,
+    /// The mode last logged, to log changes only.
+    logged_mode: Option<bool>,
+    /// `None` until detected, and again after any failure (the deployment may have changed).
+    transactions: Option<bool>,
+    session: Option<ClientSession>,
+}
+
+/// A contiguous part of a delivery, written with its own end position (splitting isolates events
+/// the server refuses).
+struct Part {
+    start: Position,
+    end: Position,
+    events: Vec<Event>,
+    docs: Vec<RawDocumentBuf>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+impl MongoSink {
+    /// Parses the URI (an unparseable one is a configuration error) and prepares a client; no
+    /// connection is made until [`Sink::open`].
+    pub async fn new(config: MongoConfig) -> Result<MongoSink> {
+        let MongoConfig {
+            uri,
+            database,
+            collection,
+            name,
+            transactions,
+            on_poison,
+        } = config;
+        let mut options = ClientOptions::parse(&uri)
+            .await
+            .map_err(|e| match *e.kind {
+                ErrorKind::InvalidArgument { .. } => Error::Config(format!(
+                    "MONGODB_URI is not a valid MongoDB connection string ({}); expected e.g. \
+                 mongodb://host:27017/?replicaSet=rs0",
+                    compact(&e)
+                )),
+                _ => Error::mongo("resolve MONGODB_URI", e),
+            })?;
+        if options.app_name.is_none() {
+            options.app_name = Some(format!("events-consumer:{name}"));
+        }
+        // Acknowledged must mean durable: a majority of the replica set, journaled. A `w` or
+        // `journal` in the URI wins (a user who knows their deployment may trade this away).
+        if options.write_concern.is_none() {
+            let mut durable = WriteConcern::default();
+            durable.w = Some(Acknowledgment::Majority);
+            durable.journal = Some(true);
+            options.write_concern = Some(durable);
+        }
+        // The driver's 30 s default would hold a write (and a health probe) that long while the
+        // server is down; our own retry loop is the patient one.
+        if options.server_selection_timeout.is_none() {
+            options.server_selection_timeout = Some(Duration::from_secs(10));
+        }
+        if options.connect_timeout.is_none() {
+            options.connect_timeout = Some(Duration::from_secs(10));
+        }
+        let hosts: Vec<String> = options.hosts.iter().map(|h| h.to_string()).collect();
+        let where_ = format!(
+            "MongoDB at {} (collection {database}.{collection})",
+            hosts.join(",")
+        );
+        let client = Client::with_options(options)
+            .map_err(|e| Error::Config(format!("MONGODB_URI cannot be used: {}", compact(&e))))?;
+        let db = client.database(&database);
+        Ok(MongoSink {
+            events: db.collection(&collection),
+            raw_events: db.collection(&collection),
+            checkpoints: db.collection(CHECKPOINTS),
+            dead_letters: db.collection(DEAD_LETTERS),
+            client,
+            name,
+            where_,
+            on_poison,
+            allow_transactions: transactions == Transactions::Auto,
+            transactions: None,
+            logged_mode: None,
+            session: None,
+        })
+    }
+
+    /// A consumer killed mid-transaction leaves that transaction open on the server, holding
+    /// write locks on the checkpoint and on the batch's documents until the server's transaction
+    /// lifetime limit (60 s by default) aborts it; until then every write of ours would fail with
+    /// a write conflict. Each checkpoint records the session that wrote it, and the previous
+    /// process's last transaction almost always ran on that session: ending the session aborts
+    /// the orphan now. Users may kill their own sessions; a failure only costs the wait.
+    async fn end_orphaned_transaction(&self, session: &Document) {
+        let killed = self
+            .client
+            .database("admin")
+            .run_command(doc! {"killSessions": [session.clone()]})
+            .await;
+        match killed {
+            Ok(_) => tracing::debug!("Ended the previous run's MongoDB session."),
+            Err(e) => tracing::debug!(
+                error = %compact(&e),
+                "Cannot end the previous run's MongoDB session; a transaction it left open may \
+                 delay the first write until the server aborts it."
+            ),
+        }
+    }
+
+    async fn detect(&mut self) -> Result<bool> {
+        if let Some(known) = self.transactions {
+            return Ok(known);
+        }
+        let transactions = self.allow_transactions && {
+            let hello = self
+                .client
+                .database("admin")
+                .run_command(doc! {"hello": 1})
+                .await
+                .map_err(|e| self.error("ask the server what it is (hello)", e))?;
+            let replica_set = hello.get_str("setName").is_ok();
+            let router = hello.get_str("msg") == Ok("isdbgrid");
+            let sessions = hello.contains_key("logicalSessionTimeoutMinutes");
+            (replica_set || router) && sessions
+        };
+        if self.logged_mode != Some(transactions) {
+            self.logged_mode = Some(transactions);
+            if transactions {
+                tracing::info!(server = %self.where_,
+                    "Writing each batch and the checkpoint in one MongoDB transaction.");
+            } else {
+                tracing::info!(server = %self.where_, allowed = self.allow_transactions,
+                    "No MongoDB transactions: writing batches idempotently, then the checkpoint.");
+            }
+        }
+        self.transactions = Some(transactions);
+        Ok(transactions)
+    }
+
+    /// Writes a delivery, splitting it around events the server refuses as invalid.
+    async fn write_isolating(&mut self, delivery: &Delivery) -> Result<Written> {
+        let encoded;
+        let docs: &[RawDocumentBuf] = if delivery.documents.len() == delivery.events.len() {
+            &delivery.documents
+        } else {
+            let batch = Batch {
+                events: delivery.events.clone(),
+                ..Batch::default()
+            };
+            encoded = encode(batch, delivery.start, delivery.end);
+            if let Some(first) = encoded.dead_letters.first() {
+                // Only when the fetcher did not encode (it always does): keep the contract.
+                return Err(Error::Poison(first.clone()));
+            }
+            &encoded.documents
+        };
+        let mut written = Written::default();
+        let whole = Part {
+            start: delivery.start,
+            end: delivery.end,
+            events: delivery.events.clone(),
+            docs: docs.to_vec(),
+            dead_letters: delivery.dead_letters.clone(),
+        };
+        if self.on_poison == OnPoison::Stop {
+            if let Some(first) = delivery.dead_letters.first() {
+                // Deliver what comes before the poison, then stop at it.
+                let keep = whole
+                    .events
+                    .iter()
+                    .take_while(|e| e.position < first.position)
+                    .count();
+                if keep > 0 {
+                    let before = Part {
+                        start: whole.start,
+                        end: whole.events[keep - 1].position,
+                        events: whole.events[..keep].to_vec(),
+                        docs: whole.docs[..keep].to_vec(),
+                        dead_letters: Vec::new(),
+                    };
+                    self.write_part(&before).await?;
+                }
+                return Err(Error::Poison(first.clone()));
+            }
+        }
+        // Parts still to write, the next one last: halves are pushed right, then left.
+        let mut parts = vec![whole];
+        while let Some(part) = parts.pop() {
+            match self.write_part(&part).await {
+                Ok(done) => {
+                    written.inserted += done.inserted;
+                    written.already_present += done.already_present;
+                    written.dead_letters.extend(part.dead_letters);
+                }
+                Err(Error::Mongo { source, context }) if is_rejected(&source) => {
+                    if part.events.len() <= 1 {
+                        let (Some(event), Some(doc)) = (part.events.first(), part.docs.first())
+                        else {
+                            return Err(Error::Mongo { source, context });
+                        };
+                        let mut letter =
+                            DeadLetter::of(event, "rejected_by_server", compact(&source));
+                        // The encoder kept only the document; the payload comes back from it.
+                        letter.payload = doc
+                            .get("payload")
+                            .ok()
+                            .flatten()
+                            .and_then(|p| Bson::try_from(p).ok())
+                            .map(|p| p.into_relaxed_extjson().to_string());
+                        if self.on_poison == OnPoison::Stop {
+                            return Err(Error::Poison(letter));
+                        }
+                        let mut dead_letters = part.dead_letters;
+                        dead_letters.push(letter);
+                        parts.push(Part {
+                            events: Vec::new(),
+                            docs: Vec::new(),
+                            dead_letters,
+                            ..part
+                        });
+                    } else {
+                        tracing::debug!(events = part.events.len(), error = %compact(&source),
+                            "The server refused a batch as invalid; splitting it to find the event.");
+                        let (left, right) = split(part);
+                        parts.push(right);
+                        parts.push(left);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Writes one part: documents, dead letters and the checkpoint move from `start` to `end`.
+    async fn write_part(&mut self, part: &Part) -> Result<Written> {
+        let transactions = self.detect().await?;
+        if !transactions {
+            let written = if part.docs.is_empty() {
+                Written::default()
+            } else {
+                self.insert_idempotently(&part.docs, &part.events).await?
+            };
+            for letter in &part.dead_letters {
+                self.dead_letters
+                    .update_one(doc! {"_id": letter.id()}, self.dead_letter_update(letter))
+                    .upsert(true)
+                    .await
+                    .map_err(|e| self.error("record a dead letter", e))?;
+            }
+            self.move_checkpoint(part.start, part.end).await?;
+            return Ok(written);
+        }
+        match self.transaction(part).await {
+            Ok(()) => Ok(Written {
+                inserted: part.docs.len(),
+                ..Written::default()
+            }),
+            Err(e) if is_duplicate_key_tx(&e) => {
+                // A re-delivery (the previous commit's acknowledgement was lost, or another
+                // consumer writes the same collection): store only what is missing.
+                let present = self.already_present(&part.events).await?;
+                let mut rest = Part {
+                    start: part.start,
+                    end: part.end,
+                    events: Vec::new(),
+                    docs: Vec::new(),
+                    dead_letters: part.dead_letters.clone(),
+                };
+                for (doc, event) in part.docs.iter().zip(&part.events) {
+                    if !present.contains(&event.id()) {
+                        rest.docs.push(doc.clone());
+                        rest.events.push(event.clone());
+                    }
+                }
+                if let Err(e) = self.transaction(&rest).await {
+                    return Err(self
+                        .transaction_error("write the rest of a re-delivered batch", e, part.start)
+                        .await);
+                }
+                Ok(Written {
+                    inserted: rest.docs.len(),
+                    already_present: present.len(),
+                    ..Written::default()
+                })
+            }
+            Err(e) => {
+                let what = format!(
+                    "write {} events and the checkpoint in a transaction",
+                    part.docs.len()
+                );
+                Err(self.transaction_error(what, e, part.start).await)
+            }
+        }
+    }
+
+    /// The documents, dead letters and the checkpoint in one transaction, retried when the server
+    /// labels the failure transient (a write conflict).
+    async fn transaction(&mut self, part: &Part) -> std::result::Result<(), TxError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.transaction_once(part).await {
+                Err(TxError::Mongo(e))
+                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        && !is_duplicate_key(&e)
+                        && attempt < TRANSACTION_ATTEMPTS =>
+                {
+                    tracing::debug!(error = %compact(&e), attempt, "Retrying a MongoDB transaction.");
+                    self.session = None;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn transaction_once(&mut self, part: &Part) -> std::result::Result<(), TxError> {
+        if self.session.is_none() {
+            self.session = Some(self.client.start_session().await?);
+        }
+        let letters: Vec<(i64, Document)> = part
+            .dead_letters
+            .iter()
+            .map(|l| (l.id(), self.dead_letter_update(l)))
+            .collect();
+        let session = self.session.as_mut().expect("just set");
+        session.start_transaction().await?;
+        let writes = async {
+            if !part.docs.is_empty() {
+                self.raw_events
+                    .insert_many(&part.docs)
+                    .session(&mut *session)
+                    .await?;
+            }
+            for (id, update) in letters {
+                self.dead_letters
+                    .update_one(doc! {"_id": id}, update)
+                    .upsert(true)
+                    .session(&mut *session)
+                    .await?;
+            }
+            let (filter, mut update) = checkpoint_move(&self.name, part.start, part.end);
+            update
+                .get_document_mut("$set")
+                .expect("built with $set")
+                .insert("session", session.id().clone());
+            let moved = self
+                .checkpoints
+                .update_one(filter, update)
+                .upsert(part.start == Position::START)
+                .session(&mut *session)
+                .await
+                .map_err(|e| {
+                    if is_duplicate_key(&e) {
+                        TxError::CheckpointMoved
+                    } else {
+                        TxError::Mongo(e)
+                    }
+                })?;
+            if moved.matched_count == 0 && moved.upserted_id.is_none() {
+                return Err(TxError::CheckpointMoved);
+            }
+            Ok::<_, TxError>(())
+        }
+        .await;
+        if let Err(e) = writes {
+            let _ = session.abort_transaction().await;
+            return Err(e);
+        }
+        // The driver retries a commit once itself; a commit whose outcome stays unknown is retried
+        // a little more (committing twice is harmless), then reported. The batch is then written
+        // again, and the duplicate-key path recognises it if the commit had in fact succeeded.
+        let mut commits = 0;
+        loop {
+            commits += 1;
+            match session.commit_transaction().await {
+                Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) && commits < 3 => {
+                    tracing::debug!(error = %compact(&e), "Retrying a MongoDB commit of unknown outcome.");
+                }
+                other => return other.map_err(TxError::Mongo),
+            }
+        }
+    }
+
+    async fn transaction_error(
+        &self,
+        what: impl std::fmt::Display,
+        e: TxError,
+        start: Position,
+    ) -> Error {
+        match e {
+            TxError::Mongo(e) => self.error(what, e),
+            TxError::CheckpointMoved => self.checkpoint_moved(start).await,
+        }
+    }
+
+    /// Standalone servers: unordered inserts, where duplicates of stored events are expected
+    /// after a crash between the inserts and the checkpoint, and skipped.
+    async fn insert_idempotently(
+        &self,
+        docs: &[RawDocumentBuf],
+        events: &[Event],
+    ) -> Result<Written> {
+        let error = match self.raw_events.insert_many(docs).ordered(false).await {
+            Ok(_) => {
+                return Ok(Written {
+                    inserted: docs.len(),
+                    ..Written::default()
+                })
+            }
+            Err(e) => e,
+        };
+        let duplicates = match error.kind.as_ref() {
+            ErrorKind::InsertMany(failure)
+                if failure.write_concern_error.is_none()
+                    && failure
+                        .write_errors
+                        .as_ref()
+                        .is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY)) =>
+            {
+                failure.write_errors.as_ref().map_or(0, |w| w.len())
+            }
+            _ => {
+                return Err(self.error(format!("insert {} events", docs.len()), error));
+            }
+        };
+        // Every refused document must be the same event, already stored.
+        let present = self.already_present(events).await?;
+        if present.len() < duplicates {
+            return Err(self.error(
+                "insert events (duplicate keys the stored documents do not explain)",
+                error,
+            ));
+        }
+        Ok(Written {
+            inserted: docs.len() - duplicates,
+            already_present: duplicates,
+            ..Written::default()
+        })
+    }
+
+    /// Which of `events` are already stored, checking that each stored document holds the same
+    /// event (`event_id`); another event under one of our ids is an integrity error.
+    async fn already_present(&self, events: &[Event]) -> Result<HashSet<i64>> {
+        let ids: Vec<i64> = events.iter().map(|e| e.id()).collect();
+        let mut cursor = self
+            .events
+            .find(doc! {"_id": {"$in": &ids}})
+            .projection(doc! {"event_id": 1})
+            .await
+            .map_err(|e| self.error("look up already stored events", e))?;
+        let expected: HashMap<i64, &Event> = events.iter().map(|e| (e.id(), e)).collect();
+        let mut present = HashSet::new();
+        while cursor
+            .advance()
+            .await
+            .map_err(|e| self.error("look up already stored events", e))?
+        {
+            let stored: Document = cursor
+                .deserialize_current()
+                .map_err(|e| self.error("read a stored event", e))?;
+            let Some(id) = stored.get("_id").and_then(bson_i64) else {
+                continue;
+            };
+            let Some(event) = expected.get(&id) else {
+                continue;
+            };
+            let same = match stored.get("event_id") {
+                Some(Bson::Binary(b)) => b.bytes == event.event_id.as_bytes(),
+                Some(Bson::String(s)) => *s == event.event_id.to_string(),
+                _ => false,
+            };
+            if !same {
+                return Err(Error::Integrity(format!(
+                    "{} already holds a document with _id {id} that is not event {} (its \
+                     event_id is {:?}): the collection holds events from another event store. \
+                     Give this consumer a collection of its own (MONGODB_COLLECTION) or remove the \
+                     foreign documents",
+                    self.where_,
+                    event.event_id,
+                    stored.get("event_id")
+                )));
+            }
+            present.insert(id);
+        }
+        Ok(present)
+    }
+
+    /// Moves the checkpoint from `start` to `end` outside a transaction.
+    async fn move_checkpoint(&self, start: Position, end: Position) -> Result<()> {
+        let (filter, update) = checkpoint_move(&self.name, start, end);
+        let moved = self
+            .checkpoints
+            .update_one(filter, update)
+            .upsert(start == Position::START)
+            .await;
+        match moved {
+            Ok(moved) if moved.matched_count > 0 || moved.upserted_id.is_some() => Ok(()),
+            Ok(_) => Err(self.checkpoint_moved(start).await),
+            Err(e) if is_duplicate_key(&e) => Err(self.checkpoint_moved(start).await),
+            Err(e) => Err(self.error(format!("store the checkpoint {end}"), e)),
+        }
+    }
+
+    async fn checkpoint_moved(&self, expected: Position) -> Error {
+        Error::CheckpointMoved {
+            expected,
+            found: self.read_checkpoint().await.ok().flatten(),
+        }
+    }
+
+    async fn read_checkpoint(&self) -> Result<Option<Position>> {
+        let found = self
+            .checkpoints
+            .find_one(doc! {"_id": &self.name})
+            .await
+            .map_err(|e| self.error("read the checkpoint", e))?;
+        found
+            .map(|found| checkpoint_position(&found, &self.name))
+            .transpose()
+    }
+
+    fn dead_letter_update(&self, letter: &DeadLetter) -> Document {
+        let payload = letter.payload.as_deref().unwrap_or("");
+        let mut cut = payload.len().min(DEAD_LETTER_PAYLOAD_BYTES);
+        while !payload.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let optional =
+            |s: &Option<String>| s.as_ref().map_or(Bson::Null, |s| Bson::String(s.clone()));
+        let now = DateTime::now();
+        doc! {
+            "$set": {
+                "event_id": letter.event_id.map_or(Bson::Null, |id| Bson::String(id.to_string())),
+                "topic": optional(&letter.topic),
+                "key": optional(&letter.key),
+                "type": optional(&letter.event_type),
+                "position": letter.position.to_string(),
+                "consumer": &self.name,
+                "reason": letter.code,
+                "detail": &letter.detail,
+                "payload_text": &payload[..cut],
+                "payload_truncated": cut < payload.len(),
+                "payload_bytes": payload.len() as i64,
+                "payload_sha256": sha256_hex(payload.as_bytes()),
+                "last_seen_at": now,
+            },
+            "$setOnInsert": {"first_seen_at": now},
+        }
+    }
+
+    fn error(&self, what: impl std::fmt::Display, e: mongodb::error::Error) -> Error {
+        Error::mongo(format!("{what} ({})", self.where_), e)
+    }
+}
+
+impl Sink for MongoSink {
+    type Probe = MongoProbe;
+
+    /// Detects whether transactions are available and reads the checkpoint.
+    async fn open(&mut self) -> Result<Option<Position>> {
+        self.session = None;
+        self.transactions = None;
+        self.detect().await?;
+        let found = self
+            .checkpoints
+            .find_one(doc! {"_id": &self.name})
+            .await
+            .map_err(|e| self.error("read the checkpoint", e))?;
+        let Some(found) = found else { return Ok(None) };
+        if let Ok(session) = found.get_document("session") {
+            self.end_orphaned_transaction(session).await;
+        }
+        checkpoint_position(&found, &self.name).map(Some)
+    }
+
+    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+        let result = self.write_isolating(delivery).await;
+        match result {
+            Err(e @ Error::CheckpointMoved { .. }) => {
+                self.session = None;
+                Err(e)
+            }
+            Err(e) => {
+                // Start clean next time: a new session, and a fresh look at the deployment.
+                self.session = None;
+                self.transactions = None;
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    fn encoder(&self) -> Encoder {
+        encode
+    }
+
+    fn probe(&self) -> MongoProbe {
+        MongoProbe {
+            client: self.client.clone(),
+            where_: self.where_.clone(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.where_.clone()
+    }
+}
+
+/// Why a transaction did not commit.
+enum TxError {
+    Mongo(mongodb::error::Error),
+    /// The checkpoint was not at the batch's start position.
+    CheckpointMoved,
+}
+
+impl From<mongodb::error::Error> for TxError {
+    fn from(e: mongodb::error::Error) -> TxError {
+        TxError::Mongo(e)
+    }
+}
+
+fn is_duplicate_key_tx(e: &TxError) -> bool {
+    matches!(e, TxError::Mongo(e) if is_duplicate_key(e))
+}
+
+/// A clone of the client for `/healthz` probes.
+#[derive(Clone)]
+pub struct MongoProbe {
+    client: Client,
+    where_: String,
+}
+
+impl Probe for MongoProbe {
+    async fn ping(&self) -> Result<()> {
+        self.client
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await
+            .map_err(|e| Error::mongo(format!("ping {}", self.where_), e))?;
+        Ok(())
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::InsertMany(f) => f
+            .write_errors
+            .as_ref()
+            .is_some_and(|w| w.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+/// Server error codes that mean "this document is invalid", never "try again": the event is
+/// isolated and set aside. 2 BadValue, 9 FailedToParse, 15 Overflow, 22 InvalidBSON,
+/// 52 DollarPrefixedFieldName, 56 EmptyFieldName, 57 DottedFieldName, 121 DocumentValidationFailure,
+/// 10334 BSONObjectTooLarge, 17280 KeyTooLong, 17419 document grew too large.
+const INVALID_DOCUMENT_CODES: &[i32] = &[2, 9, 15, 22, 52, 56, 57, 121, 10334, 17280, 17419];
+
+/// The server (or the driver, before sending) refused the documents themselves.
+pub fn is_rejected(e: &mongodb::error::Error) -> bool {
+    let invalid = |code: i32| INVALID_DOCUMENT_CODES.contains(&code);
+    match e.kind.as_ref() {
+        ErrorKind::InsertMany(f) => f
+            .write_errors
+            .as_ref()
+            .is_some_and(|w| w.iter().any(|w| invalid(w.code))),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => invalid(w.code),
+        ErrorKind::Command(c) => invalid(c.code),
+        ErrorKind::BsonSerialization(_) => true,
+        _ => false,
+    }
+}
+
+/// Splits a part in two halves of its events; the left one ends at its last event.
+fn split(part: Part) -> (Part, Part) {
+    let mid = part.events.len() / 2;
+    let left_end = part.events[mid - 1].position;
+    let mut events = part.events;
+    let mut docs = part.docs;
+    let right_events = events.split_off(mid);
+    let right_docs = docs.split_off(mid);
+    let (left_letters, right_letters) = part
+        .dead_letters
+        .into_iter()
+        .partition(|l| l.position <= left_end);
+    (
+        Part {
+            start: part.start,
+            end: left_end,
+            events,
+            docs,
+            dead_letters: left_letters,
+        },
+        Part {
+            start: left_end,
+            end: part.end,
+            events: right_events,
+            docs: right_docs,
+            dead_letters: right_letters,
+        },
+    )
+}
+
+/// The fetcher's [`Encoder`] for MongoDB: each event as its stored document, or a dead letter.
+pub fn encode(batch: Batch, start: Position, end: Position) -> Delivery {
+    let mut delivery = Delivery::plain(
+        Batch {
+            events: Vec::new(),
+            ..batch
+        },
+        start,
+        end,
+    );
+    let received_at = DateTime::now();
+    delivery.events.reserve(batch.events.len());
+    delivery.documents.reserve(batch.events.len());
+    for event in batch.events {
+        match document::event_document(&event, received_at) {
+            Ok(doc) => {
+                // The document holds the data now; the text would only double the memory a
+                // batch takes (three are in flight).
+                let mut event = event;
+                event.payload = Default::default();
+                event.headers = Default::default();
+                delivery.documents.push(doc);
+                delivery.events.push(event);
+            }
+            Err(poison) => {
+                delivery
+                    .dead_letters
+                    .push(DeadLetter::of(&event, poison.code, poison.detail))
+            }
+        }
+    }
+    delivery.dead_letters.sort_by_key(|l| l.position);
+    delivery
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The filter and update that move a checkpoint from `start` to `end`.
+fn checkpoint_move(name: &str, start: Position, end: Position) -> (Document, Document) {
+    let filter = doc! {"_id": name, "tx_id": tx_id_bson(start.tx_id), "id": start.id};
+    (filter, checkpoint_update(end, DateTime::now()))
+}
+
+fn tx_id_bson(tx_id: u64) -> Bson {
+    match i64::try_from(tx_id) {
+        Ok(tx) => Bson::Int64(tx),
+        Err(_) => Bson::String(tx_id.to_string()),
+    }
+}
+
+/// The update that stores `end` as a checkpoint (also used by `eventsctl reset`, so both write the
+/// same document shape).
+pub fn checkpoint_update(end: Position, now: DateTime) -> Document {
+    doc! {"$set": {"tx_id": tx_id_bson(end.tx_id), "id": end.id, "updated_at": now}}
+}
+
+fn bson_i64(value: &Bson) -> Option<i64> {
+    match value {
+        Bson::Int64(v) => Some(*v),
+        Bson::Int32(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+/// Reads a checkpoint document back (accepting what an operator may have typed in a shell:
+/// Int32/Int64 numbers, or a decimal string for `tx_id`).
+pub fn checkpoint_position(doc: &Document, name: &str) -> Result<Position> {
+    let bad = || {
+        Error::Integrity(format!(
+            "the checkpoint of consumer {name:?} in {CHECKPOINTS} is malformed ({doc}): expected \
+             {{_id, tx_id: Int64 or decimal string, id: Int64}}"
+        ))
+    };
+    let tx_id = match doc.get("tx_id") {
+        Some(Bson::String(s)) => s.parse::<u64>().map_err(|_| bad())?,
+        Some(other) => bson_i64(other)
+            .and_then(|v| u64::try_from(v).ok())
+            .ok_or_else(bad)?,
+        None => return Err(bad()),
+    };
+    let id = doc.get("id").and_then(bson_i64).ok_or_else(bad)?;
+    Ok(Position::new(tx_id, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_round_trip_tx_ids_as_u64() {
+        for tx in [0, 3, 4_294_967_296, i64::MAX as u64, u64::MAX] {
+            let set = checkpoint_update(Position::new(tx, 7), DateTime::now());
+            let mut stored = set.get_document("$set").unwrap().clone();
+            stored.insert("_id", "c");
+            assert_eq!(
+                checkpoint_position(&stored, "c").unwrap(),
+                Position::new(tx, 7)
+            );
+        }
+        let typed = doc! {"_id": "c", "tx_id": 5_i32, "id": 9_i32};
+        assert_eq!(
+            checkpoint_position(&typed, "c").unwrap(),
+            Position::new(5, 9)
+        );
+        let bad = doc! {"_id": "c", "tx_id": -1_i64, "id": 9_i64};
+        assert!(matches!(
+            checkpoint_position(&bad, "c"),
+            Err(Error::Integrity(_))
+        ));
+    }
+}

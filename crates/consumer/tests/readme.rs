@@ -1,0 +1,6 @@
+//! The README's configuration reference says exactly what `consumer --help` says.
+
+#[test]
+fn readme_configuration_matches_help() {
+    testbed::reference::assert_readme_matches_help("consumer", env!("CARGO_BIN_EXE_consumer"));
+}

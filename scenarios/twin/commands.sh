@@ -1,0 +1,133 @@
+# shellcheck shell=bash
+# The everyday commands: start, stop, status, run, psql, mongosh, logs, env.
+
+check_service() {
+    case "$1" in
+        postgres)
+            [ "$PG_MANAGED" = 1 ] || die "postgres is not managed by the twin (DATABASE_URL was given)" ;;
+        mongo)
+            [ "$MONGO_KIND" != external ] || die "mongo is not managed by the twin (MONGODB_URI was given)" ;;
+        producer | consumer | purger) ;;
+        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger)" ;;
+    esac
+}
+cmd_start() {
+    [ $# -gt 0 ] || die "usage: scenarios/local start SERVICE..."
+    load_state
+    local svc
+    for svc in "$@"; do check_service "$svc"; done
+    for svc in "$@"; do
+        case "$svc" in postgres) pg_start ;; mongo) mongo_start ;; *) app_start "$svc" ;; esac
+    done
+}
+cmd_stop() { # kill=1 for SIGKILL
+    local how=$1
+    shift
+    [ $# -gt 0 ] || die "usage: scenarios/local stop SERVICE..."
+    load_state
+    local svc
+    for svc in "$@"; do check_service "$svc"; done
+    for svc in "$@"; do
+        case "$svc:$how" in
+            postgres:clean) pg_stop fast ;;
+            postgres:kill) pg_stop immediate ;;
+            mongo:clean) mongo_stop TERM ;;
+            mongo:kill) mongo_stop KILL ;;
+            *:clean) app_stop "$svc" TERM ;;
+            *:kill) app_stop "$svc" KILL ;;
+        esac
+    done
+}
+
+service_state() {
+    case "$1" in
+        postgres)
+            if [ "$PG_MANAGED" != 1 ]; then echo "external"
+            elif pg_running; then echo "running"; else echo "stopped"; fi ;;
+        mongo)
+            if [ "$MONGO_KIND" = external ]; then echo "external"
+            elif alive mongo; then echo "running"; else echo "stopped"; fi ;;
+        *) if alive "$1"; then echo "running"; else echo "stopped"; fi ;;
+    esac
+}
+cmd_status() {
+    load_state
+    printf '%-9s %-9s %-8s %s\n' SERVICE STATE PID ADDRESS
+    local pgpid=
+    [ "$PG_MANAGED" = 1 ] && pgpid=$(head -n 1 "$PG_DIR/data/postmaster.pid" 2>/dev/null || true)
+    printf '%-9s %-9s %-8s %s\n' postgres "$(service_state postgres)" "${pgpid:--}" "${PG_PORT:+127.0.0.1:$PG_PORT}"
+    printf '%-9s %-9s %-8s %s\n' mongo "$(service_state mongo)" "$(live_pid mongo)" "${MONGO_PORT:+127.0.0.1:$MONGO_PORT ($MONGO_KIND)}"
+    local svc
+    for svc in "${APPS[@]}"; do
+        printf '%-9s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
+            "http://127.0.0.1:$(http_port "$svc")/healthz"
+    done
+}
+
+print_summary() {
+    local mongosh_cmd=mongosh
+    [ -x "$root/.tools/node_modules/.bin/mongosh" ] && mongosh_cmd=.tools/node_modules/.bin/mongosh
+    cat >&2 <<EOF
+
+The local twin is up (state, data and logs in ${TWIN_DIR#"$root"/}).
+  $(cmd_status | sed '1!s/^/  /')
+
+Connect:
+  psql "$OWNER_URL"
+  $mongosh_cmd "$(uri_with_db "$MONGO_URI" "$(knob MONGODB_DATABASE consumer)")"
+  (or: scenarios/local psql   /   scenarios/local mongosh)
+Verify:
+  scenarios/local psql -c 'select count(*) from events'
+  scenarios/local mongosh --quiet --eval 'db.receivedEvents.countDocuments()'
+Stop / start one service (postgres, mongo, producer, consumer, purger):
+  scenarios/local stop consumer; scenarios/local start consumer
+Logs: scenarios/local logs consumer [-f]      Everything down: scenarios/local-down
+EOF
+}
+
+cmd_run() {
+    [ $# -gt 0 ] || die "usage: scenarios/local run SERVICE [ARGS]"
+    load_state
+    run_app "$@"
+}
+
+cmd_psql() {
+    load_state
+    local url=$OWNER_URL
+    if [ "${1:-}" = --as ]; then
+        case "${2:-}" in
+            producer) url=$PRODUCER_URL ;; consumer) url=$CONSUMER_URL ;; purger) url=$PURGER_URL ;;
+            *) die "psql --as producer|consumer|purger" ;;
+        esac
+        shift 2
+    fi
+    exec "$PG_BINDIR/psql" -X "$url" "$@"
+}
+cmd_mongosh() {
+    load_state
+    local db
+    db=$(knob MONGODB_DATABASE consumer)
+    exec "$(mongosh_bin)" --norc "$(uri_with_db "$MONGO_URI" "$db")" "$@"
+}
+cmd_logs() {
+    [ $# -ge 1 ] || die "usage: scenarios/local logs SERVICE [-f]"
+    load_state
+    local log
+    case "$1" in
+        postgres) log=$PG_DIR/postgres.log ;;
+        mongo) log=$TWIN_DIR/mongo/mongo.log ;;
+        producer | consumer | purger | migrate) log=$TWIN_DIR/logs/$1.log ;;
+        *) die "unknown service '$1'" ;;
+    esac
+    [ -f "$log" ] || die "no log yet: $log"
+    if [ "${2:-}" = -f ]; then exec tail -n 40 -f "$log"; else tail -n 40 "$log"; fi
+}
+cmd_env() {
+    [ $# -eq 1 ] || die "usage: scenarios/local env SERVICE"
+    load_state
+    local line
+    service_env "$1" | grep -v -e '^PATH=' -e '^HOME=' | while IFS= read -r line; do
+        printf '%s=%q\n' "${line%%=*}" "${line#*=}"
+    done
+}
+
