@@ -7,11 +7,13 @@ use event_store::config::PostgresArgs;
 
 use crate::cmd;
 
-/// The operator's tool for the event stream: consumer status and lag, resets, tail and append.
+/// The operator's tool for the event stream: consumer status and lag, resets, tail and append,
+/// and table-change capture.
 ///
 /// It reads DATABASE_URL and MONGODB_URI like the services. Read commands print a table, or JSON
 /// with --json. Run it as the database owner, or as a login holding events_consumer (status, lag,
-/// tail, reset) or events_producer (append).
+/// tail, reset) or events_producer (append); capture add/remove as the table's owner, a member of
+/// events_capture_admin.
 #[derive(Debug, Parser)]
 #[command(name = "eventsctl", version, after_help = crate::exit::HELP)]
 pub struct Cli {
@@ -61,4 +63,5 @@ pub enum Command {
     Reset(cmd::reset::Args),
     Tail(cmd::tail::Args),
     Append(cmd::append::Args),
+    Capture(cmd::capture::Args),
 }

@@ -3,6 +3,7 @@
 //! one in [`run`].
 
 pub mod append;
+pub mod capture;
 pub mod lag;
 pub mod reset;
 pub mod status;
@@ -20,5 +21,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Reset(args) => reset::run(&cli, args).await,
         Command::Tail(args) => tail::run(&cli, args).await,
         Command::Append(args) => append::run(&cli, args).await,
+        Command::Capture(args) => capture::run(&cli, args).await,
     }
 }
