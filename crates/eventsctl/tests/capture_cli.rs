@@ -51,20 +51,45 @@ async fn capture_add_list_remove_through_the_cli() {
 
     let stranger = eventsctl(
         &pg.url_for("stranger", None),
-        &["capture", "add", table, "--topic", "items", "--key-columns", "order_id,line"],
+        &[
+            "capture",
+            "add",
+            table,
+            "--topic",
+            "items",
+            "--key-columns",
+            "order_id,line",
+        ],
     );
     assert_eq!(stranger.status.code(), Some(3), "{}", text(&stranger));
-    assert!(text(&stranger).contains("events_capture_admin"), "{}", text(&stranger));
+    assert!(
+        text(&stranger).contains("events_capture_admin"),
+        "{}",
+        text(&stranger)
+    );
 
     let add = [
-        "capture", "add", table, "--topic", "items", "--ops", "insert,delete",
-        "--key-columns", "order_id,line", "--exclude-columns", "secret",
+        "capture",
+        "add",
+        table,
+        "--topic",
+        "items",
+        "--ops",
+        "insert,delete",
+        "--key-columns",
+        "order_id,line",
+        "--exclude-columns",
+        "secret",
     ];
     let added = eventsctl(&owner, &add);
     assert_eq!(added.status.code(), Some(0), "{}", text(&added));
     let again = eventsctl(&owner, &add);
     assert_eq!(again.status.code(), Some(3), "{}", text(&again));
-    assert!(text(&again).contains("already captured"), "{}", text(&again));
+    assert!(
+        text(&again).contains("already captured"),
+        "{}",
+        text(&again)
+    );
 
     let listed = eventsctl(&owner, &["capture", "list", "--json"]);
     assert_eq!(listed.status.code(), Some(0), "{}", text(&listed));
@@ -92,7 +117,15 @@ async fn capture_add_list_remove_through_the_cli() {
     let removed = eventsctl(&owner, &["capture", "remove", table]);
     assert_eq!(removed.status.code(), Some(0), "{}", text(&removed));
     let none = eventsctl(&owner, &["capture", "list"]);
-    assert!(String::from_utf8_lossy(&none.stdout).contains("no table is captured"), "{}", text(&none));
+    assert!(
+        String::from_utf8_lossy(&none.stdout).contains("no table is captured"),
+        "{}",
+        text(&none)
+    );
     pg.psql(r#"DELETE FROM shop."Order Items""#);
-    assert_eq!(pg.psql("SELECT count(*) FROM events"), "1", "removed: no more events");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM events"),
+        "1",
+        "removed: no more events"
+    );
 }

@@ -53,11 +53,19 @@ pub struct AddArgs {
     pub topic: String,
 
     /// Operations to capture, comma-separated: insert, update, delete, truncate
-    #[arg(long = "ops", value_delimiter = ',', default_value = "insert,update,delete,truncate")]
+    #[arg(
+        long = "ops",
+        value_delimiter = ',',
+        default_value = "insert,update,delete,truncate"
+    )]
     pub ops: Vec<String>,
 
     /// Columns that never appear in any event (they stay out after a rename), comma-separated
-    #[arg(long = "exclude-columns", value_delimiter = ',', value_name = "COLUMNS")]
+    #[arg(
+        long = "exclude-columns",
+        value_delimiter = ',',
+        value_name = "COLUMNS"
+    )]
     pub exclude_columns: Vec<String>,
 
     /// The columns that identify a row (default: the primary key; required without one),
@@ -90,7 +98,11 @@ pub struct WatchArgs {
     pub interval: Duration,
 
     /// The NOTIFY channel consumers LISTEN on
-    #[arg(long = "notify-channel", env = "NOTIFY_CHANNEL", default_value = "events")]
+    #[arg(
+        long = "notify-channel",
+        env = "NOTIFY_CHANNEL",
+        default_value = "events"
+    )]
     pub notify_channel: String,
 }
 
@@ -255,7 +267,12 @@ mod tests {
     use clap::Parser;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        let mut full = vec!["eventsctl", "--database-url", "postgres://x@h/db", "capture"];
+        let mut full = vec![
+            "eventsctl",
+            "--database-url",
+            "postgres://x@h/db",
+            "capture",
+        ];
         full.extend_from_slice(args);
         Cli::try_parse_from(full)
     }
