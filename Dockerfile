@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# One image for every pgevents binary: migrate, producer, consumer, purger.
+# One image for every pgevents binary: migrate, producer, consumer, purger, gateway.
 # Compose picks the binary per service (its `entrypoint`).
 #
 #   docker build -t pgevents .
@@ -8,7 +8,7 @@
 #
 # Stages: `chef` (Rust + cargo-chef) → `planner` (the dependency recipe; changes only when a
 # Cargo.toml or Cargo.lock does) → `builder` (dependencies first, cached as their own layer, then
-# the workspace) → `runtime` (Debian slim, non-root, the four binaries and nothing else).
+# the workspace) → `runtime` (Debian slim, non-root, the five binaries and nothing else).
 
 ARG RUST_VERSION=1
 ARG DEBIAN_RELEASE=bookworm
@@ -27,9 +27,10 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --bins -p event-store -p producer -p consumer -p purger \
+       -p gateway \
  && mkdir -p /out \
  && cp target/release/migrate target/release/producer target/release/consumer \
-       target/release/purger /out/
+       target/release/purger target/release/gateway /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN apt-get update \
@@ -40,6 +41,7 @@ RUN apt-get update \
 COPY --from=builder /out/ /usr/local/bin/
 USER 10001:10001
 ENV LOG_LEVEL=info
-# /healthz and /metrics when HTTP_ADDR is set (compose sets 0.0.0.0:8081..8083).
-EXPOSE 8081 8082 8083
+# /healthz and /metrics when HTTP_ADDR is set (compose sets 0.0.0.0:8081..8083); the gateway's
+# streams, demo page, /healthz and /metrics on 8084.
+EXPOSE 8081 8082 8083 8084
 CMD ["producer", "--help"]

@@ -224,13 +224,16 @@ psql_producer() { # sql...
     for c in "$@"; do cmds+=(-c "$c"); done
     if [ "$TARGET" = local ]; then twin psql --as producer -q -At -v ON_ERROR_STOP=1 "${cmds[@]}" </dev/null
     else
-        compose exec -T postgres psql -X -q -At -v ON_ERROR_STOP=1 \
-            "postgres://producer:${PRODUCER_DB_PASSWORD:-producer}@127.0.0.1:5432/events" "${cmds[@]}" </dev/null
+        # The password is the container's own PRODUCER_DB_PASSWORD (from .env), never spelled here.
+        compose exec -T postgres sh -c 'PGPASSWORD=$PRODUCER_DB_PASSWORD exec psql -X -q -At \
+            -v ON_ERROR_STOP=1 -h 127.0.0.1 -U producer -d events "$@"' sh "${cmds[@]}" </dev/null
     fi
 }
 mongo_eval() { # javascript (db = the consumer's database)
     if [ "$TARGET" = local ]; then twin mongosh --quiet --eval "$1" </dev/null
-    else compose exec -T mongo mongosh --quiet --norc "mongodb://127.0.0.1:27017/$MONGO_DB?directConnection=true" --eval "$1" </dev/null; fi
+    else compose exec -T mongo sh -c 'exec mongosh --quiet --norc -u "$MONGO_CONSUMER_USER" \
+        -p "$MONGO_CONSUMER_PASSWORD" --authenticationDatabase admin \
+        "mongodb://127.0.0.1:27017/$0?directConnection=true" --eval "$1"' "$MONGO_DB" "$1" </dev/null; fi
 }
 max_id() { psql_q "select coalesce(max(id), 0) from events"; }
 pg_count() { psql_q "select count(*) from events"; }

@@ -3,9 +3,15 @@
 // healthy once this member is the writable primary. Later checks only look.
 //
 // The member is announced as mongo:27017, the name the other services reach it by. From the host
-// (port 27017 published), connect with directConnection=true, which skips replica-set discovery:
-//   mongosh "mongodb://localhost:27017/consumer?directConnection=true"
+// (port 27017 published on 127.0.0.1), connect with directConnection=true, which skips replica-set
+// discovery, and a user (authentication is on):
+//   mongosh "mongodb://consumer@127.0.0.1:27017/consumer?directConnection=true&authSource=admin"
 const member = process.env.MONGO_REPLICA_SET_MEMBER || 'mongo:27017';
+// The root user from the environment (never on the command line, where `ps` would show it).
+db.getSiblingDB('admin').auth(
+  process.env.MONGO_INITDB_ROOT_USERNAME,
+  process.env.MONGO_INITDB_ROOT_PASSWORD,
+);
 try {
   rs.status();
 } catch (e) {

@@ -38,3 +38,12 @@ SELECT format('GRANT %I TO %I', grp, login)
 \gexec
 
 DROP TABLE pgevents_logins;
+
+-- Nobody else connects to this database: CONNECT is revoked from PUBLIC and granted to the group
+-- roles (migrate grants it too, so the order of the two does not matter). The owner and
+-- superusers keep connecting.
+SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', current_database())
+\gexec
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), r)
+  FROM unnest(ARRAY['events_producer', 'events_consumer', 'events_purger']) AS r
+\gexec

@@ -7,8 +7,8 @@ check_service() {
             [ "$PG_MANAGED" = 1 ] || die "postgres is not managed by the twin (DATABASE_URL was given)" ;;
         mongo)
             [ "$MONGO_KIND" != external ] || die "mongo is not managed by the twin (MONGODB_URI was given)" ;;
-        producer | consumer | purger) ;;
-        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger)" ;;
+        producer | consumer | purger | gateway) ;;
+        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger, gateway)" ;;
     esac
 }
 cmd_start() {
@@ -79,8 +79,9 @@ Connect:
 Verify:
   scenarios/local psql -c 'select count(*) from events'
   scenarios/local mongosh --quiet --eval 'db.receivedEvents.countDocuments()'
-Stop / start one service (postgres, mongo, producer, consumer, purger):
+Stop / start one service (postgres, mongo, producer, consumer, purger, gateway):
   scenarios/local stop consumer; scenarios/local start consumer
+Live push: http://127.0.0.1:${GATEWAY_HTTP_PORT:-8084}/?topic=courses (the gateway's demo page)
 Logs: scenarios/local logs consumer [-f]      Everything down: scenarios/local-down
 EOF
 }
@@ -116,7 +117,7 @@ cmd_logs() {
     case "$1" in
         postgres) log=$PG_DIR/postgres.log ;;
         mongo) log=$TWIN_DIR/mongo/mongo.log ;;
-        producer | consumer | purger | migrate) log=$TWIN_DIR/logs/$1.log ;;
+        producer | consumer | purger | gateway | migrate) log=$TWIN_DIR/logs/$1.log ;;
         *) die "unknown service '$1'" ;;
     esac
     [ -f "$log" ] || die "no log yet: $log"

@@ -17,6 +17,8 @@ service_env() { # service
             echo "HTTP_ADDR=127.0.0.1:$CONSUMER_HTTP_PORT"
             ;;
         purger) echo "DATABASE_URL=$PURGER_URL"; echo "HTTP_ADDR=127.0.0.1:$PURGER_HTTP_PORT" ;;
+        # Read-only use of the consumer's login, as in compose.
+        gateway) echo "DATABASE_URL=$CONSUMER_URL"; echo "HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" ;;
     esac
     # The caller's environment wins over what `up` recorded.
     local -A knobs=()
@@ -57,7 +59,7 @@ app_stop() { # service signal
 http_port() {
     case "$1" in
         producer) echo "$PRODUCER_HTTP_PORT" ;; consumer) echo "$CONSUMER_HTTP_PORT" ;;
-        purger) echo "$PURGER_HTTP_PORT" ;;
+        purger) echo "$PURGER_HTTP_PORT" ;; gateway) echo "$GATEWAY_HTTP_PORT" ;;
     esac
 }
 

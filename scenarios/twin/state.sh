@@ -12,7 +12,7 @@ have_state() { [ -f "$TWIN_DIR/.ready" ] && [ -f "$(state_file)" ]; }
 read_state() {
     PG_MANAGED=0 PG_BINDIR='' PG_DIR='' PG_SOCK='' PG_PORT='' OWNER_URL='' MONGO_KIND=none
     MONGO_PROGRAM='' MONGO_PORT='' MONGO_URI='' PRODUCER_URL='' CONSUMER_URL='' PURGER_URL=''
-    PRODUCER_HTTP_PORT='' CONSUMER_HTTP_PORT='' PURGER_HTTP_PORT='' BIN_DIR=''
+    PRODUCER_HTTP_PORT='' CONSUMER_HTTP_PORT='' PURGER_HTTP_PORT='' GATEWAY_HTTP_PORT='' BIN_DIR=''
     # shellcheck disable=SC1090
     [ -f "$(state_file)" ] && . "$(state_file)"
     # shellcheck disable=SC1090,SC1091
@@ -24,3 +24,5 @@ load_state() {
     read_state
 }
 save_var() { printf '%s=%q\n' "$1" "$2" >>"$(state_file)"; }
+# A password for the twin's logins (none has a default).
+new_secret() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }

@@ -3,7 +3,7 @@
 
 build() {
     [ "${TWIN_BUILD:-1}" = 0 ] && return
-    local -a args=(build --locked --bins -p event-store -p producer -p consumer -p purger)
+    local -a args=(build --locked --bins -p event-store -p producer -p consumer -p purger -p gateway)
     [ "$TWIN_PROFILE" = release ] && args+=(--release)
     say "building the binaries (cargo ${args[*]})"
     (cd "$root" && cargo "${args[@]}" --quiet) || die "cargo build failed"
@@ -31,16 +31,18 @@ cmd_up() {
     build
     BIN_DIR=${TWIN_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/$TWIN_PROFILE}
     local b
-    for b in migrate producer consumer purger; do
+    for b in migrate producer consumer purger gateway; do
         [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b is missing: build it (cargo build --bins) or unset TWIN_BUILD"
     done
 
     mkdir -p "$TWIN_DIR"/{logs,run}
     : >"$TWIN_DIR/.pgevents-twin"
     : >"$(state_file)"
+    chmod 600 "$(state_file)" # it holds the generated passwords
     save_var BIN_DIR "$BIN_DIR"
     save_var TWIN_PROFILE "$TWIN_PROFILE"
-    POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-postgres}
+    # No default passwords: unset ones are generated, and kept in the state file.
+    POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-$(new_secret)}
     local used=()
 
     PG_DIR='' PG_SOCK=''
@@ -76,16 +78,18 @@ cmd_up() {
     PRODUCER_HTTP_PORT=$(pick_port 8081 "${used[@]}"); used+=("$PRODUCER_HTTP_PORT")
     CONSUMER_HTTP_PORT=$(pick_port 8082 "${used[@]}"); used+=("$CONSUMER_HTTP_PORT")
     PURGER_HTTP_PORT=$(pick_port 8083 "${used[@]}"); used+=("$PURGER_HTTP_PORT")
+    GATEWAY_HTTP_PORT=$(pick_port 8084 "${used[@]}"); used+=("$GATEWAY_HTTP_PORT")
 
-    local -A logins=([producer]=${PRODUCER_DB_PASSWORD:-producer} [consumer]=${CONSUMER_DB_PASSWORD:-consumer}
-        [purger]=${PURGER_DB_PASSWORD:-purger})
+    local -A logins=([producer]=${PRODUCER_DB_PASSWORD:-$(new_secret)}
+        [consumer]=${CONSUMER_DB_PASSWORD:-$(new_secret)} [purger]=${PURGER_DB_PASSWORD:-$(new_secret)})
     PRODUCER_URL=$(url_with_user "$OWNER_URL" producer "${logins[producer]}")
     CONSUMER_URL=$(url_with_user "$OWNER_URL" consumer "${logins[consumer]}")
     PURGER_URL=$(url_with_user "$OWNER_URL" purger "${logins[purger]}")
 
     local v
     for v in PG_MANAGED PG_BINDIR PG_DIR PG_SOCK PG_PORT OWNER_URL MONGO_KIND MONGO_PROGRAM MONGO_PORT MONGO_URI \
-        PRODUCER_HTTP_PORT CONSUMER_HTTP_PORT PURGER_HTTP_PORT PRODUCER_URL CONSUMER_URL PURGER_URL; do
+        PRODUCER_HTTP_PORT CONSUMER_HTTP_PORT PURGER_HTTP_PORT GATEWAY_HTTP_PORT PRODUCER_URL CONSUMER_URL \
+        PURGER_URL; do
         save_var "$v" "${!v}"
     done
     # The service settings in force now are kept for later starts.
@@ -119,7 +123,7 @@ cmd_up() {
     tail -n 1 "$TWIN_DIR/logs/migrate.log" >&2
     [ "$MONGO_KIND" != external ] && mongo_start
     local svc
-    for svc in consumer purger producer; do app_start "$svc"; done
+    for svc in consumer purger producer gateway; do app_start "$svc"; done
     : >"$TWIN_DIR/.ready"
     print_summary
 }
@@ -129,6 +133,8 @@ start_all() {
     [ "$MONGO_KIND" != external ] && mongo_start
     local svc
     for svc in consumer purger producer; do app_start "$svc"; done
+    # A twin made before the gateway joined has no port for it.
+    if [ -n "$GATEWAY_HTTP_PORT" ]; then app_start gateway; fi
 }
 
 cmd_down() {

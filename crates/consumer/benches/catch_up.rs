@@ -11,6 +11,10 @@
 //!    into the same Rust types.
 //! 3. **Peak RSS**: the `consumer` binary (`--sink null`) as a child process catching up the
 //!    Mongo-sized backlog and then the full one; `VmHWM` from `/proc/<pid>/status` once caught up.
+//! 4. **Large payloads**: `BENCH_LARGE_EVENTS` (default 200) events of 1 MiB each, on a fresh
+//!    cluster: the consumer binary (`--sink null`, `--batch-max-bytes` `BENCH_BATCH_MAX_BYTES`,
+//!    default 4 MiB) vs a raw keyset `SELECT` of the same rows, 4 per page; events/s, MB/s and the
+//!    binary's peak RSS against its bound (3 × `--batch-max-bytes` + 20 MB).
 //!
 //! Runs alternate (raw, consumer, raw, consumer, …; `BENCH_ROUNDS`, default 3) and the best of
 //! each is reported. Batch size `BENCH_BATCH` (default 1000, the consumer's default).
@@ -77,7 +81,7 @@ async fn main() {
             raw_mongo[round], ours_mongo[round]
         );
     }
-    let rss_small = binary_rss(&url, &admin, last).await;
+    let rss_small = binary_rss(&url, &admin, last, &[]).await;
     drop(docs);
 
     // --- null sink, on the whole backlog -----------------------------------------------------
@@ -108,7 +112,7 @@ async fn main() {
             raw_null[round], elapsed
         );
     }
-    let rss_large = binary_rss(&url, &admin, last).await;
+    let rss_large = binary_rss(&url, &admin, last, &[]).await;
 
     let best = |v: &[Duration]| *v.iter().min().unwrap();
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
@@ -141,6 +145,63 @@ async fn main() {
             took.as_secs_f64()
         );
     }
+    drop(pg);
+    large_payloads(rounds).await;
+}
+
+/// Catch-up of 1 MiB payloads in byte-bounded batches: rate against a raw SELECT, and peak RSS.
+async fn large_payloads(rounds: usize) {
+    let events = env_or("BENCH_LARGE_EVENTS", 200usize);
+    let max_bytes = env_or("BENCH_BATCH_MAX_BYTES", 4usize << 20);
+    let pg = Postgres::start();
+    let mut admin = connect(&pg.url()).await;
+    migrations::run(&mut admin).await.unwrap();
+    admin
+        .batch_execute("CREATE ROLE bench_consumer LOGIN IN ROLE events_consumer")
+        .await
+        .unwrap();
+    let url = pg.url_for("bench_consumer", None);
+    admin
+        .execute(
+            // 1 MiB of hex per payload, one transaction per 20 events.
+            "INSERT INTO events (topic, payload)
+             SELECT 'blobs', jsonb_build_object('n', g, 'blob', repeat(md5(g::text), 32768))
+               FROM generate_series(1, $1::bigint) g",
+            &[&(events as i64)],
+        )
+        .await
+        .unwrap();
+    admin.batch_execute("VACUUM ANALYZE events").await.unwrap();
+    let last = last_position(&admin).await;
+    let per_page = (max_bytes >> 20).max(1);
+    let mut raw = Vec::new();
+    let mut ours = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..rounds {
+        let (rows, elapsed) = raw_select(&url, per_page).await;
+        assert_eq!(rows, events);
+        raw.push(elapsed);
+        let max = max_bytes.to_string();
+        let (kb, took) = binary_rss(&url, &admin, last, &["--batch-max-bytes", &max]).await;
+        ours.push(took);
+        rss.push(kb);
+    }
+    let best = |v: &[Duration]| *v.iter().min().unwrap();
+    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    let (r, o) = (rate(best(&raw)), rate(best(&ours)));
+    let peak_mb = *rss.iter().max().unwrap() as f64 / 1024.0;
+    let bound_mb = 3.0 * max_bytes as f64 / (1 << 20) as f64 + 20.0;
+    println!(
+        "\nCatch-up of {events} events of 1 MiB, --batch-max-bytes {max_bytes}, best of {rounds}\n"
+    );
+    println!("| case | raw SELECT ({per_page} per page) | consumer (`--sink null`, binary) | ratio | peak RSS | RSS bound |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| 1 MiB payloads | {r:.0}/s ({:.0} MB/s) | {o:.0}/s ({:.0} MB/s, incl. start-up) | {:.2}× | {peak_mb:.1} MB | ≤ {bound_mb:.0} MB |",
+        r,
+        o,
+        o / r
+    );
 }
 
 async fn connect(url: &str) -> Client {
@@ -309,7 +370,7 @@ async fn wait_published(admin: &Client, name: &str, last: Position) {
 }
 
 /// Peak RSS (kB) of the binary catching up everything, and how long it took.
-async fn binary_rss(url: &str, admin: &Client, last: Position) -> (u64, Duration) {
+async fn binary_rss(url: &str, admin: &Client, last: Position, extra: &[&str]) -> (u64, Duration) {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let name = format!(
         "rss{}",
@@ -318,6 +379,7 @@ async fn binary_rss(url: &str, admin: &Client, last: Position) -> (u64, Duration
     let started = Instant::now();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_consumer"))
         .args(["--sink", "null", "--name", &name, "--log-level", "warn"])
+        .args(extra)
         .env("DATABASE_URL", url)
         .stdin(Stdio::null())
         .spawn()

@@ -17,6 +17,15 @@ pub struct Config {
     #[command(flatten)]
     pub postgres: PostgresArgs,
 
+    /// Connection string for the consumer's dedicated connection (LISTEN, the fetches, its lease)
+    /// when DATABASE_URL leads through a transaction-pooling proxy such as PgBouncer, which cannot
+    /// LISTEN: point this one at the server directly. Default: DATABASE_URL.
+    #[arg(
+        long = "listen-database-url",
+        env = "LISTEN_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub listen_database_url: Option<String>,
     /// MongoDB connection string, e.g. mongodb://mongo:27017/?replicaSet=rs0 (a replica set, or a
     /// single-node one, gives transactional batches; a standalone server works with idempotent
     /// writes). Required unless --sink null.
@@ -142,6 +151,12 @@ pub struct Config {
     #[arg(long = "sink", env = "CONSUMER_SINK", value_enum, default_value_t = SinkKind::Mongodb)]
     pub sink: SinkKind,
 
+    /// Go on when the database no longer matches the checkpoint (the event recorded at the
+    /// checkpoint is gone or replaced, e.g. after a failover that lost commits; or DATABASE_URL
+    /// leads to another database or cluster), accepting that events may have been lost or
+    /// skipped. Without it the consumer stops and says what it found.
+    #[arg(long = "accept-divergence", env = "CONSUMER_ACCEPT_DIVERGENCE")]
+    pub accept_divergence: bool,
     #[command(flatten)]
     pub http: HttpArgs,
 

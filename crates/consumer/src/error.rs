@@ -47,7 +47,7 @@ pub enum Error {
          with --on-poison dead-letter to record it in deadLetters and go on",
         .0.position, .0.id(), .0.topic.as_deref().unwrap_or("?"), .0.code, .0.detail
     )]
-    Poison(crate::sink::DeadLetter),
+    Poison(Box<crate::sink::DeadLetter>),
 }
 
 impl Error {
@@ -55,6 +55,18 @@ impl Error {
         Error::Mongo {
             context: context.to_string(),
             source: Box::new(source),
+        }
+    }
+
+    /// Retrying cannot fix it and an operator must act (credentials, privileges, schema,
+    /// configuration): at start-up the consumer exits; later it waits the retry policy's longest
+    /// pause between attempts and says why on `/healthz`.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => true,
+            Error::Store(e) => e.is_permanent(),
+            Error::Mongo { source, .. } => !mongo_is_transient(source),
+            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => false,
         }
     }
 

@@ -27,17 +27,19 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use event_store::position::{self, Batch, Position, Reader, Watermark};
+use event_store::position::{self, Batch, Origin, Position, Reader, Watermark};
 use futures_util::future::{try_join, try_join3};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::Backoff;
+use crate::divergence::{self, Expected};
 use crate::error::{Error, Result};
 use crate::health::{Context, GAP};
 use crate::listener::Listener;
 use crate::sink::Delivery;
+use crate::writer::Committed;
+use event_store::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
 
 /// How long committed events may wait behind an open transaction before the blocker is named.
 const HELD_BACK_REPORT_AFTER: Duration = Duration::from_secs(5);
@@ -65,17 +67,23 @@ pub struct Fetcher {
     ctx: Arc<Context>,
     out: mpsc::Sender<Delivery>,
     rewinds: watch::Receiver<Rewind>,
+    /// What the writer committed: the checkpoint a reconnect checks the database against.
+    committed: watch::Receiver<Committed>,
+    /// The database the batches are read from, recorded with each checkpoint.
+    origin: Option<Arc<Origin>>,
     shutdown: CancellationToken,
     /// The read position: the end of the last batch queued.
     after: Position,
     generation: u64,
     caught_up: bool,
-    reconnect: Backoff,
+    retry: Retry,
     failures: u32,
-    horizon: Backoff,
+    horizon: Retry,
     held_since: Option<Instant>,
     blocker_reported: Option<Instant>,
     gap_reported_to: Option<Position>,
+    /// The pause the retry policy chose after the last failure.
+    next_pause: Duration,
 }
 
 impl Fetcher {
@@ -84,22 +92,27 @@ impl Fetcher {
         start: Position,
         out: mpsc::Sender<Delivery>,
         rewinds: watch::Receiver<Rewind>,
+        committed: watch::Receiver<Committed>,
+        origin: Option<Origin>,
         shutdown: CancellationToken,
     ) -> Fetcher {
         Fetcher {
             ctx,
             out,
             rewinds,
+            committed,
+            origin: origin.map(Arc::new),
             shutdown,
             after: start,
             generation: 0,
             caught_up: false,
-            reconnect: Backoff::reconnect(),
+            retry: Retry::new(Policy::default()),
             failures: 0,
-            horizon: Backoff::horizon(),
+            horizon: Retry::new(HORIZON_POLL),
             held_since: None,
             blocker_reported: None,
             gap_reported_to: None,
+            next_pause: Duration::ZERO,
         }
     }
 
@@ -123,7 +136,7 @@ impl Fetcher {
             let fetched = match self.fetch(&conn, &reader).await {
                 Ok(fetched) => fetched,
                 Err(e) => {
-                    self.failed(&e, "Fetching events failed; reconnecting.");
+                    self.failed(&e, "Fetching events failed");
                     drop(conn);
                     if self.pause().await.is_break() {
                         return Ok(());
@@ -171,8 +184,15 @@ impl Fetcher {
 
     /// A new connection; `Continue(None)` after a failed attempt (already paused).
     async fn reconnect(&mut self) -> Result<ControlFlow<(), Option<(Listener, Reader)>>> {
-        match connect(&self.ctx, self.after).await {
-            Ok(live) => {
+        let committed = *self.committed.borrow();
+        let expected = Expected {
+            position: committed.position,
+            event_id: committed.event_id,
+            origin: self.origin.as_deref().cloned(),
+        };
+        match connect(&self.ctx, &expected).await {
+            Ok((listener, reader, origin)) => {
+                self.origin = Some(Arc::new(origin));
                 info!(
                     attempts = self.failures + 1,
                     "Connected to PostgreSQL; catching up."
@@ -181,14 +201,14 @@ impl Fetcher {
                     self.ctx.metrics.reconnects_postgres.increment(1);
                 }
                 self.failures = 0;
-                self.reconnect.reset();
+                self.retry.succeeded();
                 self.ctx.postgres_ok();
                 self.caught_up = false;
-                Ok(ControlFlow::Continue(Some(live)))
+                Ok(ControlFlow::Continue(Some((listener, reader))))
             }
             Err(e @ Error::Integrity(_)) => Err(e),
             Err(e) => {
-                self.failed(&e, "Cannot connect to PostgreSQL; retrying.");
+                self.failed(&e, "Cannot connect to PostgreSQL");
                 if self.pause().await.is_break() {
                     return Ok(ControlFlow::Break(()));
                 }
@@ -197,20 +217,23 @@ impl Fetcher {
         }
     }
 
+    /// Logs a failure (attempt count and next pause, by the one retry policy) and marks
+    /// PostgreSQL failing; the pause comes next.
     fn failed(&mut self, e: &Error, message: &'static str) {
         self.failures += 1;
-        if e.is_transient() {
-            warn!(error = %e, attempt = self.failures, "{message}");
-        } else {
-            // Not fixed by waiting (a revoked privilege, a dropped table), but an operator can fix
-            // it while we keep trying.
-            error!(error = %e, attempt = self.failures, "{message}");
-        }
+        // Not fixed by waiting (a revoked privilege, a dropped table), but an operator can fix
+        // it while we keep trying, at the slowest pace.
+        let permanent = e.is_permanent();
+        self.next_pause = self.retry.failed(message, e, permanent);
         self.ctx.postgres_failing(e);
     }
 
     async fn pause(&mut self) -> ControlFlow<()> {
-        pause(self.reconnect.next_pause(), &self.shutdown).await
+        if sleep_or_stop(self.next_pause, &self.shutdown).await {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     }
 
     /// One batch, the watermark, and (once caught up) the horizon question, in one round trip.
@@ -261,6 +284,7 @@ impl Fetcher {
         };
         let mut delivery = (self.ctx.encoder)(batch, self.after, end);
         delivery.generation = self.generation;
+        delivery.origin = self.origin.clone();
         tokio::select! {
             sent = self.out.send(delivery) => if sent.is_err() { return ControlFlow::Break(()) },
             _ = self.shutdown.cancelled() => return ControlFlow::Break(()),
@@ -283,7 +307,7 @@ impl Fetcher {
                 self.blocker_reported = Some(Instant::now());
                 report_blocker(&self.ctx, conn.client(), since.elapsed()).await;
             }
-            let wait = self.horizon.next_pause();
+            let wait = self.horizon.next_pause(false);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 // A wake-up may mean the blocker committed; but never poll faster than the
@@ -299,7 +323,7 @@ impl Fetcher {
             return ControlFlow::Continue(());
         }
         if self.held_since.take().is_some() {
-            self.horizon.reset();
+            self.horizon = Retry::new(HORIZON_POLL);
             self.blocker_reported = None;
             self.ctx.metrics.held_back(Duration::ZERO);
             *self.ctx.status.held_back_by.lock().unwrap() = None;
@@ -316,13 +340,19 @@ impl Fetcher {
 }
 
 /// A new dedicated connection, LISTENing, holding the consumer's lease, checked against the
-/// position, statements prepared.
-pub async fn connect(ctx: &Context, after: Position) -> Result<(Listener, Reader)> {
+/// checkpoint ([`divergence`]), statements prepared.
+pub async fn connect(ctx: &Context, expected: &Expected) -> Result<(Listener, Reader, Origin)> {
     let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
     take_lease(listener.client(), &ctx.name).await?;
-    check_not_ahead(listener.client(), &ctx.name, after).await?;
+    let origin = divergence::check(
+        listener.client(),
+        &ctx.name,
+        expected,
+        ctx.accept_divergence,
+    )
+    .await?;
     let reader = Reader::prepare(listener.client()).await?;
-    Ok((listener, reader))
+    Ok((listener, reader, origin))
 }
 
 /// Takes the consumer's lease on this connection (see [`event_store::lease`]): while it is held,
@@ -343,41 +373,6 @@ pub async fn take_lease(client: &tokio_postgres::Client, name: &str) -> Result<(
          name is running, or `eventsctl reset` is moving its checkpoint; waiting for it to end",
         holder.map_or("holder not visible".into(), |h| h.to_string())
     )))
-}
-
-/// Sleeps, or breaks early on shutdown.
-pub async fn pause(duration: Duration, shutdown: &CancellationToken) -> ControlFlow<()> {
-    tokio::select! {
-        _ = tokio::time::sleep(duration) => ControlFlow::Continue(()),
-        _ = shutdown.cancelled() => ControlFlow::Break(()),
-    }
-}
-
-/// Fails when `position` is ahead of the cluster's transaction counter: the events database was
-/// restored into a new cluster, where transaction ids restart; delivering from there would skip
-/// every new event.
-pub async fn check_not_ahead(
-    client: &tokio_postgres::Client,
-    name: &str,
-    position: Position,
-) -> Result<()> {
-    let row = client
-        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
-        .await
-        .map_err(|e| event_store::Error::database("read the cluster's transaction counter", e))?;
-    let next: u64 = row.get::<_, &str>(0).parse().map_err(|_| {
-        Error::Store(event_store::Error::Schema(
-            "unexpected xid8 text from the server".into(),
-        ))
-    })?;
-    if position.tx_id >= next {
-        return Err(Error::Integrity(format!(
-            "consumer {name:?} is at position {position}, but this PostgreSQL cluster's next \
-             transaction id is {next}: {}",
-            position::REBASE_HINT
-        )));
-    }
-    Ok(())
 }
 
 fn report_gap(ctx: &Context, after: Position, watermark: &Watermark, batch: &Batch) {

@@ -37,6 +37,8 @@ pub struct Context {
     pub sink_check: &'static str,
     /// Prepares batches in the sink's format before they are queued.
     pub encoder: Encoder,
+    /// `--accept-divergence`.
+    pub accept_divergence: bool,
     /// Dead letters recorded by this run, for `/healthz`.
     pub dead_letters: std::sync::atomic::AtomicU64,
 }

@@ -33,8 +33,8 @@
 //! privileges, a checkpoint ahead of the cluster after a restore) end [`run`] with an error;
 //! everything transient is retried with capped backoff for as long as it takes.
 
-pub mod backoff;
 pub mod config;
+pub mod divergence;
 pub mod error;
 pub mod fetcher;
 pub mod health;
@@ -50,22 +50,23 @@ use std::sync::Arc;
 use event_store::db;
 use event_store::migrations::{self, Role};
 use event_store::ops::{self, Health};
-use event_store::position::{Limits, Position, Reader};
+use event_store::position::{Limits, Reader};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use config::{Config, OnPoison, SinkKind, Transactions};
 pub use error::{Error, Result};
 use sink::mongo::MongoConfig;
-use sink::{MongoSink, NullSink, Sink};
+use sink::{Checkpoint, MongoSink, NullSink, Sink};
 
-use crate::backoff::Backoff;
+use crate::divergence::Expected;
 use crate::fetcher::{Fetcher, Rewind};
 use crate::health::{Context, Status, MONGODB, POSTGRES};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::writer::{Committed, Writer};
+use event_store::retry::{sleep_or_stop, Policy, Retry};
 
 /// Batches queued between the fetcher and the writer: one queued plus one being fetched while
 /// one is written.
@@ -100,10 +101,8 @@ pub async fn run_with<S: Sink>(
 ) -> Result<()> {
     config.validate()?;
     let name = config.name.clone();
-    let pg = db::config(
-        &config.postgres.database_url,
-        &format!("events-consumer:{name}"),
-    )?;
+    let app = format!("events-consumer:{name}");
+    let pg = db::config(&config.postgres.database_url, &app)?;
     let health = Health::new();
     let metrics = Metrics::new(&name);
     // Stops the helpers (and the HTTP endpoint) however this function returns.
@@ -117,11 +116,14 @@ pub async fn run_with<S: Sink>(
     info!(consumer = %name, postgres = %db::describe(&pg), sink = %sink.describe(),
           topics = ?config.topic_filter(), "Starting the consumer.");
 
-    // The LISTEN connection gets a name of its own, so operators (and tests) can tell it from the
-    // pool's connections in pg_stat_activity.
-    let mut listen_pg = pg.clone();
-    let base = pg.get_application_name().unwrap_or("events-consumer");
-    listen_pg.application_name(format!("{base}:listen"));
+    // The dedicated connection (LISTEN, fetches, the lease) goes direct when DATABASE_URL leads
+    // through a transaction-pooling proxy, which cannot LISTEN. It gets a name of its own, so
+    // operators (and tests) can tell it from the pool's connections in pg_stat_activity.
+    let mut listen_pg = match &config.listen_database_url {
+        Some(url) => db::config(url, &app)?,
+        None => pg.clone(),
+    };
+    listen_pg.application_name(format!("{app}:listen"));
     let ctx = Arc::new(Context {
         name: name.clone(),
         pg: listen_pg,
@@ -138,13 +140,13 @@ pub async fn run_with<S: Sink>(
         wake: Arc::new(Notify::new()),
         sink_check: MONGODB,
         encoder: sink.encoder(),
+        accept_divergence: config.accept_divergence,
         dead_letters: Default::default(),
     });
 
     // PostgreSQL first: LISTEN before anything is fetched, then the checks that end start-up
     // when the schema or the role is wrong.
-    let mut backoff = Backoff::reconnect();
-    let mut attempt = 0u32;
+    let mut retry = Retry::new(Policy::default());
     let listener = loop {
         let connected = async {
             let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
@@ -157,10 +159,9 @@ pub async fn run_with<S: Sink>(
             Ok(listener) => break listener,
             Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
-                attempt += 1;
-                warn!(error = %e, attempt, "Cannot start on PostgreSQL yet; retrying.");
+                let pause = retry.failed("Cannot start on PostgreSQL yet", &e, false);
                 health.failing(POSTGRES, e.to_string());
-                if sleep_or_stop(backoff.next_pause(), &stop).await {
+                if sleep_or_stop(pause, &stop).await {
                     return Ok(());
                 }
             }
@@ -169,45 +170,61 @@ pub async fn run_with<S: Sink>(
     health.ok(POSTGRES);
 
     // Then the sink, whose checkpoint says where to resume.
-    backoff.reset();
-    attempt = 0;
+    let mut retry = Retry::new(Policy::default());
     let checkpoint = loop {
         match sink.open().await {
             Ok(checkpoint) => break checkpoint,
             Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
-                attempt += 1;
-                warn!(error = %e, attempt, "Cannot reach MongoDB at start-up; retrying.");
+                let pause = retry.failed("Cannot reach MongoDB at start-up", &e, false);
                 health.failing(MONGODB, e.to_string());
-                if sleep_or_stop(backoff.next_pause(), &stop).await {
+                if sleep_or_stop(pause, &stop).await {
                     return Ok(());
                 }
             }
         }
     };
     health.ok(MONGODB);
-    let start = checkpoint.unwrap_or(Position::START);
-    match checkpoint {
-        Some(position) => info!(position = %position, "Resuming after the stored checkpoint."),
-        None => info!("No checkpoint yet: starting at the oldest stored event."),
-    }
+    let checkpoint = match checkpoint {
+        Some(checkpoint) => {
+            info!(position = %checkpoint.position, "Resuming after the stored checkpoint.");
+            checkpoint
+        }
+        None => {
+            info!("No checkpoint yet: starting at the oldest stored event.");
+            Checkpoint::default()
+        }
+    };
+    let start = checkpoint.position;
+    let expected = Expected {
+        position: start,
+        event_id: checkpoint.event_id,
+        origin: checkpoint.origin.clone(),
+    };
 
-    // The connection may have broken while we waited for MongoDB; the fetcher then makes a new one
-    // and runs the same check.
-    let reader = async {
-        fetcher::check_not_ahead(listener.client(), &name, start).await?;
-        Ok::<_, Error>(Reader::prepare(listener.client()).await?)
+    // Is this the database the checkpoint came from? The connection may have broken while we
+    // waited for MongoDB; the fetcher then makes a new one and runs the same check.
+    let checked = async {
+        let origin = divergence::check(
+            listener.client(),
+            &name,
+            &expected,
+            config.accept_divergence,
+        )
+        .await?;
+        Ok::<_, Error>((origin, Reader::prepare(listener.client()).await?))
     }
     .await;
-    let first = match reader {
-        Ok(reader) => Some((listener, reader)),
+    let (first, origin) = match checked {
+        Ok((origin, reader)) => (Some((listener, reader)), Some(origin)),
         Err(e) if !e.is_transient() => return Err(e),
-        Err(_) => None,
+        Err(_) => (None, checkpoint.origin.clone()),
     };
 
     metrics.position(start);
     let (committed_tx, committed_rx) = watch::channel(Committed {
         position: start,
+        event_id: checkpoint.event_id,
         rewinds: 0,
     });
     let pool = db::pool(pg, 2)?;
@@ -218,6 +235,7 @@ pub async fn run_with<S: Sink>(
         config.heartbeat_interval,
         stop.clone(),
     ));
+    let committed_rx_fetcher = committed_rx.clone();
     let monitor = tokio::spawn(monitor::monitor_loop(
         ctx.clone(),
         pool,
@@ -230,7 +248,15 @@ pub async fn run_with<S: Sink>(
 
     let (queue_tx, queue_rx) = mpsc::channel(PIPELINE_SLOTS);
     let (rewind_tx, rewind_rx) = watch::channel(Rewind::default());
-    let fetcher = Fetcher::new(ctx.clone(), start, queue_tx, rewind_rx, stop.clone());
+    let fetcher = Fetcher::new(
+        ctx.clone(),
+        start,
+        queue_tx,
+        rewind_rx,
+        committed_rx_fetcher,
+        origin,
+        stop.clone(),
+    );
     let writer = Writer::new(
         ctx.clone(),
         sink,
@@ -262,12 +288,4 @@ async fn cancel_on_error(
         stop.cancel();
     }
     result
-}
-
-/// Sleeps; `true` when stopped meanwhile.
-async fn sleep_or_stop(duration: std::time::Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(duration) => false,
-        _ = stop.cancelled() => true,
-    }
 }

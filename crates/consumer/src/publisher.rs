@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::writer::Committed;
+use event_store::retry::{sleep_or_stop, Policy, Retry};
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -31,12 +31,14 @@ pub async fn publish_loop(
     heartbeat: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::reconnect();
+    let mut retry = Retry::new(Policy::default());
     let mut failures = 0u32;
     // The rewind count last published with `register`; `None` before the first publish.
     let mut registered: Option<u64> = None;
     loop {
-        let Committed { position, rewinds } = *committed.borrow_and_update();
+        let Committed {
+            position, rewinds, ..
+        } = *committed.borrow_and_update();
         match publish(&pool, &name, position, registered != Some(rewinds)).await {
             Ok(()) => {
                 registered = Some(rewinds);
@@ -44,7 +46,7 @@ pub async fn publish_loop(
                     info!(attempts = failures, position = %position, "Publishing the position works again.");
                 }
                 failures = 0;
-                backoff.reset();
+                retry.succeeded();
             }
             Err(e) => {
                 failures += 1;
@@ -53,10 +55,10 @@ pub async fn publish_loop(
                     warn!(error = %e, attempt = failures,
                           "Cannot publish the position to PostgreSQL for the purger; retrying.");
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_pause()) => continue,
-                    _ = shutdown.cancelled() => break,
+                if sleep_or_stop(retry.next_pause(e.is_permanent()), &shutdown).await {
+                    break;
                 }
+                continue;
             }
         }
         tokio::select! {
@@ -67,7 +69,9 @@ pub async fn publish_loop(
         }
     }
     // The last position, so the purger does not hold back more than needed while we are away.
-    let Committed { position, rewinds } = *committed.borrow();
+    let Committed {
+        position, rewinds, ..
+    } = *committed.borrow();
     if let Err(e) = publish(&pool, &name, position, registered != Some(rewinds)).await {
         warn!(error = %e, "Cannot publish the final position.");
     }

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use event_store::Position;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::fetcher::{pause, Rewind};
+use crate::fetcher::Rewind;
 use crate::health::Context;
-use crate::sink::{Delivery, Sink, Written};
+use crate::sink::{Checkpoint, Delivery, Sink, Written};
+use event_store::retry::{sleep_or_stop, Policy, Retry};
 
 /// How long a write in flight may finish after shutdown was requested.
 const WRITE_GRACE: Duration = Duration::from_secs(10);
@@ -31,6 +31,8 @@ const WRITE_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Committed {
     pub position: Position,
+    /// The event at `position` (for the divergence check after a reconnect).
+    pub event_id: Option<uuid::Uuid>,
     /// Bumped when the position moved back (a rewind): the publisher then lets the published
     /// position move back too, so the purger keeps what will be delivered again.
     pub rewinds: u64,
@@ -43,7 +45,7 @@ pub struct Writer<S: Sink> {
     rewinds: watch::Sender<Rewind>,
     committed: watch::Sender<Committed>,
     shutdown: CancellationToken,
-    backoff: Backoff,
+    retry: Retry,
     generation: u64,
 }
 
@@ -63,7 +65,7 @@ impl<S: Sink> Writer<S> {
             rewinds,
             committed,
             shutdown,
-            backoff: Backoff::reconnect(),
+            retry: Retry::new(Policy::default()),
             generation: 0,
         }
     }
@@ -102,12 +104,11 @@ impl<S: Sink> Writer<S> {
             };
             let error = match result {
                 Ok(written) => {
-                    if failures > 0 {
+                    if self.retry.succeeded() {
                         info!(
                             attempts = failures + 1,
                             "Writes succeed again; delivery resumed."
                         );
-                        self.backoff.reset();
                     }
                     self.ctx.sink_ok(true);
                     return Ok(ControlFlow::Continue(Some(written)));
@@ -121,20 +122,14 @@ impl<S: Sink> Writer<S> {
             if let Error::CheckpointMoved { .. } = error {
                 warn!(error = %error, "The sink's checkpoint moved under this consumer.");
             } else {
-                if error.is_transient() {
-                    warn!(error = %error, attempt = failures, events = delivery.events.len(),
-                          "Writing a batch failed; retrying.");
-                } else {
-                    // Not fixed by waiting (credentials, privileges), but an operator can fix it
-                    // while we keep trying at the slowest pace.
-                    error!(error = %error, attempt = failures,
-                           "Writing a batch failed, and waiting will not fix it; retrying slowly.");
-                }
+                // Credentials or privileges are not fixed by waiting, but an operator can fix them
+                // while we keep trying, at the slowest pace.
+                let permanent = error.is_permanent();
+                let pause = self
+                    .retry
+                    .failed("Writing a batch failed", &error, permanent);
                 self.ctx.sink_failing(error.to_string(), true);
-                if pause(self.backoff.next_pause(), &self.shutdown)
-                    .await
-                    .is_break()
-                {
+                if sleep_or_stop(pause, &self.shutdown).await {
                     return Ok(ControlFlow::Break(()));
                 }
             }
@@ -143,7 +138,7 @@ impl<S: Sink> Writer<S> {
                 ControlFlow::Continue(checkpoint) => checkpoint,
                 ControlFlow::Break(()) => return Ok(ControlFlow::Break(())),
             };
-            if checkpoint.unwrap_or(Position::START) != delivery.start {
+            if checkpoint.as_ref().map_or(Position::START, |c| c.position) != delivery.start {
                 self.rewind(delivery.start, checkpoint);
                 return Ok(ControlFlow::Continue(None));
             }
@@ -151,7 +146,7 @@ impl<S: Sink> Writer<S> {
     }
 
     /// Reads the checkpoint, retrying until the sink answers.
-    async fn reopen(&mut self) -> Result<ControlFlow<(), Option<Position>>> {
+    async fn reopen(&mut self) -> Result<ControlFlow<(), Option<Checkpoint>>> {
         let mut attempt = 0u32;
         loop {
             match self.sink.open().await {
@@ -161,10 +156,8 @@ impl<S: Sink> Writer<S> {
                     attempt += 1;
                     debug!(error = %e, attempt, "Cannot read the checkpoint yet; retrying.");
                     self.ctx.sink_failing(e.to_string(), true);
-                    if pause(self.backoff.next_pause(), &self.shutdown)
-                        .await
-                        .is_break()
-                    {
+                    let pause = self.retry.next_pause(e.is_permanent());
+                    if sleep_or_stop(pause, &self.shutdown).await {
                         return Ok(ControlFlow::Break(()));
                     }
                 }
@@ -172,8 +165,9 @@ impl<S: Sink> Writer<S> {
         }
     }
 
-    fn rewind(&mut self, expected: Position, checkpoint: Option<Position>) {
-        let position = checkpoint.unwrap_or(Position::START);
+    fn rewind(&mut self, expected: Position, checkpoint: Option<Checkpoint>) {
+        let checkpoint = checkpoint.unwrap_or_default();
+        let position = checkpoint.position;
         warn!(
             expected = %expected,
             checkpoint = %position,
@@ -187,7 +181,11 @@ impl<S: Sink> Writer<S> {
             position,
         });
         let rewinds = self.committed.borrow().rewinds + 1;
-        self.committed.send_replace(Committed { position, rewinds });
+        self.committed.send_replace(Committed {
+            position,
+            event_id: checkpoint.event_id,
+            rewinds,
+        });
         self.ctx.metrics.position(position);
     }
 
@@ -204,7 +202,10 @@ impl<S: Sink> Writer<S> {
             self.ctx.dead_lettered(letter);
         }
         *self.ctx.status.last_commit.lock().unwrap() = Some(Instant::now());
-        self.committed.send_modify(|c| c.position = delivery.end);
+        self.committed.send_modify(|c| {
+            c.position = delivery.end;
+            c.event_id = delivery.end_event_id;
+        });
         if written.already_present > 0 {
             info!(
                 already_present = written.already_present,

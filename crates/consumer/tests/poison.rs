@@ -88,18 +88,7 @@ async fn no_row_stops_the_stream() {
     let mut config = env.config("c");
     config.batch_max_bytes = 1 << 20; // the 17 MiB row goes alone
     let running = spawn(config);
-    let last = env.pg_last_position("");
-    wait_until(
-        "the checkpoint passes every row",
-        Duration::from_secs(120),
-        || async {
-            env.checkpoint("c")
-                .await
-                .map(|d| common::checkpoint_text(&d))
-                == Some(last.clone())
-        },
-    )
-    .await;
+    common::wait_checkpoint_at_end(&env, "c", Duration::from_secs(120)).await;
 
     // Every good event exactly once.
     let ids = env.mongo_ids("receivedEvents").await;
@@ -233,18 +222,7 @@ async fn a_batch_the_server_refuses_is_split_around_the_bad_event() {
         .unwrap();
     let bad: i64 = env.pg_ids("WHERE topic = 'bad'")[0];
     let running = spawn(env.config("c"));
-    let last = env.pg_last_position("");
-    wait_until(
-        "the checkpoint passes every row",
-        Duration::from_secs(60),
-        || async {
-            env.checkpoint("c")
-                .await
-                .map(|d| common::checkpoint_text(&d))
-                == Some(last.clone())
-        },
-    )
-    .await;
+    common::wait_checkpoint_at_end(&env, "c", Duration::from_secs(60)).await;
     assert_eq!(
         env.mongo_ids("receivedEvents").await,
         env.pg_ids("WHERE topic = 'good'")

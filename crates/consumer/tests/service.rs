@@ -383,7 +383,7 @@ async fn the_documented_rebase_after_a_restore_works() {
         .await
         .update_one(
             doc! {"_id": "consumer"},
-            doc! {"$set": {"tx_id": 1_i64, "id": resume}},
+            doc! {"$set": {"tx_id": 1_i64, "id": resume}, "$unset": {"event_id": "", "origin": ""}},
         )
         .await
         .unwrap();

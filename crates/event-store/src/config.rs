@@ -9,7 +9,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct PostgresArgs {
     /// PostgreSQL connection string of the events database, e.g.
-    /// postgres://user:password@host:5432/dbname (key=value form works too).
+    /// postgres://user:password@host:5432/dbname?sslmode=verify-full&sslrootcert=/etc/pg/ca.pem
+    /// (key=value form works too). sslmode: disable, prefer (default), require, verify-ca,
+    /// verify-full, as in libpq; sslrootcert: the CA file, or "system".
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 }
@@ -17,8 +19,8 @@ pub struct PostgresArgs {
 /// Logging.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
-    /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
-    /// "info,consumer=debug".
+    /// Log filter: a level (error, warn, info, debug, trace, off) or module=level directives such
+    /// as "info,consumer=debug"; anything else is refused at start-up.
     #[arg(long = "log-level", env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 }

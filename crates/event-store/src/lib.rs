@@ -33,6 +33,8 @@ pub mod position;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 
 pub use error::{Error, Result};

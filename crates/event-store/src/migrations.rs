@@ -68,6 +68,8 @@ pub enum Role {
     Producer,
     Consumer,
     Purger,
+    /// Reads events and the purge watermark, writes nothing (the live-push gateway).
+    Gateway,
 }
 
 /// What a role must be able to do: `(kind, object, privilege)`. Tables are checked per column
@@ -86,6 +88,10 @@ impl Role {
                 (TABLE, "purge_watermark", "SELECT"),
                 (FUNCTION, "events_horizon_blocker()", "EXECUTE"),
             ],
+            Role::Gateway => &[
+                (TABLE, "events", "SELECT"),
+                (TABLE, "purge_watermark", "SELECT"),
+            ],
             Role::Purger => &[
                 (TABLE, "events", "DELETE"),
                 (TABLE, "events", "SELECT"),
@@ -100,7 +106,8 @@ impl Role {
     pub fn job(self) -> &'static str {
         match self {
             Role::Producer => "producer",
-            Role::Consumer => "consumer",
+            // The gateway reads like a consumer (and needs less): it runs as a consumer login.
+            Role::Consumer | Role::Gateway => "consumer",
             Role::Purger => "purger",
         }
     }

@@ -81,6 +81,28 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
+/// The `/healthz` and `/metrics` routes, for a service that serves them beside its own routes.
+pub fn router(health: Arc<Health>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    let notes = health.notes();
+                    match health.report() {
+                        Ok(()) => (StatusCode::OK, format!("ok\n{notes}")),
+                        Err(failing) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("{failing}\n{notes}"),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(|| async { metrics().render() }))
+}
+
 /// A bound, not yet serving, operations endpoint. Binding first lets a service fail at start-up
 /// on a taken port, and lets tests use port 0 and learn the address.
 pub struct OpsServer {
@@ -108,24 +130,7 @@ impl OpsServer {
         health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let app = axum::Router::new()
-            .route(
-                "/healthz",
-                get(move || {
-                    let health = health.clone();
-                    async move {
-                        let notes = health.notes();
-                        match health.report() {
-                            Ok(()) => (StatusCode::OK, format!("ok\n{notes}")),
-                            Err(failing) => (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                format!("{failing}\n{notes}"),
-                            ),
-                        }
-                    }
-                }),
-            )
-            .route("/metrics", get(|| async { metrics().render() }));
+        let app = router(health);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await

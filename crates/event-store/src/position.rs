@@ -56,6 +56,32 @@ impl Position {
     }
 }
 
+/// Why a text is not a position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a position: expected TX_ID/ID, two non-negative integers such as 1234/56")]
+pub struct BadPosition {
+    pub text: String,
+}
+
+impl Position {
+    /// Parses the `tx_id/id` text that [`Position`]'s `Display` prints (the form services log
+    /// and clients send back to resume). Strict: two plain non-negative integers.
+    pub fn parse(text: &str) -> std::result::Result<Position, BadPosition> {
+        let bad = || BadPosition {
+            text: text.chars().take(64).collect(),
+        };
+        let (tx, id) = text.trim().split_once('/').ok_or_else(bad)?;
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(tx) || !all_digits(id) {
+            return Err(bad());
+        }
+        Ok(Position {
+            tx_id: tx.parse().map_err(|_| bad())?,
+            id: id.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.tx_id, self.id)
@@ -85,6 +111,9 @@ pub struct Batch {
     pub more: bool,
     /// Bytes of payload and headers text in the batch.
     pub bytes: usize,
+    /// The `event_id` of the row at `end` (wanted or not): a checkpoint records it, so a reader
+    /// can later tell that the row at its position is still the same event.
+    pub end_event_id: Option<uuid::Uuid>,
 }
 
 /// How much one fetch may return.
@@ -265,6 +294,7 @@ impl Reader {
                 })?;
             batch.scanned += 1;
             batch.end = Some(position);
+            batch.end_event_id = row.try_get(2).ok();
             last_more = row.try_get::<_, bool>(10).unwrap_or(false);
             if row.try_get::<_, bool>(9).unwrap_or(true) {
                 match event_from_row(position, &row) {
@@ -274,7 +304,7 @@ impl Reader {
                     }
                     Err(bad) => {
                         batch.bytes += bad.payload.as_ref().map_or(0, |p| p.len());
-                        batch.undecodable.push(bad);
+                        batch.undecodable.push(*bad);
                     }
                 }
             }
@@ -297,7 +327,7 @@ impl Reader {
 }
 
 /// An event from a fetched row, or what could be read of it and why the rest could not.
-fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Undecodable> {
+fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, Box<Undecodable>> {
     let event_id = row.try_get(2);
     let topic = row.try_get(3);
     let key = row.try_get(4);
@@ -347,7 +377,7 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, U
             .flatten()
             .collect::<Vec<_>>()
             .join("; ");
-            Err(Undecodable {
+            Err(Box::new(Undecodable {
                 position,
                 event_id: event_id.ok(),
                 topic: topic.ok(),
@@ -355,8 +385,31 @@ fn event_from_row(position: Position, row: &Row) -> std::result::Result<Event, U
                 event_type: event_type.ok().flatten(),
                 payload: payload.ok().flatten(),
                 reason: format!("undecodable column: {reason}"),
-            })
+            }))
         }
+    }
+}
+
+/// The position of the newest event below the visibility horizon, or [`Position::START`] when
+/// there is none: a reader starting here sees every event that becomes readable from now on and
+/// none from before. Every transaction below the horizon has ended, so no row can still appear
+/// behind it. (A backward scan of the position index from the top, skipping the few rows of
+/// transactions still at or above the horizon.)
+pub async fn latest(client: &Client) -> Result<Position> {
+    let row = client
+        .query_opt(
+            // Qualified: a bare `tx_id` would sort by the text output column of the same name.
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY e.tx_id DESC, e.id DESC
+              LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("find the newest readable event", e))?;
+    match row {
+        Some(row) => Position::from_text(row.get(0), row.get(1)),
+        None => Ok(Position::START),
     }
 }
 
@@ -509,6 +562,58 @@ pub struct Watermark {
     pub position: Position,
     pub forced: bool,
     pub updated_at: SystemTime,
+}
+
+/// Which database a reader reads: the cluster's system identifier (new with every `initdb`, kept
+/// by physical replicas) and the database's name. A checkpoint records it, so a consumer pointed
+/// at another database, or at a new cluster, notices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub system_id: String,
+    pub database: String,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "database {:?} of cluster {}",
+            self.database, self.system_id
+        )
+    }
+}
+
+/// The [`Origin`] of `client`'s database (`pg_control_system()` is readable by every role).
+pub async fn origin(client: &Client) -> Result<Origin> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the cluster's system identifier", e))?;
+    let read = |i: usize| {
+        row.try_get::<_, String>(i)
+            .map_err(|e| Error::database("read the cluster's system identifier", e))
+    };
+    Ok(Origin {
+        system_id: read(0)?,
+        database: read(1)?,
+    })
+}
+
+/// The `event_id` of the event stored at `position`, if any.
+pub async fn event_at(client: &Client, position: Position) -> Result<Option<uuid::Uuid>> {
+    let row = client
+        .query_opt(
+            "SELECT event_id FROM events WHERE id = $2 AND tx_id = $1::text::xid8",
+            &[&position.tx_text(), &position.id],
+        )
+        .await
+        .map_err(|e| Error::database(format!("look up the event at {position}"), e))?;
+    row.map(|row| row.try_get(0))
+        .transpose()
+        .map_err(|e| Error::database(format!("look up the event at {position}"), e))
 }
 
 pub async fn watermark(client: &Client) -> Result<Option<Watermark>> {
@@ -797,27 +902,6 @@ pub async fn kept(
 // Where to start reading, and how much lies between two positions (operator tools: `eventsctl
 // reset --to …`, `tail --from …`, `status`).
 
-/// The last event below the visibility horizon (or [`Position::START`] when there is none): a
-/// reader placed here has passed every event that can no longer change, and will read every
-/// event that commits from now on — including those of transactions still open, which is what
-/// "from the latest" must mean when ids commit out of order.
-pub async fn horizon_end(client: &Client) -> Result<Position> {
-    let row = client
-        .query_opt(
-            "SELECT e.tx_id::text, e.id FROM events e
-              WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-              ORDER BY e.tx_id DESC, e.id DESC
-              LIMIT 1",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::database("find the last event below the visibility horizon", e))?;
-    match row {
-        Some(row) => Position::from_text(row.get(0), row.get(1)),
-        None => Ok(Position::START),
-    }
-}
-
 /// The position just before the first event (in position order) created at or after `time`, or
 /// `None` when no event is that recent. A reader placed there reads every event created since
 /// `time` — and possibly a few older ones, because `created_at` (the writing transaction's start)
@@ -920,23 +1004,37 @@ pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
 }
 
 impl std::str::FromStr for Position {
-    type Err = String;
+    type Err = BadPosition;
 
-    /// `<tx_id>/<id>`, as [`Position`] displays itself (e.g. `81234/1048576`).
-    fn from_str(text: &str) -> std::result::Result<Position, String> {
-        let (tx, id) = text.split_once('/').ok_or_else(|| {
-            format!("{text:?} is not a position (expected <tx_id>/<id>, e.g. 81234/1048576)")
-        })?;
-        let tx_id = tx.trim().parse::<u64>().map_err(|_| {
-            format!("{text:?}: the transaction id {tx:?} is not a non-negative integer")
-        })?;
-        let id = id
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| format!("{text:?}: the event id {id:?} is not an integer"))?;
-        if id < 0 {
-            return Err(format!("{text:?}: the event id must not be negative"));
+    /// [`Position::parse`]: `<tx_id>/<id>`, as [`Position`] displays itself.
+    fn from_str(text: &str) -> std::result::Result<Position, BadPosition> {
+        Position::parse(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_through_their_text() {
+        let p = Position::new(1_000_000, 42);
+        assert_eq!(Position::parse(&p.to_string()).unwrap(), p);
+        assert_eq!(Position::parse(" 7/8 ").unwrap(), Position::new(7, 8));
+        for bad in [
+            "",
+            "7",
+            "7/",
+            "/8",
+            "a/b",
+            "-1/2",
+            "1/-2",
+            "1/2/3",
+            "1.5/2",
+            "99999999999999999999/1",
+        ] {
+            let err = Position::parse(bad).unwrap_err();
+            assert!(err.to_string().contains("TX_ID/ID"), "{bad:?}: {err}");
         }
-        Ok(Position { tx_id, id })
     }
 }

@@ -65,6 +65,15 @@ impl Policy {
     }
 }
 
+/// Re-polling while an open transaction holds the visibility horizon back (committed rows wait
+/// behind it): 20 ms doubling to 1 s, so short overlapping transactions are waited out quickly and
+/// long ones cheaply.
+pub const HORIZON_POLL: Policy = Policy {
+    first: Duration::from_millis(20),
+    cap: Duration::from_secs(1),
+    healthy_after: Duration::ZERO,
+};
+
 /// One retrying activity's state (a connection, a loop). Not shared between tasks.
 #[derive(Debug, Clone)]
 pub struct Retry {

@@ -44,7 +44,9 @@ impl FromStr for Target {
             _ => {}
         }
         if text.contains('/') {
-            return text.parse::<Position>().map(Target::Position);
+            return Position::parse(text)
+                .map(Target::Position)
+                .map_err(|e| e.to_string());
         }
         parse_rfc3339(text).map(Target::Time).map_err(|e| {
             format!(
@@ -93,13 +95,13 @@ impl Target {
     pub async fn resolve(&self, client: &Client) -> event_store::Result<Resolved> {
         let position = match self {
             Target::Earliest => Position::START,
-            Target::Latest => position::horizon_end(client).await?,
+            Target::Latest => position::latest(client).await?,
             Target::Position(p) => *p,
             Target::Time(t) => match position::before_time(client, *t).await? {
                 Some(p) => p,
                 None => {
                     return Ok(Resolved {
-                        position: position::horizon_end(client).await?,
+                        position: position::latest(client).await?,
                         nothing_newer: true,
                     })
                 }

@@ -44,7 +44,8 @@ impl Postgres {
     /// `localhost` and `127.0.0.1` signed by a CA made now ([`Postgres::tls_ca`] is its PEM file,
     /// for `sslrootcert`), and a `pg_hba.conf` of `hostssl` lines only: the superuser `postgres`
     /// without a password, every other user with a SCRAM password. A plaintext connection gets
-    /// "no pg_hba.conf entry … no encryption".
+    /// "no pg_hba.conf entry … no encryption" — except for a login named `plaintext` (if a test
+    /// creates one), which benchmarks use to compare TLS with plaintext on the same server.
     pub fn start_tls() -> Postgres {
         let mut pg = Postgres::init(&[]);
         let ca = crate::Ca::new("testbed CA");
@@ -59,6 +60,7 @@ impl Postgres {
             &data.join("pg_hba.conf"),
             "local all all trust\n\
              hostssl all postgres 127.0.0.1/32 trust\n\
+             hostnossl all plaintext 127.0.0.1/32 scram-sha-256\n\
              hostssl all all 127.0.0.1/32 scram-sha-256\n",
             0o600,
         );

@@ -13,7 +13,9 @@ pub mod null;
 
 use std::future::Future;
 
-use event_store::position::{Batch, Undecodable};
+use std::sync::Arc;
+
+use event_store::position::{Batch, Origin, Undecodable};
 use event_store::{Event, Position};
 use mongodb::bson::RawDocumentBuf;
 
@@ -29,7 +31,7 @@ pub trait Sink: Send + 'static {
 
     /// Connects (when needed) and reads the stored checkpoint, `None` for a new consumer. Called
     /// at start and again after any failure: the checkpoint, not our memory, says where to go on.
-    fn open(&mut self) -> impl Future<Output = Result<Option<Position>>> + Send;
+    fn open(&mut self) -> impl Future<Output = Result<Option<Checkpoint>>> + Send;
 
     /// Stores `delivery`: its events, its dead letters and its end position, atomically as far as
     /// anyone restarting from the checkpoint can tell. Fails with
@@ -44,6 +46,17 @@ pub trait Sink: Send + 'static {
 
     /// Where events go, for logs (never with credentials).
     fn describe(&self) -> String;
+}
+
+/// A stored checkpoint: where delivery resumes, and what it was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub position: Position,
+    /// The event at `position` when the checkpoint was written; absent in checkpoints written
+    /// before this was recorded, or by `eventsctl reset`.
+    pub event_id: Option<uuid::Uuid>,
+    /// The database the events were read from.
+    pub origin: Option<Origin>,
 }
 
 /// Reachability of a sink, for `/healthz`.
@@ -71,6 +84,21 @@ pub struct Delivery {
     pub dead_letters: Vec<DeadLetter>,
     /// Which rewind of the fetcher this batch belongs to (see the writer).
     pub generation: u64,
+    /// The `event_id` of the row at `end`, and the database it was read from: the checkpoint
+    /// records both, for the divergence check.
+    pub end_event_id: Option<uuid::Uuid>,
+    pub origin: Option<Arc<Origin>>,
+}
+
+impl Delivery {
+    /// The checkpoint this delivery leaves behind.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            position: self.end,
+            event_id: self.end_event_id,
+            origin: self.origin.as_deref().cloned(),
+        }
+    }
 }
 
 impl Delivery {
@@ -79,6 +107,7 @@ impl Delivery {
         Delivery {
             start,
             end,
+            end_event_id: batch.end_event_id,
             dead_letters: batch
                 .undecodable
                 .into_iter()

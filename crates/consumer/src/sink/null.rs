@@ -6,7 +6,7 @@ use std::time::Instant;
 use event_store::Position;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Delivery, Encoder, Probe, Sink, Written};
+use super::{Checkpoint, Delivery, Encoder, Probe, Sink, Written};
 use crate::error::{Error, Result};
 
 /// One batch as the null sink saw it.
@@ -19,7 +19,7 @@ pub struct Delivered {
 
 #[derive(Debug, Default)]
 pub struct NullSink {
-    position: Option<Position>,
+    checkpoint: Option<Checkpoint>,
     observer: Option<UnboundedSender<Delivered>>,
 }
 
@@ -31,7 +31,7 @@ impl NullSink {
     /// Reports every batch to `observer`.
     pub fn observed(observer: UnboundedSender<Delivered>) -> NullSink {
         NullSink {
-            position: None,
+            checkpoint: None,
             observer: Some(observer),
         }
     }
@@ -40,18 +40,19 @@ impl NullSink {
 impl Sink for NullSink {
     type Probe = NullProbe;
 
-    async fn open(&mut self) -> Result<Option<Position>> {
-        Ok(self.position)
+    async fn open(&mut self) -> Result<Option<Checkpoint>> {
+        Ok(self.checkpoint.clone())
     }
 
     async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
-        if self.position.unwrap_or(Position::START) != delivery.start {
+        let position = self.checkpoint.as_ref().map(|c| c.position);
+        if position.unwrap_or(Position::START) != delivery.start {
             return Err(Error::CheckpointMoved {
                 expected: delivery.start,
-                found: self.position,
+                found: position,
             });
         }
-        self.position = Some(delivery.end);
+        self.checkpoint = Some(delivery.checkpoint());
         if let Some(observer) = &self.observer {
             let _ = observer.send(Delivered {
                 ids: delivery.events.iter().map(|e| e.id()).collect(),

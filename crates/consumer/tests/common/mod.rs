@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use consumer::Config;
-use event_store::{db, migrations};
+use event_store::migrations::Role;
+use event_store::testing::TestDatabase;
 use mongodb::bson::{doc, Bson, Document};
 use testbed::{Mongo, Postgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,15 +41,7 @@ pub async fn setup() -> Env {
 /// [`setup`] with a MongoDB-wire server of the caller's choosing.
 pub async fn setup_with(mongo: Mongo) -> Env {
     init_logging();
-    let pg = Postgres::start();
-    let mut admin = connect(&pg.url()).await;
-    migrations::run(&mut admin).await.expect("migrate");
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {CONSUMER_USER} LOGIN IN ROLE events_consumer"
-        ))
-        .await
-        .unwrap();
+    let TestDatabase { pg, admin } = TestDatabase::start(&[(CONSUMER_USER, Role::Consumer)]).await;
     let database = mongo.unique_database("consumer");
     Env {
         pg,
@@ -58,11 +51,7 @@ pub async fn setup_with(mongo: Mongo) -> Env {
     }
 }
 
-pub async fn connect(url: &str) -> Client {
-    db::connect_spawned(&db::config(url, "consumer-test").unwrap())
-        .await
-        .expect("connect to PostgreSQL")
-}
+pub use event_store::testing::connect;
 
 impl Env {
     pub fn consumer_url(&self) -> String {
@@ -245,6 +234,15 @@ pub async fn wait_delivered(env: &Env, collection: &str, filter: &str, limit: Du
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until consumer `name`'s checkpoint is at the last event in PostgreSQL.
+pub async fn wait_checkpoint_at_end(env: &Env, name: &str, limit: Duration) {
+    let last = env.pg_last_position("");
+    wait_until("the checkpoint reaches the last event", limit, || async {
+        env.checkpoint(name).await.map(|c| checkpoint_text(&c)) == Some(last.clone())
+    })
+    .await;
 }
 
 /// A loopback port that was free a moment ago.

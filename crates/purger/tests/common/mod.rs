@@ -6,19 +6,16 @@
 
 use std::time::Duration;
 
+use event_store::migrations::Role;
 use event_store::position::{self, Position, Reader};
-use event_store::{db, migrations};
+use event_store::testing::TestDatabase;
 use testbed::Postgres;
 use tokio_postgres::Client;
 
 pub const DAY: Duration = Duration::from_secs(86_400);
 pub const WEEK: Duration = Duration::from_secs(7 * 86_400);
 
-pub async fn connect(url: &str) -> Client {
-    db::connect_spawned(&db::config(url, "purger-test").unwrap())
-        .await
-        .unwrap()
-}
+pub use event_store::testing::connect;
 
 /// A migrated database with login users `app_producer`, `app_consumer` and `app_purger`, each
 /// holding only its group role.
@@ -32,17 +29,12 @@ pub struct Db {
 
 impl Db {
     pub async fn start() -> Db {
-        let pg = Postgres::start();
-        let mut admin = connect(&pg.url()).await;
-        migrations::run(&mut admin).await.unwrap();
-        admin
-            .batch_execute(
-                "CREATE ROLE app_producer LOGIN IN ROLE events_producer;
-                 CREATE ROLE app_consumer LOGIN IN ROLE events_consumer;
-                 CREATE ROLE app_purger LOGIN IN ROLE events_purger;",
-            )
-            .await
-            .unwrap();
+        let TestDatabase { pg, admin } = TestDatabase::start(&[
+            ("app_producer", Role::Producer),
+            ("app_consumer", Role::Consumer),
+            ("app_purger", Role::Purger),
+        ])
+        .await;
         let producer = connect(&pg.url_for("app_producer", None)).await;
         let consumer = connect(&pg.url_for("app_consumer", None)).await;
         Db {

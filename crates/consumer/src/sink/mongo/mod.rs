@@ -57,7 +57,7 @@ use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, ClientSession, Collection};
 use sha2::{Digest, Sha256};
 
-use super::{DeadLetter, Delivery, Encoder, Probe, Sink, Written};
+use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
 use crate::config::{OnPoison, Transactions};
 use crate::error::{compact, Error, Result};
 
@@ -107,7 +107,8 @@ pub struct MongoSink {
 /// the server refuses).
 struct Part {
     start: Position,
-    end: Position,
+    /// The checkpoint the part leaves behind.
+    to: Checkpoint,
     events: Vec<Event>,
     docs: Vec<RawDocumentBuf>,
     dead_letters: Vec<DeadLetter>,
@@ -243,14 +244,14 @@ impl MongoSink {
             encoded = encode(batch, delivery.start, delivery.end);
             if let Some(first) = encoded.dead_letters.first() {
                 // Only when the fetcher did not encode (it always does): keep the contract.
-                return Err(Error::Poison(first.clone()));
+                return Err(Error::Poison(Box::new(first.clone())));
             }
             &encoded.documents
         };
         let mut written = Written::default();
         let whole = Part {
             start: delivery.start,
-            end: delivery.end,
+            to: delivery.checkpoint(),
             events: delivery.events.clone(),
             docs: docs.to_vec(),
             dead_letters: delivery.dead_letters.clone(),
@@ -266,14 +267,14 @@ impl MongoSink {
                 if keep > 0 {
                     let before = Part {
                         start: whole.start,
-                        end: whole.events[keep - 1].position,
+                        to: event_checkpoint(&whole.events[keep - 1], &whole.to),
                         events: whole.events[..keep].to_vec(),
                         docs: whole.docs[..keep].to_vec(),
                         dead_letters: Vec::new(),
                     };
                     self.write_part(&before).await?;
                 }
-                return Err(Error::Poison(first.clone()));
+                return Err(Error::Poison(Box::new(first.clone())));
             }
         }
         // Parts still to write, the next one last: halves are pushed right, then left.
@@ -301,7 +302,7 @@ impl MongoSink {
                             .and_then(|p| Bson::try_from(p).ok())
                             .map(|p| p.into_relaxed_extjson().to_string());
                         if self.on_poison == OnPoison::Stop {
-                            return Err(Error::Poison(letter));
+                            return Err(Error::Poison(Box::new(letter)));
                         }
                         let mut dead_letters = part.dead_letters;
                         dead_letters.push(letter);
@@ -341,7 +342,7 @@ impl MongoSink {
                     .await
                     .map_err(|e| self.error("record a dead letter", e))?;
             }
-            self.move_checkpoint(part.start, part.end).await?;
+            self.move_checkpoint(part.start, &part.to).await?;
             return Ok(written);
         }
         match self.transaction(part).await {
@@ -355,7 +356,7 @@ impl MongoSink {
                 let present = self.already_present(&part.events).await?;
                 let mut rest = Part {
                     start: part.start,
-                    end: part.end,
+                    to: part.to.clone(),
                     events: Vec::new(),
                     docs: Vec::new(),
                     dead_letters: part.dead_letters.clone(),
@@ -432,7 +433,7 @@ impl MongoSink {
                     .session(&mut *session)
                     .await?;
             }
-            let (filter, mut update) = checkpoint_move(&self.name, part.start, part.end);
+            let (filter, mut update) = checkpoint_move(&self.name, part.start, &part.to);
             update
                 .get_document_mut("$set")
                 .expect("built with $set")
@@ -580,8 +581,8 @@ impl MongoSink {
     }
 
     /// Moves the checkpoint from `start` to `end` outside a transaction.
-    async fn move_checkpoint(&self, start: Position, end: Position) -> Result<()> {
-        let (filter, update) = checkpoint_move(&self.name, start, end);
+    async fn move_checkpoint(&self, start: Position, to: &Checkpoint) -> Result<()> {
+        let (filter, update) = checkpoint_move(&self.name, start, to);
         let moved = self
             .checkpoints
             .update_one(filter, update)
@@ -591,7 +592,7 @@ impl MongoSink {
             Ok(moved) if moved.matched_count > 0 || moved.upserted_id.is_some() => Ok(()),
             Ok(_) => Err(self.checkpoint_moved(start).await),
             Err(e) if is_duplicate_key(&e) => Err(self.checkpoint_moved(start).await),
-            Err(e) => Err(self.error(format!("store the checkpoint {end}"), e)),
+            Err(e) => Err(self.error(format!("store the checkpoint {}", to.position), e)),
         }
     }
 
@@ -603,13 +604,17 @@ impl MongoSink {
     }
 
     async fn read_checkpoint(&self) -> Result<Option<Position>> {
+        Ok(self.read_full_checkpoint().await?.map(|c| c.position))
+    }
+
+    async fn read_full_checkpoint(&self) -> Result<Option<Checkpoint>> {
         let found = self
             .checkpoints
             .find_one(doc! {"_id": &self.name})
             .await
             .map_err(|e| self.error("read the checkpoint", e))?;
         found
-            .map(|found| checkpoint_position(&found, &self.name))
+            .map(|found| checkpoint_from(&found, &self.name))
             .transpose()
     }
 
@@ -651,7 +656,7 @@ impl Sink for MongoSink {
     type Probe = MongoProbe;
 
     /// Detects whether transactions are available and reads the checkpoint.
-    async fn open(&mut self) -> Result<Option<Position>> {
+    async fn open(&mut self) -> Result<Option<Checkpoint>> {
         self.session = None;
         self.transactions = None;
         self.detect().await?;
@@ -664,7 +669,7 @@ impl Sink for MongoSink {
         if let Ok(session) = found.get_document("session") {
             self.end_orphaned_transaction(session).await;
         }
-        checkpoint_position(&found, &self.name).map(Some)
+        checkpoint_from(&found, &self.name).map(Some)
     }
 
     async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
@@ -771,7 +776,8 @@ pub fn is_rejected(e: &mongodb::error::Error) -> bool {
 /// Splits a part in two halves of its events; the left one ends at its last event.
 fn split(part: Part) -> (Part, Part) {
     let mid = part.events.len() / 2;
-    let left_end = part.events[mid - 1].position;
+    let left_last = part.events[mid - 1].clone();
+    let left_end = left_last.position;
     let mut events = part.events;
     let mut docs = part.docs;
     let right_events = events.split_off(mid);
@@ -783,19 +789,28 @@ fn split(part: Part) -> (Part, Part) {
     (
         Part {
             start: part.start,
-            end: left_end,
+            to: event_checkpoint(&left_last, &part.to),
             events,
             docs,
             dead_letters: left_letters,
         },
         Part {
             start: left_end,
-            end: part.end,
+            to: part.to,
             events: right_events,
             docs: right_docs,
             dead_letters: right_letters,
         },
     )
+}
+
+/// The checkpoint at `event`, read from the same database as `like`.
+fn event_checkpoint(event: &Event, like: &Checkpoint) -> Checkpoint {
+    Checkpoint {
+        position: event.position,
+        event_id: Some(event.event_id),
+        origin: like.origin.clone(),
+    }
 }
 
 /// The fetcher's [`Encoder`] for MongoDB: each event as its stored document, or a dead letter.
@@ -840,10 +855,23 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The filter and update that move a checkpoint from `start` to `end`.
-fn checkpoint_move(name: &str, start: Position, end: Position) -> (Document, Document) {
+/// The filter and update that move a checkpoint from `start` to `to`.
+fn checkpoint_move(name: &str, start: Position, to: &Checkpoint) -> (Document, Document) {
     let filter = doc! {"_id": name, "tx_id": tx_id_bson(start.tx_id), "id": start.id};
-    (filter, checkpoint_update(end, DateTime::now()))
+    let mut update = checkpoint_update(to.position, DateTime::now());
+    if let Some(event_id) = to.event_id {
+        let set = update.get_document_mut("$set").expect("built with $set");
+        set.insert("event_id", event_id.to_string());
+        update.remove("$unset");
+    }
+    if let Some(origin) = &to.origin {
+        let set = update.get_document_mut("$set").expect("built with $set");
+        set.insert(
+            "origin",
+            doc! {"system_id": &origin.system_id, "database": &origin.database},
+        );
+    }
+    (filter, update)
 }
 
 fn tx_id_bson(tx_id: u64) -> Bson {
@@ -855,8 +883,14 @@ fn tx_id_bson(tx_id: u64) -> Bson {
 
 /// The update that stores `end` as a checkpoint (also used by `eventsctl reset`, so both write the
 /// same document shape).
+///
+/// The event id recorded for the previous position no longer applies, so it is removed: the
+/// divergence check skips a checkpoint without one.
 pub fn checkpoint_update(end: Position, now: DateTime) -> Document {
-    doc! {"$set": {"tx_id": tx_id_bson(end.tx_id), "id": end.id, "updated_at": now}}
+    doc! {
+        "$set": {"tx_id": tx_id_bson(end.tx_id), "id": end.id, "updated_at": now},
+        "$unset": {"event_id": ""},
+    }
 }
 
 fn bson_i64(value: &Bson) -> Option<i64> {
@@ -865,6 +899,27 @@ fn bson_i64(value: &Bson) -> Option<i64> {
         Bson::Int32(v) => Some(i64::from(*v)),
         _ => None,
     }
+}
+
+/// Reads a checkpoint document back with what it records about its origin (see
+/// [`crate::divergence`]).
+pub fn checkpoint_from(doc: &Document, name: &str) -> Result<Checkpoint> {
+    let position = checkpoint_position(doc, name)?;
+    let event_id = doc
+        .get_str("event_id")
+        .ok()
+        .and_then(|id| uuid::Uuid::parse_str(id).ok());
+    let origin = doc.get_document("origin").ok().and_then(|o| {
+        Some(event_store::position::Origin {
+            system_id: o.get_str("system_id").ok()?.to_string(),
+            database: o.get_str("database").ok()?.to_string(),
+        })
+    });
+    Ok(Checkpoint {
+        position,
+        event_id,
+        origin,
+    })
 }
 
 /// Reads a checkpoint document back (accepting what an operator may have typed in a shell:

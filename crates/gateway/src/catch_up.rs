@@ -1,0 +1,123 @@
+//! Reading stored events for clients that start behind the live head: a few dedicated
+//! connections, each with the shared position statements prepared once, shared by all such
+//! clients under a semaphore (`--catch-up-concurrency`). A crowd of clients reconnecting at once
+//! therefore queues here instead of opening a connection each; a client holds a permit for one
+//! fetch at a time, never while it waits for its own (possibly slow) connection.
+
+use std::sync::{Arc, Mutex};
+
+use event_store::position::{Reader, Watermark};
+use event_store::{db, Position};
+use futures_util::future::try_join;
+use tokio::sync::Semaphore;
+use tokio_postgres::Client;
+
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::wire::Encoded;
+
+/// One catch-up fetch.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub events: Vec<Arc<Encoded>>,
+    /// Last row scanned (wanted or not).
+    pub end: Option<Position>,
+    pub scanned: usize,
+    /// More rows were ready when the batch was cut (by rows or bytes): fetch again at once.
+    pub more: bool,
+    /// Read after the fetch, in the same pipeline: a purge that took rows this fetch would have
+    /// returned shows here.
+    pub watermark: Option<Watermark>,
+}
+
+struct Conn {
+    client: Client,
+    reader: Reader,
+}
+
+pub struct CatchUp {
+    pg: event_store::db::Database,
+    permits: Semaphore,
+    idle: Mutex<Vec<Conn>>,
+    batch_size: usize,
+    metrics: Metrics,
+}
+
+impl CatchUp {
+    pub fn new(
+        pg: event_store::db::Database,
+        concurrency: usize,
+        batch_size: usize,
+        metrics: Metrics,
+    ) -> CatchUp {
+        CatchUp {
+            pg,
+            permits: Semaphore::new(concurrency.max(1)),
+            idle: Mutex::new(Vec::new()),
+            batch_size,
+            metrics,
+        }
+    }
+
+    async fn take(&self) -> Result<Conn> {
+        let idle = self.idle.lock().unwrap().pop();
+        if let Some(conn) = idle.filter(|c| !c.client.is_closed()) {
+            return Ok(conn);
+        }
+        let client = db::connect_spawned(&self.pg).await?;
+        let reader = Reader::prepare(&client).await?;
+        Ok(Conn { client, reader })
+    }
+
+    fn give_back(&self, conn: Conn) {
+        if !conn.client.is_closed() {
+            self.idle.lock().unwrap().push(conn);
+        }
+    }
+
+    /// Up to a batch of events past `after` (`topics`: `None` for all), and the watermark.
+    pub async fn fetch(&self, after: Position, topics: Option<&[String]>) -> Result<Step> {
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let conn = self.take().await?;
+        let fetched = try_join(
+            conn.reader
+                .fetch(&conn.client, after, self.batch_size, topics),
+            conn.reader.watermark(&conn.client),
+        )
+        .await;
+        self.metrics.fetch(false);
+        let (batch, watermark) = match fetched {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                // A failed connection is not given back; the next fetch makes a new one.
+                return Err(e.into());
+            }
+        };
+        self.give_back(conn);
+        Ok(Step {
+            events: batch.events.into_iter().map(Encoded::new).collect(),
+            end: batch.end,
+            scanned: batch.scanned,
+            more: batch.more,
+            watermark,
+        })
+    }
+
+    /// Why `position` cannot be resumed from, if it cannot: it is ahead of this cluster's
+    /// transaction counter (a position from another cluster, or from before a restore).
+    pub async fn ahead_of_cluster(&self, position: Position) -> Result<Option<String>> {
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let conn = self.take().await?;
+        let checked =
+            consumer::divergence::check_not_ahead(&conn.client, "gateway", position).await;
+        self.give_back(conn);
+        match checked {
+            Ok(()) => Ok(None),
+            Err(consumer::Error::Integrity(_)) => Ok(Some(format!(
+                "position {position} is ahead of this database's transaction counter (a \
+                 position from another database, or from before a restore)"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
