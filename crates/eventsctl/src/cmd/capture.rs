@@ -27,6 +27,8 @@ pub struct Args {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CaptureCommand {
     Add(AddArgs),
+    /// Every captured table with its topic, operations, key and excluded columns (--json for
+    /// scripts)
     List,
     Remove(RemoveArgs),
     Watch(WatchArgs),
