@@ -16,6 +16,8 @@
 //!    default 4 MiB) vs a raw keyset `SELECT` of the same rows, 4 per page; events/s, MB/s and the
 //!    binary's peak RSS against its bound (3 × `--batch-max-bytes` + 20 MB).
 //!
+//! `BENCH_ONLY=large` runs only the last.
+//!
 //! Runs alternate (raw, consumer, raw, consumer, …; `BENCH_ROUNDS`, default 3) and the best of
 //! each is reported. Batch size `BENCH_BATCH` (default 1000, the consumer's default).
 
@@ -33,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("large") {
+        return large_payloads(env_or("BENCH_ROUNDS", 3)).await;
+    }
     let total = env_or("BENCH_EVENTS", 1_000_000);
     let mongo_events = env_or("BENCH_MONGO_EVENTS", 100_000).min(total);
     let rounds = env_or("BENCH_ROUNDS", 3);

@@ -27,7 +27,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use event_store::position::{self, Batch, Origin, Position, Reader, Watermark};
+use event_store::position::{self, Batch, Limits, Origin, Position, Reader, Watermark};
 use futures_util::future::{try_join, try_join3};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,9 @@ pub struct Fetcher {
     gap_reported_to: Option<Position>,
     /// The pause the retry policy chose after the last failure.
     next_pause: Duration,
+    /// Rows asked for per fetch: `--batch-size`, lowered while the byte bound is met by fewer
+    /// rows than the server expected (see [`Fetcher::adapt`]).
+    rows: usize,
 }
 
 impl Fetcher {
@@ -96,6 +99,7 @@ impl Fetcher {
         origin: Option<Origin>,
         shutdown: CancellationToken,
     ) -> Fetcher {
+        let ctx_rows = ctx.limits.rows;
         Fetcher {
             ctx,
             out,
@@ -113,6 +117,7 @@ impl Fetcher {
             blocker_reported: None,
             gap_reported_to: None,
             next_pause: Duration::ZERO,
+            rows: ctx_rows,
         }
     }
 
@@ -145,6 +150,7 @@ impl Fetcher {
                 }
             };
             self.ctx.postgres_ok();
+            self.adapt(&fetched.batch);
             let more = fetched.batch.more;
             if self
                 .queue(fetched.batch, fetched.watermark)
@@ -166,6 +172,19 @@ impl Fetcher {
                 return Ok(());
             }
             live = Some((conn, reader));
+        }
+    }
+
+    /// Adapts the rows asked for. The server bounds a batch's bytes by *stored* sizes, which are
+    /// compressed for large values; a run of highly compressible payloads (a 1 MiB repeated
+    /// string stores in a few KB) then sends far more text than the byte bound, which the reader
+    /// drops unread. Asking for as many rows as fitted stops that waste at once; the limit grows
+    /// back (doubling per full batch) to `--batch-size` when payloads shrink again.
+    fn adapt(&mut self, batch: &Batch) {
+        if batch.cut_on_text {
+            self.rows = batch.scanned.max(1);
+        } else if batch.scanned >= self.rows {
+            self.rows = (self.rows * 2).min(self.ctx.limits.rows);
         }
     }
 
@@ -240,7 +259,11 @@ impl Fetcher {
     async fn fetch(&self, conn: &Listener, reader: &Reader) -> Result<Fetched> {
         let client = conn.client();
         let topics = self.ctx.topics.as_deref();
-        let fetch = reader.fetch_bounded(client, self.after, self.ctx.limits, topics);
+        let limits = Limits {
+            rows: self.rows,
+            ..self.ctx.limits
+        };
+        let fetch = reader.fetch_bounded(client, self.after, limits, topics);
         let (beyond_horizon, batch, watermark) = if self.caught_up {
             let (beyond, batch, watermark) = try_join3(
                 reader.pending_beyond_horizon(client, self.after),

@@ -109,6 +109,10 @@ pub struct Batch {
     /// More rows were ready past `end` when this batch was cut (by rows or by bytes): fetch again
     /// at once rather than wait for a wake-up.
     pub more: bool,
+    /// The reader cut this batch on the text it received: the stored sizes the server bounded it
+    /// by were compressed, and more rows came than the byte bound holds (the rest were dropped
+    /// unread). A reader should ask for about `scanned` rows next time.
+    pub cut_on_text: bool,
     /// Bytes of payload and headers text in the batch.
     pub bytes: usize,
     /// The `event_id` of the row at `end` (wanted or not): a checkpoint records it, so a reader
@@ -281,6 +285,7 @@ impl Reader {
                 // Cut on the text actually received (stored sizes may be compressed); the rest of
                 // the rows still arrive and are dropped unread, so memory stays bounded.
                 batch.more = true;
+                batch.cut_on_text = true;
                 continue;
             }
             let position = row
