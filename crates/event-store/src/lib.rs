@@ -13,12 +13,15 @@
 //!   (`eventsctl reset`) can tell it is running and refuse to move its checkpoint.
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
+//! - [`capture`]: table-change capture (row changes of your own tables become events in the same
+//!   transaction); the work is done by triggers from migration V5, this module manages them.
 //! - [`tls`]: TLS on every connection, with libpq's `sslmode` and `sslrootcert`.
 //! - [`error`]: the one error report (server message, SQLSTATE, detail, hint, what to do) and the
 //!   transient/permanent classification; [`retry`]: the one retry policy.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
 //!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
 
+pub mod capture;
 pub mod config;
 pub mod db;
 pub mod error;

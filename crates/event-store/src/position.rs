@@ -639,6 +639,45 @@ fn watermark_from_row(row: &Row) -> Result<Watermark> {
     })
 }
 
+/// The newest event a reader could read right now: below the visibility horizon, highest position.
+/// One backward probe of the `(tx_id, id)` index, cheap enough to repeat every millisecond or so.
+///
+/// It only ever moves forward, and it moves exactly when new rows become readable: rows with an
+/// id below the horizon belong to finished transactions, so every row that becomes readable later
+/// sorts after everything readable now. A watcher that compares it with the last value it saw
+/// therefore learns "something new is readable" without any NOTIFY on the writers' commits (which
+/// is how table-change capture's triggers write) and without ever missing a late commit.
+pub struct NewestReadable(Statement);
+
+/// Qualified `e.tx_id` in ORDER BY: a bare name would sort by the text output column.
+const NEWEST_READABLE_SQL: &str = "
+SELECT e.tx_id::text, e.id, e.topic
+  FROM events e
+ WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY e.tx_id DESC, e.id DESC
+ LIMIT 1";
+
+impl NewestReadable {
+    pub async fn prepare(client: &Client) -> Result<NewestReadable> {
+        client
+            .prepare(NEWEST_READABLE_SQL)
+            .await
+            .map(NewestReadable)
+            .map_err(|e| Error::database("prepare the newest-readable probe", e))
+    }
+
+    /// The newest readable event's position and topic; `None` when the table is empty (or
+    /// nothing is below the horizon yet).
+    pub async fn read(&self, client: &Client) -> Result<Option<(Position, String)>> {
+        let row = client
+            .query_opt(&self.0, &[])
+            .await
+            .map_err(|e| Error::database("probe for the newest readable event", e))?;
+        row.map(|row| Ok((Position::from_text(row.get(0), row.get(1))?, row.get(2))))
+            .transpose()
+    }
+}
+
 /// The oldest event still in the table, if any.
 pub async fn oldest(client: &Client) -> Result<Option<(Position, SystemTime)>> {
     let row = client

@@ -7,12 +7,14 @@ use event_store::config::PostgresArgs;
 
 use crate::cmd;
 
-/// The operator's tool for the event stream: consumer status and lag, resets, tail and append.
+/// The operator's tool for the event stream: consumer status and lag, resets, tail and append,
+/// and table-change capture.
 ///
 /// It reads DATABASE_URL and MONGODB_URI like the services. Read commands print a table, or JSON
 /// with --json. Logins: the database owner may do everything; otherwise status and lag need one
 /// that reads every consumer's position (the purger's group role), reset the consumer's own login,
-/// tail a consumer login and append a producer login.
+/// tail a consumer login and append a producer login; capture add/remove the table's owner, a
+/// member of events_capture_admin.
 #[derive(Debug, Parser)]
 #[command(name = "eventsctl", version, after_help = crate::exit::HELP)]
 pub struct Cli {
@@ -64,4 +66,5 @@ pub enum Command {
     Append(cmd::append::Args),
     #[command(name = "dead-letters")]
     DeadLetters(cmd::dead_letters::Args),
+    Capture(cmd::capture::Args),
 }

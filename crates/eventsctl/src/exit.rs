@@ -12,7 +12,8 @@ pub enum Code {
     OverThreshold = 1,
     /// Bad usage or input: an unknown option, a malformed `--to`/`--from`, an unknown consumer.
     Usage = 2,
-    /// Refused to act: `reset --yes` while the consumer is running.
+    /// Refused to act: `reset --yes` while the consumer is running; `capture add` of a table that
+    /// is captured already or not the caller's.
     Refused = 3,
     /// Failed: a database unreachable, the schema missing, a privilege missing, a write failed, a
     /// dead letter that could not be replayed.
@@ -31,7 +32,8 @@ Exit codes:
   0  done; `lag`: every consumer within the thresholds
   1  `lag`: a consumer is over --fail-above-events or --fail-above-seconds
   2  bad usage or input (unknown option, malformed --to/--from, unknown consumer)
-  3  refused: `reset --yes` while the consumer is running (its lease is held)
+  3  refused: `reset --yes` while the consumer is running (its lease is held); `capture add/remove`
+     of a table that is captured already, missing, or not owned by the caller
   4  failed: a database unreachable, the schema or a privilege missing, a write failed,
      a dead letter that could not be replayed";
 

@@ -34,6 +34,8 @@
 //! - Wake-ups ([`NotifyMode`]): NOTIFY on the channel (default `events`) with the topic as
 //!   payload — a hint, never the data. `after-commit` (the default, much faster under concurrent
 //!   load, see [`notifier`]) or `in-transaction`.
+//! - [`watcher`]: wake-ups for events written without one (table-change capture's triggers):
+//!   one probe per interval for newly readable events, sent through the same [`Notifier`].
 //! - [`service`]: the `producer` binary, a load generator that counts exactly what committed.
 
 mod append;
@@ -44,6 +46,7 @@ pub mod notifier;
 pub mod pace;
 pub mod payload;
 pub mod service;
+pub mod watcher;
 
 pub use append::{Appended, NotifyMode, Prepared, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use channel::{Channel, InvalidChannel};

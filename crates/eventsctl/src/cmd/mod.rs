@@ -3,6 +3,7 @@
 //! one in [`run`].
 
 pub mod append;
+pub mod capture;
 pub mod dead_letters;
 pub mod lag;
 pub mod reset;
@@ -22,5 +23,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Tail(args) => tail::run(&cli, args).await,
         Command::Append(args) => append::run(&cli, args).await,
         Command::DeadLetters(args) => dead_letters::run(&cli, args).await,
+        Command::Capture(args) => capture::run(&cli, args).await,
     }
 }
