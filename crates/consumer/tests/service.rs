@@ -333,11 +333,30 @@ async fn the_documented_rebase_after_a_restore_works() {
         "{}",
         String::from_utf8_lossy(&dump.stderr)
     );
-    let new = Postgres::start();
-    new.psql(
-        "CREATE ROLE events_producer NOLOGIN; CREATE ROLE events_consumer NOLOGIN;
-         CREATE ROLE events_purger NOLOGIN; CREATE ROLE mongo_sink LOGIN IN ROLE events_consumer;",
+    // Roles are cluster-wide and not in a database's dump: carried over first, as an operator
+    // does (`pg_dumpall --roles-only`; the superuser already exists there, so its line fails).
+    let roles = Command::new(env.pg.bindir().join("pg_dumpall"))
+        .args(["--roles-only", "-d"])
+        .arg(env.pg.url())
+        .output()
+        .unwrap();
+    assert!(
+        roles.status.success(),
+        "{}",
+        String::from_utf8_lossy(&roles.stderr)
     );
+    let new = Postgres::start();
+    let roles_file = tempfile_path("roles.sql");
+    std::fs::write(&roles_file, &roles.stdout).unwrap();
+    let applied = Command::new(new.bindir().join("psql"))
+        .args(["-X", "-q", "-d"])
+        .arg(new.url())
+        .arg("-f")
+        .arg(&roles_file)
+        .output()
+        .unwrap();
+    assert!(applied.status.success());
+    let _ = std::fs::remove_file(&roles_file);
     let dump_file = tempfile_path("dump.sql");
     std::fs::write(&dump_file, &dump.stdout).unwrap();
     let restore = Command::new(new.bindir().join("psql"))
