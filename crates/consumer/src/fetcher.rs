@@ -72,8 +72,9 @@ pub struct Fetcher {
     /// The database the batches are read from, recorded with each checkpoint.
     origin: Option<Arc<Origin>>,
     shutdown: CancellationToken,
-    /// The read position: the end of the last batch queued.
+    /// The read position: the end of the last batch queued, and the event there.
     after: Position,
+    after_event_id: Option<uuid::Uuid>,
     generation: u64,
     caught_up: bool,
     retry: Retry,
@@ -108,6 +109,7 @@ impl Fetcher {
             origin: origin.map(Arc::new),
             shutdown,
             after: start,
+            after_event_id: None,
             generation: 0,
             caught_up: false,
             retry: Retry::new(Policy::default()),
@@ -209,7 +211,15 @@ impl Fetcher {
             event_id: committed.event_id,
             origin: self.origin.as_deref().cloned(),
         };
-        match connect(&self.ctx, &expected).await {
+        // The read position may be up to two batches past the checkpoint (queued, being
+        // written): it is checked too, or a failover that lost the commits in between would let
+        // those batches carry the checkpoint onto history the database no longer has.
+        let read = (self.after != committed.position).then(|| Expected {
+            position: self.after,
+            event_id: self.after_event_id,
+            origin: self.origin.as_deref().cloned(),
+        });
+        match connect(&self.ctx, &expected, read.as_ref()).await {
             Ok((listener, reader, origin)) => {
                 self.origin = Some(Arc::new(origin));
                 info!(
@@ -305,6 +315,7 @@ impl Fetcher {
         let Some(end) = batch.end else {
             return ControlFlow::Continue(());
         };
+        let end_event_id = batch.end_event_id;
         let mut delivery = (self.ctx.encoder)(batch, self.after, end);
         delivery.generation = self.generation;
         delivery.origin = self.origin.clone();
@@ -313,6 +324,7 @@ impl Fetcher {
             _ = self.shutdown.cancelled() => return ControlFlow::Break(()),
         }
         self.after = end;
+        self.after_event_id = end_event_id;
         ControlFlow::Continue(())
     }
 
@@ -340,7 +352,7 @@ impl Fetcher {
                     self.ctx.wake.notified().await
                 } => self.ctx.metrics.wakeups.increment(1),
                 _ = conn.closed() => {}
-                _ = self.rewinds.changed() => {}
+                changed = self.rewinds.changed() => if changed.is_err() { return ControlFlow::Break(()) },
                 _ = self.shutdown.cancelled() => return ControlFlow::Break(()),
             }
             return ControlFlow::Continue(());
@@ -355,7 +367,8 @@ impl Fetcher {
             _ = self.ctx.wake.notified() => self.ctx.metrics.wakeups.increment(1),
             _ = tokio::time::sleep(self.ctx.poll_interval) => {}
             _ = conn.closed() => {}
-            _ = self.rewinds.changed() => {}
+            // The writer is gone (it failed): stop rather than fetch for nobody.
+            changed = self.rewinds.changed() => if changed.is_err() { return ControlFlow::Break(()) },
             _ = self.shutdown.cancelled() => return ControlFlow::Break(()),
         }
         ControlFlow::Continue(())
@@ -364,16 +377,18 @@ impl Fetcher {
 
 /// A new dedicated connection, LISTENing, holding the consumer's lease, checked against the
 /// checkpoint ([`divergence`]), statements prepared.
-pub async fn connect(ctx: &Context, expected: &Expected) -> Result<(Listener, Reader, Origin)> {
+pub async fn connect(
+    ctx: &Context,
+    expected: &Expected,
+    read: Option<&Expected>,
+) -> Result<(Listener, Reader, Origin)> {
     let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
     take_lease(listener.client(), &ctx.name).await?;
-    let origin = divergence::check(
-        listener.client(),
-        &ctx.name,
-        expected,
-        ctx.accept_divergence,
-    )
-    .await?;
+    let client = listener.client();
+    let origin = divergence::check(client, &ctx.name, expected, ctx.accept_divergence).await?;
+    if let Some(read) = read {
+        divergence::check(client, &ctx.name, read, ctx.accept_divergence).await?;
+    }
     let reader = Reader::prepare(listener.client()).await?;
     Ok((listener, reader, origin))
 }

@@ -142,6 +142,13 @@ impl<S: Sink> Writer<S> {
                 self.rewind(delivery.start, checkpoint);
                 return Ok(ControlFlow::Continue(None));
             }
+            if matches!(error, Error::CheckpointMoved { .. }) {
+                // Reported moved, read back where expected (a concurrent change in between):
+                // never a tight loop.
+                if sleep_or_stop(self.retry.next_pause(false), &self.shutdown).await {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
         }
     }
 

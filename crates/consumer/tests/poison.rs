@@ -82,8 +82,23 @@ async fn no_row_stops_the_stream() {
         "jsonb_build_object('blob', repeat('x', 17 * 1024 * 1024))",
     )
     .await;
+    // A 17 MiB key: the event is too large, and its dead letter must still fit.
+    let huge_key: i64 = env
+        .admin
+        .query_one(
+            "INSERT INTO events (topic, key, payload)
+             VALUES ('bad', repeat('k', 17 * 1024 * 1024), '{}') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    env.admin
+        .batch_execute("INSERT INTO events (topic, payload) VALUES ('good', '{\"ok\": 3}')")
+        .await
+        .unwrap();
     let good_ids = env.pg_ids("WHERE topic = 'good'");
-    assert_eq!(good_ids.len(), 14);
+    assert_eq!(good_ids.len(), 15);
 
     let mut config = env.config("c");
     config.batch_max_bytes = 1 << 20; // the 17 MiB row goes alone
@@ -161,7 +176,12 @@ async fn no_row_stops_the_stream() {
     assert!(letter.get_i64("payload_bytes").unwrap() > 17 * 1024 * 1024);
     assert_eq!(letter.get_bool("payload_truncated"), Ok(true));
     assert!(letter.get_str("payload_text").unwrap().len() <= 64 * 1024);
-    assert_eq!(env.mongo_count("deadLetters").await, 4);
+    let letter = dead_letter(&env, huge_key)
+        .await
+        .expect("the huge key's dead letter");
+    assert_eq!(letter.get_str("reason"), Ok("too_large"));
+    assert_eq!(letter.get_str("key").unwrap().len(), 4096);
+    assert_eq!(env.mongo_count("deadLetters").await, 5);
 
     // The stream goes on after them.
     common::produce(&env.admin, "good", 3).await;

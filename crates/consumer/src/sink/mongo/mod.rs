@@ -67,6 +67,8 @@ pub const CHECKPOINTS: &str = "checkpoints";
 pub const DEAD_LETTERS: &str = "deadLetters";
 /// How much of a dead letter's payload is kept (its full length and hash are kept too).
 pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
+/// How much of a dead letter's key, type and detail is kept.
+const DEAD_LETTER_FIELD_BYTES: usize = 4 * 1024;
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Retries of a transaction the server asks us to retry (write conflicts), before backing off.
@@ -620,12 +622,14 @@ impl MongoSink {
 
     fn dead_letter_update(&self, letter: &DeadLetter) -> Document {
         let payload = letter.payload.as_deref().unwrap_or("");
-        let mut cut = payload.len().min(DEAD_LETTER_PAYLOAD_BYTES);
-        while !payload.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let optional =
-            |s: &Option<String>| s.as_ref().map_or(Bson::Null, |s| Bson::String(s.clone()));
+        let kept = prefix(payload, DEAD_LETTER_PAYLOAD_BYTES);
+        // Key, type and detail are bounded too: a dead letter must always fit in a document
+        // (PostgreSQL keys may be up to 1 GB).
+        let optional = |s: &Option<String>| {
+            s.as_ref().map_or(Bson::Null, |s| {
+                Bson::String(prefix(s, DEAD_LETTER_FIELD_BYTES))
+            })
+        };
         let now = DateTime::now();
         doc! {
             "$set": {
@@ -636,9 +640,9 @@ impl MongoSink {
                 "position": letter.position.to_string(),
                 "consumer": &self.name,
                 "reason": letter.code,
-                "detail": &letter.detail,
-                "payload_text": &payload[..cut],
-                "payload_truncated": cut < payload.len(),
+                "detail": prefix(&letter.detail, DEAD_LETTER_FIELD_BYTES),
+                "payload_truncated": kept.len() < payload.len(),
+                "payload_text": kept,
                 "payload_bytes": payload.len() as i64,
                 "payload_sha256": sha256_hex(payload.as_bytes()),
                 "last_seen_at": now,
@@ -848,6 +852,15 @@ pub fn encode(batch: Batch, start: Position, end: Position) -> Delivery {
     delivery
 }
 
+/// The longest prefix of `text` within `max` bytes, on a character boundary.
+fn prefix(text: &str, max: usize) -> String {
+    let mut cut = text.len().min(max);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_string()
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -857,7 +870,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The filter and update that move a checkpoint from `start` to `to`.
 fn checkpoint_move(name: &str, start: Position, to: &Checkpoint) -> (Document, Document) {
-    let filter = doc! {"_id": name, "tx_id": tx_id_bson(start.tx_id), "id": start.id};
+    // Either form of tx_id: an operator may have typed it as a decimal string.
+    let filter = doc! {
+        "_id": name,
+        "tx_id": {"$in": [tx_id_bson(start.tx_id), start.tx_id.to_string()]},
+        "id": start.id,
+    };
     let mut update = checkpoint_update(to.position, DateTime::now());
     if let Some(event_id) = to.event_id {
         let set = update.get_document_mut("$set").expect("built with $set");
