@@ -281,3 +281,42 @@ async fn large_payloads_go_in_byte_bounded_batches() {
     assert_eq!(env.mongo_count("deadLetters").await, 0);
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_poison_stop_also_stops_at_an_event_the_server_refuses() {
+    let env = setup().await;
+    env.mongo_client()
+        .await
+        .database(&env.database)
+        .create_collection("receivedEvents")
+        .validator(doc! {"payload.forbidden": {"$exists": false}})
+        .await
+        .unwrap();
+    env.admin
+        .batch_execute(
+            "INSERT INTO events (topic, payload)
+             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(1, 10) g;
+             INSERT INTO events (topic, payload) VALUES ('bad', '{\"forbidden\": true}');
+             INSERT INTO events (topic, payload)
+             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(11, 20) g;",
+        )
+        .await
+        .unwrap();
+    let mut config = env.config("c");
+    config.on_poison = OnPoison::Stop;
+    let running = spawn(config);
+    let result = tokio::time::timeout(Duration::from_secs(60), running.handle)
+        .await
+        .expect("the consumer stops by itself")
+        .unwrap();
+    let error = result
+        .expect_err("--on-poison stop ends with an error")
+        .to_string();
+    assert!(error.contains("rejected_by_server"), "{error}");
+    assert_eq!(
+        env.mongo_count("receivedEvents").await,
+        10,
+        "the events before it"
+    );
+    assert_eq!(env.mongo_count("deadLetters").await, 0);
+}

@@ -258,29 +258,39 @@ impl MongoSink {
             docs: docs.to_vec(),
             dead_letters: delivery.dead_letters.clone(),
         };
+        // `--on-poison stop`: deliver what comes before the first poison (through the same
+        // splitting, so a refused event there stops too), then stop at it.
+        let mut stop_at = None;
+        let mut whole = whole;
         if self.on_poison == OnPoison::Stop {
             if let Some(first) = delivery.dead_letters.first() {
-                // Deliver what comes before the poison, then stop at it.
                 let keep = whole
                     .events
                     .iter()
                     .take_while(|e| e.position < first.position)
                     .count();
-                if keep > 0 {
-                    let before = Part {
-                        start: whole.start,
-                        to: event_checkpoint(&whole.events[keep - 1], &whole.to),
-                        events: whole.events[..keep].to_vec(),
-                        docs: whole.docs[..keep].to_vec(),
-                        dead_letters: Vec::new(),
-                    };
-                    self.write_part(&before).await?;
-                }
-                return Err(Error::Poison(Box::new(first.clone())));
+                whole = Part {
+                    start: whole.start,
+                    to: match keep {
+                        0 => Checkpoint {
+                            position: whole.start,
+                            ..whole.to.clone()
+                        },
+                        _ => event_checkpoint(&whole.events[keep - 1], &whole.to),
+                    },
+                    events: whole.events[..keep].to_vec(),
+                    docs: whole.docs[..keep].to_vec(),
+                    dead_letters: Vec::new(),
+                };
+                stop_at = Some(first.clone());
             }
         }
         // Parts still to write, the next one last: halves are pushed right, then left.
-        let mut parts = vec![whole];
+        let mut parts = if stop_at.is_some() && whole.events.is_empty() {
+            Vec::new()
+        } else {
+            vec![whole]
+        };
         while let Some(part) = parts.pop() {
             match self.write_part(&part).await {
                 Ok(done) => {
@@ -325,7 +335,10 @@ impl MongoSink {
                 Err(e) => return Err(e),
             }
         }
-        Ok(written)
+        match stop_at {
+            Some(poison) => Err(Error::Poison(Box::new(poison))),
+            None => Ok(written),
+        }
     }
 
     /// Writes one part: documents, dead letters and the checkpoint move from `start` to `end`.
