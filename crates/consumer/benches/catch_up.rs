@@ -21,15 +21,19 @@
 //! Runs alternate (raw, consumer, raw, consumer, …; `BENCH_ROUNDS`, default 3) and the best of
 //! each is reported. Batch size `BENCH_BATCH` (default 1000, the consumer's default).
 
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use consumer::sink::{mongo::document::event_document, Delivered, NullSink};
 use consumer::Config;
+use event_store::migrations::Role;
 use event_store::position::{Position, Reader};
-use event_store::{db, migrations};
+use event_store::testing::TestDatabase;
 use mongodb::bson::{DateTime, RawDocumentBuf};
-use testbed::{env_or, Mongo, Postgres};
+use support::{connect, generate, last_position};
+use testbed::{env_or, Mongo};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -44,13 +48,8 @@ async fn main() {
     let batch = env_or("BENCH_BATCH", 1000);
     eprintln!("load before: {}", load());
 
-    let pg = Postgres::start();
-    let mut admin = connect(&pg.url()).await;
-    migrations::run(&mut admin).await.unwrap();
-    admin
-        .batch_execute("CREATE ROLE bench_consumer LOGIN IN ROLE events_consumer")
-        .await
-        .unwrap();
+    let TestDatabase { pg, admin } =
+        TestDatabase::start(&[("bench_consumer", Role::Consumer)]).await;
     let url = pg.url_for("bench_consumer", None);
 
     // --- into MongoDB, on the first part of the backlog --------------------------------------
@@ -158,13 +157,8 @@ async fn main() {
 async fn large_payloads(rounds: usize) {
     let events = env_or("BENCH_LARGE_EVENTS", 200usize);
     let max_bytes = env_or("BENCH_BATCH_MAX_BYTES", 4usize << 20);
-    let pg = Postgres::start();
-    let mut admin = connect(&pg.url()).await;
-    migrations::run(&mut admin).await.unwrap();
-    admin
-        .batch_execute("CREATE ROLE bench_consumer LOGIN IN ROLE events_consumer")
-        .await
-        .unwrap();
+    let TestDatabase { pg, admin } =
+        TestDatabase::start(&[("bench_consumer", Role::Consumer)]).await;
     let url = pg.url_for("bench_consumer", None);
     admin
         .execute(
@@ -209,54 +203,10 @@ async fn large_payloads(rounds: usize) {
     );
 }
 
-async fn connect(url: &str) -> Client {
-    db::connect_spawned(&db::config(url, "bench").unwrap())
-        .await
-        .unwrap()
-}
-
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-/// `n` events of ~200-byte payloads, 10 000 per transaction.
-async fn generate(admin: &Client, n: usize) {
-    let started = Instant::now();
-    let mut left = n as i64;
-    while left > 0 {
-        let chunk = left.min(10_000);
-        admin
-            .execute(
-                "INSERT INTO events (topic, key, type, payload, headers)
-                 SELECT CASE WHEN g % 2 = 0 THEN 'courses' ELSE 'policies' END,
-                        'key-' || g, 'updated',
-                        jsonb_build_object('seq', g, 'title', 'Course number ' || g,
-                                           'credits', g % 7, 'active', g % 3 = 0,
-                                           'tags', jsonb_build_array('a', 'b', g % 10),
-                                           'teacher', jsonb_build_object('id', g % 97, 'name', 'Teacher ' || g % 97)),
-                        jsonb_build_object('trace_id', md5(g::text))
-                   FROM generate_series(1, $1::bigint) g",
-                &[&chunk],
-            )
-            .await
-            .unwrap();
-        left -= chunk;
-    }
-    admin.batch_execute("VACUUM ANALYZE events").await.unwrap();
-    eprintln!("generated {n} events in {:?}", started.elapsed());
-}
-
-async fn last_position(admin: &Client) -> Position {
-    let row = admin
-        .query_one(
-            "SELECT e.tx_id::text, e.id FROM events e ORDER BY e.tx_id DESC, e.id DESC LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    Position::new(row.get::<_, &str>(0).parse().unwrap(), row.get(1))
 }
 
 /// The documents the consumer would write, in batches, read with the shared position SQL.

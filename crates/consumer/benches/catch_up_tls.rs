@@ -7,12 +7,15 @@
 //! (`sslmode=disable`), alternating over `BENCH_ROUNDS` (default 3) rounds; the best of each is
 //! reported, and their ratio (target ≥ 0.9×: TLS should cost little next to the work per row).
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use consumer::sink::NullSink;
 use consumer::Config;
+use event_store::migrations;
 use event_store::position::Position;
-use event_store::{db, migrations};
+use support::{connect, generate, last_position};
 use testbed::{env_or, Postgres};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -73,47 +76,6 @@ async fn main() {
         "| consumer, null sink | {total} | {p:.0}/s | {t:.0}/s | {:.2}× | ≥ 0.90× |",
         t / p
     );
-}
-
-async fn connect(url: &str) -> Client {
-    db::connect_spawned(&db::config(url, "bench").unwrap())
-        .await
-        .unwrap()
-}
-
-/// `n` events of ~200-byte payloads, 10 000 per transaction.
-async fn generate(admin: &Client, n: usize) {
-    let mut left = n as i64;
-    while left > 0 {
-        let chunk = left.min(10_000);
-        admin
-            .execute(
-                "INSERT INTO events (topic, key, type, payload, headers)
-                 SELECT CASE WHEN g % 2 = 0 THEN 'courses' ELSE 'policies' END,
-                        'key-' || g, 'updated',
-                        jsonb_build_object('seq', g, 'title', 'Course number ' || g,
-                                           'credits', g % 7, 'active', g % 3 = 0,
-                                           'tags', jsonb_build_array('a', 'b', g % 10)),
-                        jsonb_build_object('trace_id', md5(g::text))
-                   FROM generate_series(1, $1::bigint) g",
-                &[&chunk],
-            )
-            .await
-            .unwrap();
-        left -= chunk;
-    }
-    admin.batch_execute("VACUUM ANALYZE events").await.unwrap();
-}
-
-async fn last_position(admin: &Client) -> Position {
-    let row = admin
-        .query_one(
-            "SELECT e.tx_id::text, e.id FROM events e ORDER BY e.tx_id DESC, e.id DESC LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    Position::new(row.get::<_, &str>(0).parse().unwrap(), row.get(1))
 }
 
 /// Runs a consumer with the null sink until its published position reaches `last`.

@@ -51,6 +51,42 @@ async fn dead_letter(env: &Env, id: i64) -> Option<Document> {
         .unwrap()
 }
 
+/// Makes the server refuse documents whose payload has a `forbidden` field (a validator: the
+/// document is fine as BSON, only this server says no), then appends `before` good events, one
+/// forbidden one and `after` good ones; returns the forbidden event's id.
+async fn around_a_refused_event(env: &Env, before: i64, after: i64) -> i64 {
+    env.mongo_client()
+        .await
+        .database(&env.database)
+        .create_collection("receivedEvents")
+        .validator(doc! {"payload.forbidden": {"$exists": false}})
+        .await
+        .unwrap();
+    env.admin
+        .batch_execute(&format!(
+            "INSERT INTO events (topic, payload)
+             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(1, {before}) g;
+             INSERT INTO events (topic, payload) VALUES ('bad', '{{\"forbidden\": true}}');
+             INSERT INTO events (topic, payload)
+             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(1, {after}) g;"
+        ))
+        .await
+        .unwrap();
+    env.pg_ids("WHERE topic = 'bad'")[0]
+}
+
+/// Runs `config` until the consumer stops by itself; its error, as text.
+async fn stopped_with(config: consumer::Config) -> String {
+    let running = spawn(config);
+    let result = tokio::time::timeout(Duration::from_secs(60), running.handle)
+        .await
+        .expect("the consumer stops by itself")
+        .unwrap();
+    result
+        .expect_err("--on-poison stop ends with an error")
+        .to_string()
+}
+
 fn nested(open: &str, close: &str, depth: usize) -> String {
     format!("'{}1{}'::jsonb", open.repeat(depth), close.repeat(depth))
 }
@@ -202,14 +238,7 @@ async fn on_poison_stop_halts_naming_the_event() {
     .await;
     let mut config = env.config("c");
     config.on_poison = OnPoison::Stop;
-    let running = spawn(config);
-    let result = tokio::time::timeout(Duration::from_secs(60), running.handle)
-        .await
-        .expect("the consumer stops by itself")
-        .unwrap();
-    let error = result
-        .expect_err("--on-poison stop ends with an error")
-        .to_string();
+    let error = stopped_with(config).await;
     assert!(error.contains(&format!("id {bad}")), "{error}");
     assert!(error.contains("number_out_of_range"), "{error}");
     assert!(error.contains("--on-poison dead-letter"), "{error}");
@@ -221,26 +250,7 @@ async fn on_poison_stop_halts_naming_the_event() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_the_server_refuses_is_split_around_the_bad_event() {
     let env = setup().await;
-    // The server refuses documents whose payload has a `forbidden` field (a validator: the
-    // document is fine as BSON, only this server says no).
-    env.mongo_client()
-        .await
-        .database(&env.database)
-        .create_collection("receivedEvents")
-        .validator(doc! {"payload.forbidden": {"$exists": false}})
-        .await
-        .unwrap();
-    env.admin
-        .batch_execute(
-            "INSERT INTO events (topic, payload)
-             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(1, 40) g;
-             INSERT INTO events (topic, payload) VALUES ('bad', '{\"forbidden\": true}');
-             INSERT INTO events (topic, payload)
-             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(41, 80) g;",
-        )
-        .await
-        .unwrap();
-    let bad: i64 = env.pg_ids("WHERE topic = 'bad'")[0];
+    let bad = around_a_refused_event(&env, 40, 40).await;
     let running = spawn(env.config("c"));
     common::wait_checkpoint_at_end(&env, "c", Duration::from_secs(60)).await;
     assert_eq!(
@@ -285,33 +295,10 @@ async fn large_payloads_go_in_byte_bounded_batches() {
 #[tokio::test(flavor = "multi_thread")]
 async fn on_poison_stop_also_stops_at_an_event_the_server_refuses() {
     let env = setup().await;
-    env.mongo_client()
-        .await
-        .database(&env.database)
-        .create_collection("receivedEvents")
-        .validator(doc! {"payload.forbidden": {"$exists": false}})
-        .await
-        .unwrap();
-    env.admin
-        .batch_execute(
-            "INSERT INTO events (topic, payload)
-             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(1, 10) g;
-             INSERT INTO events (topic, payload) VALUES ('bad', '{\"forbidden\": true}');
-             INSERT INTO events (topic, payload)
-             SELECT 'good', jsonb_build_object('n', g) FROM generate_series(11, 20) g;",
-        )
-        .await
-        .unwrap();
+    around_a_refused_event(&env, 10, 10).await;
     let mut config = env.config("c");
     config.on_poison = OnPoison::Stop;
-    let running = spawn(config);
-    let result = tokio::time::timeout(Duration::from_secs(60), running.handle)
-        .await
-        .expect("the consumer stops by itself")
-        .unwrap();
-    let error = result
-        .expect_err("--on-poison stop ends with an error")
-        .to_string();
+    let error = stopped_with(config).await;
     assert!(error.contains("rejected_by_server"), "{error}");
     assert_eq!(
         env.mongo_count("receivedEvents").await,

@@ -170,10 +170,6 @@ impl RawJson {
     pub fn parse(&self) -> Result<Value, serde_json::Error> {
         serde_json::from_str(&self.0)
     }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 impl From<String> for RawJson {
