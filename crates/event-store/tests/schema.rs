@@ -47,9 +47,13 @@ async fn migrations_apply_once_and_rerun_is_a_no_op() {
     let first = migrations::run(&mut admin).await.unwrap();
     assert_eq!(first.applied[..2], ["V1__events", "V2__roles"]);
     assert!(
-        ["V4__least_privilege", "V5__capture"]
-            .iter()
-            .all(|m| first.applied.iter().any(|a| a == m)),
+        [
+            "V4__least_privilege",
+            "V5__capture",
+            "V6__capture_pairs_by_row"
+        ]
+        .iter()
+        .all(|m| first.applied.iter().any(|a| a == m)),
         "{:?}",
         first.applied
     );
