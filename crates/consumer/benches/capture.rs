@@ -3,26 +3,29 @@
 //! printed next to its baseline from the same run.
 //!
 //! 1. Single-row UPDATE transactions over `BENCH_CONNECTIONS` (8) connections for `BENCH_SECONDS`
-//!    (5) per variant, `BENCH_ROUNDS` (3) interleaved rounds, medians: uncaptured; captured (what
-//!    ships); captured with the change watcher probing every millisecond; captured plus a
-//!    `pg_notify` in a statement trigger (the NOTIFY-in-trigger alternative); the seeds' design,
-//!    a row trigger doing INSERT + `pg_notify(row_to_json(NEW))` per row.
+//!    (5) per variant, `BENCH_ROUNDS` (3) interleaved rounds, medians: uncaptured; the floor (the
+//!    same UPDATE writing its own event row in the same statement, no trigger: what any event
+//!    costs); captured (what ships); captured with the change watcher probing every millisecond;
+//!    captured plus a `pg_notify` in a statement trigger (the NOTIFY-in-trigger alternative); the
+//!    seeds' design, a row trigger doing INSERT + `pg_notify(row_to_json(NEW))` per row.
 //! 2. One UPDATE of all `BENCH_BULK_ROWS` (100k) rows, medians of `BENCH_ROUNDS`: uncaptured; the
 //!    floor (a bare `INSERT … SELECT` of as many event rows); a statement trigger writing only the
 //!    new row; captured with diffs; the seeds' row trigger.
-//! 3. COMMIT sent → delivered by an in-process consumer (null sink, fallback poll off) at
-//!    `BENCH_RATE` (500) captured changes/s for `BENCH_LATENCY_SECONDS` (10): woken by the change
-//!    watcher (what ships) vs by a `pg_notify` in the capture transaction.
+//! 3. COMMIT sent → stored by an in-process consumer (fallback poll off) at `BENCH_RATE` (500)
+//!    captured changes/s for `BENCH_LATENCY_SECONDS` (10): woken by the change watcher (what ships)
+//!    vs by a `pg_notify` in the capture transaction; into MongoDB (the MongoDB-wire test server,
+//!    majority + journal write concern, the default) and into the null sink (the wake-up alone).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use consumer::sink::{Delivered, NullSink};
+use consumer::sink::mongo::MongoConfig;
+use consumer::sink::{Delivered, MongoSink, NullSink, Observed};
 use consumer::Config;
 use event_store::db::{self, Database};
 use event_store::migrations;
 use producer::{Channel, Notifier};
-use testbed::{env_or, Postgres};
+use testbed::{env_or, Mongo, Postgres};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +59,7 @@ END $$;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Variant {
     Uncaptured,
+    OwnEvent,
     Captured,
     CapturedWatched,
     CapturedNotify,
@@ -68,6 +72,7 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::Uncaptured => "uncaptured",
+            Variant::OwnEvent => "floor: the UPDATE writes its event row itself (no trigger)",
             Variant::Captured => "captured (statement triggers, diffs)",
             Variant::CapturedWatched => "captured + change watcher (1 ms probe) — ships",
             Variant::CapturedNotify => "captured + pg_notify in the trigger",
@@ -78,6 +83,22 @@ impl Variant {
     }
 
     /// Switches `table` to this variant's triggers.
+    /// The single-row statement this variant's writers run.
+    fn single_row_update(self) -> &'static str {
+        match self {
+            // The event a trigger would write for this row, written by the statement itself.
+            Variant::OwnEvent => {
+                "WITH u AS (UPDATE acc SET balance = balance + 1 WHERE id = $1 RETURNING *)
+                 INSERT INTO events (topic, key, type, payload)
+                 SELECT 'acc', '{\"id\":' || u.id || '}', 'update',
+                        jsonb_build_object('op', 'update', 'schema', 'public', 'table', 'acc',
+                                           'key', jsonb_build_object('id', u.id), 'new', to_jsonb(u))
+                   FROM u"
+            }
+            _ => "UPDATE acc SET balance = balance + 1 WHERE id = $1",
+        }
+    }
+
     async fn install(self, admin: &Client, table: &str) {
         admin
             .batch_execute(&format!(
@@ -89,7 +110,7 @@ impl Variant {
             .await
             .unwrap();
         let sql = match self {
-            Variant::Uncaptured | Variant::Floor => String::new(),
+            Variant::Uncaptured | Variant::OwnEvent | Variant::Floor => String::new(),
             Variant::Captured | Variant::CapturedWatched => {
                 format!("SELECT capture_add('{table}', '{table}')")
             }
@@ -135,6 +156,7 @@ async fn main() {
     // 1. Single-row commits.
     let variants = [
         Variant::Uncaptured,
+        Variant::OwnEvent,
         Variant::Captured,
         Variant::CapturedWatched,
         Variant::CapturedNotify,
@@ -146,7 +168,13 @@ async fn main() {
             variant.install(&admin, "acc").await;
             let watcher = (variant == Variant::CapturedWatched)
                 .then(|| start_watcher(watcher_db.clone(), Duration::from_millis(1)));
-            let rate = commit_rate(&config, connections, Duration::from_secs(seconds)).await;
+            let rate = commit_rate(
+                &config,
+                variant.single_row_update(),
+                connections,
+                Duration::from_secs(seconds),
+            )
+            .await;
             if let Some(w) = watcher {
                 w.stop().await;
             }
@@ -159,19 +187,21 @@ async fn main() {
     let median_rate = |v: Variant| median(&rates[v.label()]);
     let base = median_rate(Variant::Uncaptured);
     let seeds = median_rate(Variant::SeedRow);
+    let floor = median_rate(Variant::OwnEvent);
     println!(
         "\nSingle-row UPDATE transactions, {connections} connections, fsync on, median of {rounds} × {seconds} s \
          (load during run: {})\n",
         load()
     );
-    println!("| variant | commits/s | × uncaptured | × seeds' row trigger |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| variant | commits/s | × uncaptured | × floor | × seeds' row trigger |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     for v in variants {
         let r = median_rate(v);
         println!(
-            "| {} | {r:.0} | {:.2} | {:.2} |",
+            "| {} | {r:.0} | {:.2} | {:.2} | {:.2} |",
             v.label(),
             r / base,
+            r / floor,
             r / seeds
         );
     }
@@ -246,23 +276,48 @@ async fn main() {
     );
 
     // 3. Delivery latency.
+    let mongo = Mongo::start();
     let mut lines = Vec::new();
-    for (label, variant) in [
+    for (round, (into, woken_by, variant)) in [
         (
+            "MongoDB",
             "change watcher, 1 ms probe (ships)",
             Variant::CapturedWatched,
         ),
-        ("pg_notify in the capture trigger", Variant::CapturedNotify),
-    ] {
+        (
+            "MongoDB",
+            "pg_notify in the capture trigger",
+            Variant::CapturedNotify,
+        ),
+        (
+            "null sink",
+            "change watcher, 1 ms probe",
+            Variant::CapturedWatched,
+        ),
+        (
+            "null sink",
+            "pg_notify in the capture trigger",
+            Variant::CapturedNotify,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         variant.install(&admin, "acc").await;
         let watcher = (variant == Variant::CapturedWatched)
             .then(|| start_watcher(watcher_db.clone(), Duration::from_millis(1)));
-        let v = latencies(&pg, &config, rate, latency_seconds).await;
+        let mut consumer_config = Config::new(
+            pg.url_for("bench_consumer", None),
+            (into == "MongoDB").then(|| mongo.uri()),
+        );
+        consumer_config.name = format!("latency{round}");
+        consumer_config.poll_interval = Duration::from_secs(3600);
+        let v = latencies(&config, consumer_config, rate, latency_seconds).await;
         if let Some(w) = watcher {
             w.stop().await;
         }
         lines.push(format!(
-            "| {label} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+            "| {into} | {woken_by} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
             pct(&v, 0.5),
             pct(&v, 0.9),
             pct(&v, 0.99),
@@ -270,29 +325,31 @@ async fn main() {
         ));
     }
     println!(
-        "\nCOMMIT sent → delivered (consumer, null sink, fallback poll off), {rate} captured changes/s \
+        "\nCOMMIT sent → stored (in-process consumer, fallback poll off), {rate} captured changes/s \
          for {latency_seconds} s (load during run: {})\n",
         load()
     );
-    println!("| woken by | p50 | p90 | p99 | max |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| into | woken by | p50 | p90 | p99 | max |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
     for line in lines {
         println!("{line}");
     }
 }
 
 /// Commits/s of single-row UPDATEs over `connections` connections.
-async fn commit_rate(config: &Database, connections: usize, run: Duration) -> f64 {
+async fn commit_rate(
+    config: &Database,
+    sql: &'static str,
+    connections: usize,
+    run: Duration,
+) -> f64 {
     let deadline = Instant::now() + run;
     let mut tasks = Vec::new();
     for c in 0..connections {
         let config = config.clone();
         tasks.push(tokio::spawn(async move {
             let client = db::connect_spawned(&config).await.unwrap();
-            let update = client
-                .prepare("UPDATE acc SET balance = balance + 1 WHERE id = $1")
-                .await
-                .unwrap();
+            let update = client.prepare(sql).await.unwrap();
             let mut n = 0u64;
             let mut id = (c as i32 * 7919) % ACCOUNTS;
             while Instant::now() < deadline {
@@ -311,18 +368,33 @@ async fn commit_rate(config: &Database, connections: usize, run: Duration) -> f6
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Commit → delivered latencies of captured single-row updates at `rate`/s; the first second is
-/// warm-up.
-async fn latencies(pg: &Postgres, config: &Database, rate: u64, seconds: u64) -> Vec<Duration> {
+/// Commit → stored latencies of captured single-row updates at `rate`/s, through a consumer
+/// configured by `consumer_config` (MongoDB when it has a URI, else the null sink); the first
+/// second is warm-up.
+async fn latencies(
+    config: &Database,
+    consumer_config: Config,
+    rate: u64,
+    seconds: u64,
+) -> Vec<Duration> {
     let (tx, mut delivered) = mpsc::unbounded_channel::<Delivered>();
     let shutdown = CancellationToken::new();
-    let mut consumer_config = Config::new(pg.url_for("bench_consumer", None), None);
-    consumer_config.poll_interval = Duration::from_secs(3600);
-    let consumer = tokio::spawn(consumer::run_with(
-        consumer_config,
-        NullSink::observed(tx),
-        shutdown.clone(),
-    ));
+    let consumer = if consumer_config.mongodb_uri.is_some() {
+        let sink = MongoSink::new(MongoConfig::of(&consumer_config))
+            .await
+            .unwrap();
+        tokio::spawn(consumer::run_with(
+            consumer_config,
+            Observed::new(sink, tx),
+            shutdown.clone(),
+        ))
+    } else {
+        tokio::spawn(consumer::run_with(
+            consumer_config,
+            Observed::new(NullSink::new(), tx),
+            shutdown.clone(),
+        ))
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let writer = db::connect_spawned(config).await.unwrap();

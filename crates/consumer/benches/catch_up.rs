@@ -26,7 +26,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use consumer::sink::{mongo::document::event_document, Delivered, NullSink};
+use consumer::sink::{mongo::document::event_document, Delivered, NullSink, Observed};
 use consumer::Config;
 use event_store::migrations::Role;
 use event_store::position::{Position, Reader};
@@ -108,7 +108,13 @@ async fn main() {
             }
             n
         });
-        let elapsed = run_consumer_until(config, Some(NullSink::observed(tx)), &admin, last).await;
+        let elapsed = run_consumer_until(
+            config,
+            Some(Observed::new(NullSink::new(), tx)),
+            &admin,
+            last,
+        )
+        .await;
         assert_eq!(counter.await.unwrap(), total, "every event delivered once");
         ours_null.push(elapsed);
         eprintln!(
@@ -289,7 +295,7 @@ async fn raw_select(url: &str, batch: usize) -> (usize, Duration) {
 /// Runs a consumer in-process until its published position reaches `last`.
 async fn run_consumer_until(
     config: Config,
-    sink: Option<NullSink>,
+    sink: Option<Observed<NullSink>>,
     admin: &Client,
     last: Position,
 ) -> Duration {

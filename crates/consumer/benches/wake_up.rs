@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use consumer::sink::{Delivered, NullSink};
+use consumer::sink::{Delivered, NullSink, Observed};
 use consumer::Config;
 use event_store::{db, migrations};
 use futures_util::future::poll_fn;
@@ -54,7 +54,7 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run_with(
         Config::new(pg.url_for("bench_consumer", None), None),
-        NullSink::observed(tx),
+        Observed::new(NullSink::new(), tx),
         shutdown.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;

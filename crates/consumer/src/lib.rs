@@ -79,15 +79,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     match config.sink {
         SinkKind::Null => run_with(config, NullSink::new(), shutdown).await,
         SinkKind::Mongodb => {
-            let sink = MongoSink::new(MongoConfig {
-                uri: config.mongodb_uri.clone().unwrap_or_default(),
-                database: config.mongodb_database.clone(),
-                collection: config.mongodb_collection.clone(),
-                name: config.name.clone(),
-                transactions: config.mongodb_transactions,
-                on_poison: config.on_poison,
-            })
-            .await?;
+            let sink = MongoSink::new(MongoConfig::of(&config)).await?;
             run_with(config, sink, shutdown).await
         }
     }

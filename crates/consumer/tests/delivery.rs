@@ -452,7 +452,7 @@ async fn positions_compare_as_numbers_across_a_digit_boundary() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(consumer::run_with(
         config,
-        consumer::sink::NullSink::observed(tx),
+        consumer::sink::Observed::new(consumer::sink::NullSink::new(), tx),
         shutdown.clone(),
     ));
     let expected: Vec<i64> = env

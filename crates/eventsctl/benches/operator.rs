@@ -14,7 +14,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use consumer::sink::{Delivered, NullSink};
+use consumer::sink::{Delivered, NullSink, Observed};
 use consumer::Config;
 use event_store::position::{self, Position};
 use event_store::{db, migrations};
@@ -199,7 +199,7 @@ async fn null_catch_up(url: String, round: usize, last: Position) -> Duration {
     let started = Instant::now();
     let handle = tokio::spawn(consumer::run_with(
         config,
-        NullSink::observed(tx),
+        Observed::new(NullSink::new(), tx),
         shutdown.clone(),
     ));
     let mut elapsed = None;

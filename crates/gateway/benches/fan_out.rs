@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use consumer::sink::NullSink;
+use consumer::sink::{NullSink, Observed};
 use event_store::position::{Position, Reader};
 use event_store::{db, migrations};
 use http_body_util::{BodyExt, Empty};
@@ -165,7 +165,7 @@ async fn consumer_null_sink(url: &str, last: Position, round: usize) -> Duration
     let started = Instant::now();
     let handle = tokio::spawn(consumer::run_with(
         config,
-        NullSink::observed(tx),
+        Observed::new(NullSink::new(), tx),
         shutdown.clone(),
     ));
     while let Some(delivered) = rx.recv().await {

@@ -4,12 +4,14 @@
 //!
 //! - [`mongo`]: the product — MongoDB, the only module that talks to it.
 //! - [`null`]: discards events and keeps the position in memory (benchmarks).
+//! - [`Observed`]: wraps either and reports each stored batch (benchmarks time delivery with it).
 //!
 //! A [`Sink`] is a trait with the two as its implementations; the delivery loop is generic over
 //! it, so a new sink is one module, its configuration and an `impl Sink`.
 
 pub mod mongo;
 pub mod null;
+mod observed;
 
 use std::future::Future;
 
@@ -22,7 +24,8 @@ use mongodb::bson::RawDocumentBuf;
 use crate::error::Result;
 
 pub use mongo::MongoSink;
-pub use null::{Delivered, NullSink};
+pub use null::NullSink;
+pub use observed::{Delivered, Observed};
 
 /// A destination for events.
 pub trait Sink: Send + 'static {

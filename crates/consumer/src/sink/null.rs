@@ -1,39 +1,19 @@
-//! A sink that stores nothing: it keeps the position in memory and, when asked, reports each
-//! batch to an observer (the wake-up latency benchmark timestamps deliveries this way).
-
-use std::time::Instant;
+//! A sink that stores nothing: it keeps the position in memory (benchmarks; wrap it in
+//! [`Observed`](super::Observed) to time deliveries).
 
 use event_store::Position;
-use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Checkpoint, Delivery, Encoder, Probe, Sink, Written};
 use crate::error::{Error, Result};
 
-/// One batch as the null sink saw it.
-#[derive(Debug, Clone)]
-pub struct Delivered {
-    pub ids: Vec<i64>,
-    pub end: Position,
-    pub at: Instant,
-}
-
 #[derive(Debug, Default)]
 pub struct NullSink {
     checkpoint: Option<Checkpoint>,
-    observer: Option<UnboundedSender<Delivered>>,
 }
 
 impl NullSink {
     pub fn new() -> NullSink {
         NullSink::default()
-    }
-
-    /// Reports every batch to `observer`.
-    pub fn observed(observer: UnboundedSender<Delivered>) -> NullSink {
-        NullSink {
-            checkpoint: None,
-            observer: Some(observer),
-        }
     }
 }
 
@@ -53,13 +33,6 @@ impl Sink for NullSink {
             });
         }
         self.checkpoint = Some(delivery.checkpoint());
-        if let Some(observer) = &self.observer {
-            let _ = observer.send(Delivered {
-                ids: delivery.events.iter().map(|e| e.id()).collect(),
-                end: delivery.end,
-                at: Instant::now(),
-            });
-        }
         Ok(Written {
             inserted: delivery.events.len(),
             already_present: 0,

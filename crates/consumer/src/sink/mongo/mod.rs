@@ -86,6 +86,20 @@ pub struct MongoConfig {
     pub on_poison: OnPoison,
 }
 
+impl MongoConfig {
+    /// The sink settings of a consumer's configuration.
+    pub fn of(config: &crate::Config) -> MongoConfig {
+        MongoConfig {
+            uri: config.mongodb_uri.clone().unwrap_or_default(),
+            database: config.mongodb_database.clone(),
+            collection: config.mongodb_collection.clone(),
+            name: config.name.clone(),
+            transactions: config.mongodb_transactions,
+            on_poison: config.on_poison,
+        }
+    }
+}
+
 pub struct MongoSink {
     client: Client,
     events: Collection<Document>,
