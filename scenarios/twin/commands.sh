@@ -7,8 +7,8 @@ check_service() {
             [ "$PG_MANAGED" = 1 ] || die "postgres is not managed by the twin (DATABASE_URL was given)" ;;
         mongo)
             [ "$MONGO_KIND" != external ] || die "mongo is not managed by the twin (MONGODB_URI was given)" ;;
-        producer | consumer | purger | gateway) ;;
-        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger, gateway)" ;;
+        producer | consumer | purger | gateway | capture-watcher) ;;
+        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger, gateway, capture-watcher)" ;;
     esac
 }
 cmd_start() {
@@ -52,15 +52,17 @@ service_state() {
 }
 cmd_status() {
     load_state
-    printf '%-9s %-9s %-8s %s\n' SERVICE STATE PID ADDRESS
+    printf '%-15s %-9s %-8s %s\n' SERVICE STATE PID ADDRESS
     local pgpid=
     [ "$PG_MANAGED" = 1 ] && pgpid=$(head -n 1 "$PG_DIR/data/postmaster.pid" 2>/dev/null || true)
-    printf '%-9s %-9s %-8s %s\n' postgres "$(service_state postgres)" "${pgpid:--}" "${PG_PORT:+127.0.0.1:$PG_PORT}"
-    printf '%-9s %-9s %-8s %s\n' mongo "$(service_state mongo)" "$(live_pid mongo)" "${MONGO_PORT:+127.0.0.1:$MONGO_PORT ($MONGO_KIND)}"
+    printf '%-15s %-9s %-8s %s\n' postgres "$(service_state postgres)" "${pgpid:--}" "${PG_PORT:+127.0.0.1:$PG_PORT}"
+    printf '%-15s %-9s %-8s %s\n' mongo "$(service_state mongo)" "$(live_pid mongo)" "${MONGO_PORT:+127.0.0.1:$MONGO_PORT ($MONGO_KIND)}"
     local svc
+    local port
     for svc in "${APPS[@]}"; do
-        printf '%-9s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
-            "http://127.0.0.1:$(http_port "$svc")/healthz"
+        port=$(http_port "$svc")
+        printf '%-15s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
+            "${port:+http://127.0.0.1:$port/healthz}"
     done
 }
 
@@ -125,7 +127,7 @@ cmd_logs() {
     case "$1" in
         postgres) log=$PG_DIR/postgres.log ;;
         mongo) log=$TWIN_DIR/mongo/mongo.log ;;
-        producer | consumer | purger | gateway | migrate) log=$TWIN_DIR/logs/$1.log ;;
+        producer | consumer | purger | gateway | capture-watcher | migrate) log=$TWIN_DIR/logs/$1.log ;;
         *) die "unknown service '$1'" ;;
     esac
     [ -f "$log" ] || die "no log yet: $log"

@@ -1,8 +1,16 @@
 # shellcheck shell=bash
-# producer, consumer, purger and migrate: their environment (the names docker-compose.yml uses),
-# start, stop, and one-off runs in the foreground.
+# producer, consumer, purger, gateway, capture-watcher and migrate: their environment (the names
+# docker-compose.yml uses), start, stop, and one-off runs in the foreground.
 
 bin_path() { echo "$BIN_DIR/$1"; }
+# The command line of a service: its binary, except the capture watcher, an eventsctl command
+# (as in compose).
+service_cmd() { # service
+    case "$1" in
+        capture-watcher) echo "$(bin_path eventsctl)"; echo capture; echo watch ;;
+        *) bin_path "$1" ;;
+    esac
+}
 # The environment a service gets: the same variable names as docker-compose.yml.
 service_env() { # service
     local svc=$1 k v
@@ -19,6 +27,8 @@ service_env() { # service
         purger) echo "DATABASE_URL=$PURGER_URL"; echo "HTTP_ADDR=127.0.0.1:$PURGER_HTTP_PORT" ;;
         # Read-only use of the consumer's login, as in compose.
         gateway) echo "DATABASE_URL=$CONSUMER_URL"; echo "HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" ;;
+        # Wakes consumers for captured changes (it needs only what a consumer may read).
+        capture-watcher) echo "DATABASE_URL=$CONSUMER_URL" ;;
     esac
     # The caller's environment wins over what `up` recorded.
     local -A knobs=()
@@ -34,17 +44,22 @@ service_env() { # service
 app_start() { # service
     local svc=$1
     if alive "$svc"; then say "$svc is already running (pid $(pid_of "$svc"))"; return; fi
-    local -a envs
+    local -a envs cmd
     mapfile -t envs < <(service_env "$svc")
+    mapfile -t cmd < <(service_cmd "$svc")
     # NO_COLOR: plain log files.
-    spawn "$svc" "$TWIN_DIR/logs/$svc.log" env -i NO_COLOR=1 "${envs[@]}" "$(bin_path "$svc")"
+    spawn "$svc" "$TWIN_DIR/logs/$svc.log" env -i NO_COLOR=1 "${envs[@]}" "${cmd[@]}"
     # A service that exits at once has a configuration problem: show why.
     sleep 0.3
     if ! alive "$svc"; then
         tail -n 20 "$TWIN_DIR/logs/$svc.log" >&2
         die "$svc exited at start-up (log: $TWIN_DIR/logs/$svc.log)"
     fi
-    say "$svc is up (pid $(pid_of "$svc"), /healthz on 127.0.0.1:$(http_port "$svc"))"
+    if [ -n "$(http_port "$svc")" ]; then
+        say "$svc is up (pid $(pid_of "$svc"), /healthz on 127.0.0.1:$(http_port "$svc"))"
+    else
+        say "$svc is up (pid $(pid_of "$svc"))"
+    fi
 }
 app_stop() { # service signal
     local svc=$1

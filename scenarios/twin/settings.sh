@@ -2,14 +2,15 @@
 # The service settings (knobs): which variables go to which binary, compose's defaults, and the
 # ones `up` recorded versus those the caller sets now. Sourced by scenarios/local.
 
-APPS=(producer consumer purger gateway)
+APPS=(producer consumer purger gateway capture-watcher)
 # Service settings: every PRODUCER_*, CONSUMER_*, PURGER_*, GATEWAY_* and MONGODB_* variable (but the URI and
-# the login passwords, which the twin sets itself), LOG_LEVEL, NOTIFY_CHANNEL and RUST_BACKTRACE go
-# to the binaries; compose's defaults apply where it sets one.
+# the login passwords, which the twin sets itself), WATCH_INTERVAL (the capture watcher's),
+# LOG_LEVEL, NOTIFY_CHANNEL and RUST_BACKTRACE go to the binaries; compose's defaults apply where
+# it sets one.
 is_knob() {
     case "$1" in
         MONGODB_URI | *_DB_PASSWORD | *_DB_USER | *_DATABASE_URL) return 1 ;;
-        LOG_LEVEL | NOTIFY_CHANNEL | RUST_BACKTRACE | PRODUCER_* | CONSUMER_* | PURGER_* | GATEWAY_* | MONGODB_*) return 0 ;;
+        LOG_LEVEL | NOTIFY_CHANNEL | RUST_BACKTRACE | WATCH_INTERVAL | PRODUCER_* | CONSUMER_* | PURGER_* | GATEWAY_* | MONGODB_*) return 0 ;;
     esac
     return 1
 }
@@ -19,7 +20,7 @@ declare -A KNOB_DEFAULTS=(
     [PRODUCER_CONCURRENCY]=2 [PRODUCER_PAYLOAD_BYTES]=256
     [MONGODB_DATABASE]=consumer [MONGODB_COLLECTION]=receivedEvents [CONSUMER_NAME]=consumer
     [PURGER_RETENTION]=1h [PURGER_INTERVAL]=1m
-    [GATEWAY_OPEN]=true
+    [GATEWAY_OPEN]=true [WATCH_INTERVAL]=1ms
 )
 # Settings recorded by `up` (config.env) and those set by whoever runs this command now.
 declare -A RECORDED_KNOBS=() CALLER_KNOBS=()
@@ -37,6 +38,7 @@ knob_for() { # knob service
         MONGODB_* | CONSUMER_*) [ "$2" = consumer ] ;;
         PURGER_*) [ "$2" = purger ] ;;
         GATEWAY_*) [ "$2" = gateway ] ;;
+        WATCH_INTERVAL) [ "$2" = capture-watcher ] ;;
         *) true ;;
     esac
 }

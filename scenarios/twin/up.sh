@@ -123,7 +123,7 @@ cmd_up() {
     tail -n 1 "$TWIN_DIR/logs/migrate.log" >&2
     [ "$MONGO_KIND" != external ] && mongo_start
     local svc
-    for svc in consumer purger producer gateway; do app_start "$svc"; done
+    for svc in consumer purger producer gateway capture-watcher; do app_start "$svc"; done
     : >"$TWIN_DIR/.ready"
     print_summary
 }
@@ -135,6 +135,7 @@ start_all() {
     for svc in consumer purger producer; do app_start "$svc"; done
     # A twin made before the gateway joined has no port for it.
     if [ -n "$GATEWAY_HTTP_PORT" ]; then app_start gateway; fi
+    app_start capture-watcher
 }
 
 cmd_down() {

@@ -303,6 +303,8 @@ async fn main() {
     .into_iter()
     .enumerate()
     {
+        // Each run's consumer starts from nothing: only its own events to deliver.
+        admin.batch_execute("TRUNCATE events").await.unwrap();
         variant.install(&admin, "acc").await;
         let watcher = (variant == Variant::CapturedWatched)
             .then(|| start_watcher(watcher_db.clone(), Duration::from_millis(1)));
@@ -424,16 +426,20 @@ async fn latencies(
         committed.insert(id, at);
         ids.push(id);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    shutdown.cancel();
-    consumer.await.unwrap().unwrap();
-
     let mut arrived = HashMap::new();
-    while let Ok(batch) = delivered.try_recv() {
-        for id in batch.ids {
-            arrived.insert(id, batch.at);
+    let last = *ids.last().unwrap();
+    while !arrived.contains_key(&last) {
+        match tokio::time::timeout(Duration::from_secs(30), delivered.recv()).await {
+            Ok(Some(batch)) => {
+                for id in batch.ids {
+                    arrived.insert(id, batch.at);
+                }
+            }
+            _ => panic!("event {last} did not arrive within 30 s"),
         }
     }
+    shutdown.cancel();
+    consumer.await.unwrap().unwrap();
     let mut v: Vec<Duration> = ids[rate as usize..]
         .iter()
         .map(|id| {

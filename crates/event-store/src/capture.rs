@@ -288,11 +288,10 @@ impl CaptureError {
             return CaptureError::Refused {
                 code,
                 message: format!("{what}: {}", db.message()),
-                hint: Some(
-                    "capture is managed by members of events_capture_admin: \
-                     GRANT events_capture_admin TO <the table's owner>, and connect as that owner"
-                        .into(),
-                ),
+                hint: Some(format!(
+                    "capture is managed by members of {ADMIN}: GRANT {ADMIN} TO <the table's \
+                     owner>, and connect as that owner"
+                )),
             };
         }
         let fixable = [
@@ -317,14 +316,56 @@ impl CaptureError {
     }
 }
 
-/// Starts capturing `spec.table`. Run it as the table's owner, a member of
-/// `events_capture_admin`. Capturing a table that is already captured is an error
+/// Stands for this database's capture admin role in a hint until [`CaptureError::name_admin`]
+/// looks it up.
+const ADMIN: &str = "<capture admin>";
+
+impl CaptureError {
+    /// Puts this database's capture admin role (`<prefix>_capture_admin`, recorded by `migrate`)
+    /// into a hint that names it; `events_capture_admin` (the default prefix's) when it cannot be
+    /// read.
+    async fn name_admin(self, client: &impl GenericClient) -> CaptureError {
+        let CaptureError::Refused {
+            code,
+            message,
+            hint: Some(hint),
+        } = self
+        else {
+            return self;
+        };
+        if !hint.contains(ADMIN) {
+            return CaptureError::Refused {
+                code,
+                message,
+                hint: Some(hint),
+            };
+        }
+        let role = client
+            .query_opt(
+                "SELECT r.role::text FROM event_stream_roles r WHERE r.job = 'capture_admin'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, String>(0))
+            .unwrap_or_else(|| "events_capture_admin".into());
+        CaptureError::Refused {
+            code,
+            message,
+            hint: Some(hint.replace(ADMIN, &role)),
+        }
+    }
+}
+
+/// Starts capturing `spec.table`. Run it as the table's owner, a member of this database's
+/// capture admin role (`<prefix>_capture_admin`, `events_capture_admin` by default). Capturing a table that is already captured is an error
 /// ([`SqlState::DUPLICATE_OBJECT`]); [`remove`] it first to change its settings.
 pub async fn add(client: &impl GenericClient, spec: &CaptureSpec) -> Result<(), CaptureError> {
     spec.validate()?;
     let ops: Vec<&str> = spec.ops.iter().map(|op| op.as_str()).collect();
     let keys: Option<&Vec<String>> = (!spec.key_columns.is_empty()).then_some(&spec.key_columns);
-    client
+    let added = client
         .execute(
             "SELECT capture_add($1::text, $2::text, $3::text[], $4::text[], $5::text[], $6::bool)",
             &[
@@ -336,20 +377,28 @@ pub async fn add(client: &impl GenericClient, spec: &CaptureSpec) -> Result<(), 
                 &spec.full_old,
             ],
         )
-        .await
-        .map_err(|e| CaptureError::from_db(&format!("capture {}", spec.table), e))?;
-    Ok(())
+        .await;
+    match added {
+        Ok(_) => Ok(()),
+        Err(e) => Err(CaptureError::from_db(&format!("capture {}", spec.table), e)
+            .name_admin(client)
+            .await),
+    }
 }
 
 /// Stops capturing `table` (its capture triggers are dropped; the table and its data are not
 /// touched). Returns whether it was captured.
 pub async fn remove(client: &impl GenericClient, table: &str) -> Result<bool, CaptureError> {
     validate_table_name(table)?;
-    let row = client
+    match client
         .query_one("SELECT capture_remove($1::text)", &[&table])
         .await
-        .map_err(|e| CaptureError::from_db(&format!("stop capturing {table}"), e))?;
-    Ok(row.get(0))
+    {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) => Err(CaptureError::from_db(&format!("stop capturing {table}"), e)
+            .name_admin(client)
+            .await),
+    }
 }
 
 /// Every captured table of this database, by schema and name.

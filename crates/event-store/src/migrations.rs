@@ -1,6 +1,7 @@
 //! The schema, embedded from `migrations/` at the repository root, and the start-up check each
 //! service runs before doing any work.
 
+use refinery::Target;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
@@ -35,12 +36,27 @@ pub async fn run(client: &mut Client) -> Result<Applied> {
 /// Fails when roles of that prefix already hold privileges in another database of the cluster:
 /// each database's stream needs roles of its own (see the README, Security).
 pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied> {
-    let report = embedded::migrations::runner().run_async(client).await?;
-    let applied: Vec<String> = report
-        .applied_migrations()
-        .iter()
-        .map(|m| format!("V{}__{}", m.version(), m.name()))
-        .collect();
+    // V5 and V6 hand functions to the role events_capture (ALTER FUNCTION … OWNER TO), which
+    // PostgreSQL allows a migrator that is not a superuser only when the new owner may create in
+    // the functions' schema. So: up to V4, then (if V5 or V6 is still to come) that role may
+    // create in the schema of `events` for the rest of this run; events_grant_roles (V7) takes it
+    // back.
+    let mut applied = Vec::new();
+    for (target, rest) in [(Target::Version(4), false), (Target::Latest, true)] {
+        if rest {
+            prepare_capture_handover(client).await?;
+        }
+        let report = embedded::migrations::runner()
+            .set_target(target)
+            .run_async(client)
+            .await?;
+        applied.extend(
+            report
+                .applied_migrations()
+                .iter()
+                .map(|m| format!("V{}__{}", m.version(), m.name())),
+        );
+    }
     let version = embedded::migrations::runner()
         .get_last_applied_migration_async(client)
         .await?
@@ -50,6 +66,35 @@ pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied>
         .await
         .map_err(|e| Error::database(format!("grant the roles of prefix {role_prefix:?}"), e))?;
     Ok(Applied { applied, version })
+}
+
+/// Lets the role that V5 and V6 make the owner of their functions create in the schema of
+/// `events`, when either is still to be applied (see [`run_with`]).
+async fn prepare_capture_handover(client: &Client) -> Result<()> {
+    client
+        .batch_execute(
+            "DO $$
+             DECLARE
+                 s name;
+             BEGIN
+                 IF to_regclass('events') IS NULL
+                    OR (SELECT max(version) FROM refinery_schema_history) >= 6 THEN
+                     RETURN;
+                 END IF;
+                 IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'events_capture') THEN
+                     CREATE ROLE events_capture NOLOGIN;
+                 END IF;
+                 SELECT n.nspname INTO s
+                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = 'events'::regclass;
+                 IF NOT pg_catalog.has_schema_privilege('events_capture', s, 'CREATE') THEN
+                     EXECUTE pg_catalog.format('GRANT CREATE ON SCHEMA %I TO events_capture', s);
+                 END IF;
+             END
+             $$",
+        )
+        .await
+        .map_err(|e| Error::database("prepare the capture functions' owner", e))
 }
 
 /// The newest migration this binary knows.

@@ -13,7 +13,9 @@
 //! let mut retry = Retry::new(Policy::default());
 //! loop {
 //!     match do_work().await {
-//!         Ok(()) => retry.succeeded(),
+//!         Ok(()) => {
+//!             retry.succeeded();
+//!         }
 //!         Err(error) => {
 //!             // Logs `attempt` and `retry_in`; a permanent error waits the cap at once.
 //!             let pause = retry.failed("Cannot reach PostgreSQL", &error, false);

@@ -563,6 +563,105 @@ async fn updates_pair_each_row_with_itself(path: UpdatePath) {
     );
 }
 
+/// `migrate` as a database owner that is not a superuser (the documented way), with a role prefix
+/// of its own: capture's roles are that database's (`<prefix>_capture` owns the trigger
+/// functions, `<prefix>_capture_admin` may add capture), and the cluster-wide roles of V5 can do
+/// nothing there.
+#[tokio::test]
+async fn capture_roles_belong_to_one_database_and_a_plain_owner_can_migrate() {
+    let pg = Postgres::start();
+    pg.psql("CREATE ROLE app_owner LOGIN CREATEROLE; CREATE ROLE stranger LOGIN");
+    pg.psql("CREATE DATABASE app OWNER app_owner");
+    let url = |user: &str| format!("postgres://{user}@127.0.0.1:{}/app", pg.port());
+    let mut owner = connect(&url("app_owner")).await;
+    migrations::run_with(&mut owner, "app")
+        .await
+        .expect("a non-superuser owner migrates");
+    let facts = owner
+        .query_one(
+            "SELECT (SELECT string_agg(job || '=' || role, ',' ORDER BY job) FROM event_stream_roles
+                      WHERE job LIKE 'capture%'),
+                    (SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'capture_update()'::regprocedure),
+                    has_schema_privilege('app_capture', 'public', 'CREATE'),
+                    has_schema_privilege('events_capture', 'public', 'CREATE'),
+                    has_any_column_privilege('events_capture', 'events', 'INSERT'),
+                    has_any_column_privilege('app_capture', 'events', 'INSERT'),
+                    has_function_privilege('events_capture_admin', 'capture_add(text, text, text[], text[], text[], boolean)', 'EXECUTE')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            facts.get::<_, String>(0),
+            facts.get::<_, String>(1),
+            facts.get::<_, bool>(2),
+            facts.get::<_, bool>(3),
+            facts.get::<_, bool>(4),
+            facts.get::<_, bool>(5),
+            facts.get::<_, bool>(6),
+        ),
+        (
+            "capture=app_capture,capture_admin=app_capture_admin".to_string(),
+            "app_capture".to_string(),
+            false,
+            false,
+            false,
+            true,
+            false
+        )
+    );
+
+    // The owner, made this database's capture admin, captures its table.
+    owner
+        .batch_execute(
+            "GRANT app_capture_admin TO app_owner;
+             GRANT CREATE ON SCHEMA public TO stranger;
+             GRANT events_capture_admin TO stranger;
+             CREATE TABLE orders (id int PRIMARY KEY, status text);",
+        )
+        .await
+        .unwrap();
+    capture::add(&owner, &spec("orders", "orders"))
+        .await
+        .unwrap();
+    owner
+        .batch_execute("INSERT INTO orders VALUES (1, 'new')")
+        .await
+        .unwrap();
+    assert_eq!(
+        events_after(&owner, 0).await,
+        vec![row(
+            "orders",
+            r#"{"id":1}"#,
+            "insert",
+            json!({"op": "insert", "schema": "public", "table": "orders", "key": {"id": 1},
+                   "new": {"id": 1, "status": "new"}})
+        )]
+    );
+
+    // A member of V5's cluster-wide admin role only, owning a table here, may not; the hint names
+    // this database's admin role.
+    let stranger = connect(&url("stranger")).await;
+    stranger
+        .batch_execute("CREATE TABLE mine (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let err = capture::add(&stranger, &spec("mine", "mine"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+    let CaptureError::Refused { hint, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        hint.as_deref()
+            .unwrap_or_default()
+            .contains("GRANT app_capture_admin"),
+        "{hint:?}"
+    );
+}
+
 fn refused(result: Result<impl std::fmt::Debug, CaptureError>, code: SqlState, needle: &str) {
     let err = result.expect_err(needle);
     assert_eq!(err.code(), Some(&code), "{err}");

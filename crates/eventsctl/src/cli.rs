@@ -14,7 +14,7 @@ use crate::cmd;
 /// with --json. Logins: the database owner may do everything; otherwise status and lag need one
 /// that reads every consumer's position (the purger's group role), reset the consumer's own login,
 /// tail a consumer login and append a producer login; capture add/remove the table's owner, a
-/// member of events_capture_admin.
+/// member of the capture admin role (events_capture_admin with the default role prefix).
 #[derive(Debug, Parser)]
 #[command(name = "eventsctl", version, after_help = crate::exit::HELP)]
 pub struct Cli {

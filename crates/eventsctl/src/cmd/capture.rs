@@ -1,9 +1,9 @@
 //! `eventsctl capture`: turn a table's row changes into events (add, list, remove), and run the
 //! change watcher that wakes consumers for them.
 //!
-//! add/list/remove call the SQL functions of migration V5 through `event_store::capture` (the
+//! add/list/remove call the SQL functions of migrations V5–V7 through `event_store::capture` (the
 //! same ones you can call from your own migrations). Run them as the table's owner, a member of
-//! `events_capture_admin`.
+//! `<prefix>_capture_admin` (`events_capture_admin` with the default role prefix).
 
 use std::time::Duration;
 
@@ -43,7 +43,8 @@ Examples:
   eventsctl capture add 'sales.\"Order Items\"' --topic order-items --exclude-columns card_number
   eventsctl capture add audit_log --topic audit --ops insert --key-columns tenant,seq --full-old
 
-Run it as the table's owner, a member of events_capture_admin. Capturing a captured table is an
+Run it as the table's owner, a member of the capture admin role (events_capture_admin with the
+default role prefix; see event_stream_roles). Capturing a captured table is an
 error: `capture remove` it first to change its settings.")]
 pub struct AddArgs {
     /// The table, as in SQL: orders, sales.orders, '"Order Items"' (quoted names keep their case)
