@@ -5,7 +5,8 @@
 //! 1. Single-row UPDATE transactions over `BENCH_CONNECTIONS` (8) connections for `BENCH_SECONDS`
 //!    (5) per variant, `BENCH_ROUNDS` (3) interleaved rounds, medians: uncaptured; the floor (the
 //!    same UPDATE writing its own event row in the same statement, no trigger: what any event
-//!    costs); captured (what ships); captured with the change watcher probing every millisecond;
+//!    costs); captured (what ships); captured with the change watcher probing every millisecond
+//!    (the default) and every 5 ms;
 //!    captured plus a `pg_notify` in a statement trigger (the NOTIFY-in-trigger alternative); the
 //!    seeds' design, a row trigger doing INSERT + `pg_notify(row_to_json(NEW))` per row.
 //! 2. One UPDATE of all `BENCH_BULK_ROWS` (100k) rows, medians of `BENCH_ROUNDS`: uncaptured; the
@@ -62,6 +63,7 @@ enum Variant {
     OwnEvent,
     Captured,
     CapturedWatched,
+    CapturedWatched5,
     CapturedNotify,
     SeedRow,
     NewOnly,
@@ -75,6 +77,7 @@ impl Variant {
             Variant::OwnEvent => "floor: the UPDATE writes its event row itself (no trigger)",
             Variant::Captured => "captured (statement triggers, diffs)",
             Variant::CapturedWatched => "captured + change watcher (1 ms probe) — ships",
+            Variant::CapturedWatched5 => "captured + change watcher (5 ms probe)",
             Variant::CapturedNotify => "captured + pg_notify in the trigger",
             Variant::SeedRow => "seeds' row trigger (INSERT + pg_notify per row)",
             Variant::NewOnly => "statement trigger, new row only (no diffs)",
@@ -83,6 +86,15 @@ impl Variant {
     }
 
     /// Switches `table` to this variant's triggers.
+    /// How often this variant's change watcher probes, if it runs one.
+    fn watch_interval(self) -> Option<Duration> {
+        match self {
+            Variant::CapturedWatched => Some(Duration::from_millis(1)),
+            Variant::CapturedWatched5 => Some(Duration::from_millis(5)),
+            _ => None,
+        }
+    }
+
     /// The single-row statement this variant's writers run.
     fn single_row_update(self) -> &'static str {
         match self {
@@ -111,7 +123,7 @@ impl Variant {
             .unwrap();
         let sql = match self {
             Variant::Uncaptured | Variant::OwnEvent | Variant::Floor => String::new(),
-            Variant::Captured | Variant::CapturedWatched => {
+            Variant::Captured | Variant::CapturedWatched | Variant::CapturedWatched5 => {
                 format!("SELECT capture_add('{table}', '{table}')")
             }
             Variant::CapturedNotify => format!(
@@ -159,6 +171,7 @@ async fn main() {
         Variant::OwnEvent,
         Variant::Captured,
         Variant::CapturedWatched,
+        Variant::CapturedWatched5,
         Variant::CapturedNotify,
         Variant::SeedRow,
     ];
@@ -166,8 +179,9 @@ async fn main() {
     for round in 0..rounds {
         for variant in variants {
             variant.install(&admin, "acc").await;
-            let watcher = (variant == Variant::CapturedWatched)
-                .then(|| start_watcher(watcher_db.clone(), Duration::from_millis(1)));
+            let watcher = variant
+                .watch_interval()
+                .map(|interval| start_watcher(watcher_db.clone(), interval));
             let rate = commit_rate(
                 &config,
                 variant.single_row_update(),
@@ -286,6 +300,11 @@ async fn main() {
         ),
         (
             "MongoDB",
+            "change watcher, 5 ms probe",
+            Variant::CapturedWatched5,
+        ),
+        (
+            "MongoDB",
             "pg_notify in the capture trigger",
             Variant::CapturedNotify,
         ),
@@ -306,8 +325,9 @@ async fn main() {
         // Each run's consumer starts from nothing: only its own events to deliver.
         admin.batch_execute("TRUNCATE events").await.unwrap();
         variant.install(&admin, "acc").await;
-        let watcher = (variant == Variant::CapturedWatched)
-            .then(|| start_watcher(watcher_db.clone(), Duration::from_millis(1)));
+        let watcher = variant
+            .watch_interval()
+            .map(|interval| start_watcher(watcher_db.clone(), interval));
         let mut consumer_config = Config::new(
             pg.url_for("bench_consumer", None),
             (into == "MongoDB").then(|| mongo.uri()),

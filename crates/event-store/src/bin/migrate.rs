@@ -8,15 +8,16 @@ use event_store::config::{exit_code, LogArgs, PostgresArgs};
 use event_store::{db, migrations, telemetry};
 
 /// Applies the event stream's schema (tables, indexes, group roles) to the database in
-/// DATABASE_URL, and grants this database's group roles <prefix>_producer, <prefix>_consumer and
-/// <prefix>_purger exactly what each job needs. Run it as the database owner; running it again
+/// DATABASE_URL, and grants this database's group roles <prefix>_producer, <prefix>_consumer,
+/// <prefix>_purger, <prefix>_capture and <prefix>_capture_admin exactly what each job needs. Run it as the database owner; running it again
 /// changes nothing.
 #[derive(Debug, Parser)]
 #[command(name = "migrate", version)]
 struct Args {
     #[command(flatten)]
     postgres: PostgresArgs,
-    /// Prefix of this database's group roles (<prefix>_producer, _consumer, _purger). Roles are
+    /// Prefix of this database's group roles (<prefix>_producer, _consumer, _purger, _capture,
+    /// _capture_admin). Roles are
     /// cluster-wide, so every database of a cluster that holds an event stream needs its own
     /// prefix (e.g. the database name); migrate refuses roles that already hold privileges in
     /// another database. Lower-case letters, digits and _.
@@ -50,7 +51,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "group roles: {0}_producer, {0}_consumer, {0}_purger",
+        "group roles: {0}_producer, {0}_consumer, {0}_purger; table-change capture: \
+         {0}_capture_admin (grant it to the owners of tables to capture)",
         args.role_prefix
     );
     Ok(())
