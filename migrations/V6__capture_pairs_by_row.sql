@@ -64,9 +64,10 @@ DECLARE
     differs text;
     changed text := '';
     key_differs text[] := '{}';
-    key_old text[] := '{}';   -- per key column, in key order: "'name', o.cN"
+    key_cols text := '';      -- the key columns of both rows, carried out of the join: ", o.cN AS ocN, …"
+    key_old text[] := '{}';   -- per key column, in key order: "'name', e.ocN"
     key_new text[] := '{}';
-    text_old text[] := '{}';  -- per key column: "'"name":' || COALESCE(to_jsonb(o.cN)::text, 'null')"
+    text_old text[] := '{}';  -- per key column: "'"name":' || COALESCE(to_jsonb(e.ocN)::text, 'null')"
     text_new text[] := '{}';
 BEGIN
     FOR col IN SELECT a.attnum, a.attname, a.atttypid
@@ -86,31 +87,32 @@ BEGIN
         k := array_position(keys, col.attnum::int4);
         IF k IS NOT NULL THEN
             key_differs[k] := differs;
-            key_old[k] := format('%L, o.c%s', col.attname, n);
-            key_new[k] := format('%L, n.c%s', col.attname, n);
-            text_old[k] := format('%L || COALESCE(to_jsonb(o.c%s)::text, ''null'')', to_json(col.attname::text)::text || ':', n);
-            text_new[k] := format('%L || COALESCE(to_jsonb(n.c%s)::text, ''null'')', to_json(col.attname::text)::text || ':', n);
+            key_cols := key_cols || format(', o.c%1$s AS oc%1$s, n.c%1$s AS nc%1$s', n);
+            key_old[k] := format('%L, e.oc%s', col.attname, n);
+            key_new[k] := format('%L, e.nc%s', col.attname, n);
+            text_old[k] := format('%L || COALESCE(to_jsonb(e.oc%s)::text, ''null'')', to_json(col.attname::text)::text || ':', n);
+            text_new[k] := format('%L || COALESCE(to_jsonb(e.nc%s)::text, ''null'')', to_json(col.attname::text)::text || ':', n);
         END IF;
     END LOOP;
 
     RETURN format($q$
 INSERT INTO @s@.events (topic, key, type, payload)
-SELECT $1, CASE e.op WHEN 'delete' THEN e.kto ELSE e.ktn END, e.op,
+SELECT $1, CASE e.op WHEN 'delete' THEN '{' || %s || '}' ELSE '{' || %s || '}' END, e.op,
        CASE e.op
-       WHEN 'delete' THEN jsonb_build_object('op', 'delete', 'schema', $2, 'table', $3, 'key', e.ko,
+       WHEN 'delete' THEN jsonb_build_object('op', 'delete', 'schema', $2, 'table', $3, 'key', jsonb_build_object(%s),
                                              'old', to_jsonb(e.r) OPERATOR(pg_catalog.-) $4)
-       WHEN 'insert' THEN jsonb_build_object('op', 'insert', 'schema', $2, 'table', $3, 'key', e.kn, 'new', e.j)
-       ELSE jsonb_build_object('op', 'update', 'schema', $2, 'table', $3, 'key', e.kn, 'new', e.j, %s'changed', e.ch)
+       WHEN 'insert' THEN jsonb_build_object('op', 'insert', 'schema', $2, 'table', $3, 'key', jsonb_build_object(%s),
+                                             'new', e.j)
+       ELSE jsonb_build_object('op', 'update', 'schema', $2, 'table', $3, 'key', jsonb_build_object(%s),
+                               'new', e.j, %s'changed', e.ch)
        END
   FROM (SELECT p.*, unnest(CASE WHEN p.oi IS NULL THEN '{insert}'::text[]
                                 WHEN p.ni IS NULL THEN '{delete}'::text[]
                                 WHEN p.kd THEN '{delete,insert}'::text[]
                                 WHEN p.ch OPERATOR(pg_catalog.=) '{}'::jsonb THEN '{}'::text[]
                                 ELSE '{update}'::text[] END) AS op
-          FROM (SELECT o.i AS oi, n.i AS ni, o.r, n.j,
+          FROM (SELECT o.i AS oi, n.i AS ni, o.r, n.j%s,
                        %s AS kd,
-                       jsonb_build_object(%s) AS ko, jsonb_build_object(%s) AS kn,
-                       '{' || %s || '}' AS kto, '{' || %s || '}' AS ktn,
                        '{}'::jsonb %s AS ch
                   FROM (SELECT row_number() OVER () AS i, t AS r%s FROM capture_old t OFFSET 0) o
                   FULL JOIN (SELECT row_number() OVER () AS i, to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS j%s
@@ -118,11 +120,13 @@ SELECT $1, CASE e.op WHEN 'delete' THEN e.kto ELSE e.ktn END, e.op,
                     ON o.i OPERATOR(pg_catalog.=) n.i
                 OFFSET 0) p) e
 $q$,
-        CASE WHEN full_old THEN '''old'', to_jsonb(e.r) OPERATOR(pg_catalog.-) $4, ' ELSE '' END,
-        COALESCE('(' || array_to_string(key_differs, ' OR ') || ')', 'false'),
-        array_to_string(key_old, ', '), array_to_string(key_new, ', '),
+        -- Keys are built in the outer projection, for the operation at hand only.
         COALESCE(array_to_string(text_old, ' || '','' || '), '''"?":null'''),
         COALESCE(array_to_string(text_new, ' || '','' || '), '''"?":null'''),
+        array_to_string(key_old, ', '), array_to_string(key_new, ', '), array_to_string(key_new, ', '),
+        CASE WHEN full_old THEN '''old'', to_jsonb(e.r) OPERATOR(pg_catalog.-) $4, ' ELSE '' END,
+        key_cols,
+        COALESCE('(' || array_to_string(key_differs, ' OR ') || ')', 'false'),
         changed, cols, cols);
 END
 $f$;

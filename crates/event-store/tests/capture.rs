@@ -50,6 +50,31 @@ async fn migrated_on(path: UpdatePath) -> (Postgres, Client) {
     (pg, admin)
 }
 
+/// One test per [`UpdatePath`] for each named test body `fn(UpdatePath)`.
+macro_rules! on_both_update_paths {
+    ($($body:ident),* $(,)?) => {
+        mod generic {
+            $(#[tokio::test]
+            async fn $body() {
+                super::$body(super::UpdatePath::Generic).await;
+            })*
+        }
+        mod generated {
+            $(#[tokio::test]
+            async fn $body() {
+                super::$body(super::UpdatePath::Generated).await;
+            })*
+        }
+    };
+}
+
+on_both_update_paths!(
+    every_operation_becomes_the_documented_event,
+    schema_changes_never_break_capture_or_leak_an_excluded_column,
+    hostile_names_and_every_column_type_arrive_intact,
+    updates_pair_each_row_with_itself,
+);
+
 /// One captured event as the events table holds it.
 #[derive(Debug, PartialEq)]
 struct Row {
@@ -97,16 +122,6 @@ fn row(topic: &str, key: &str, kind: &str, payload: Value) -> Row {
         kind: kind.into(),
         payload,
     }
-}
-
-#[tokio::test]
-async fn every_operation_becomes_the_documented_event_generic() {
-    every_operation_becomes_the_documented_event(UpdatePath::Generic).await;
-}
-
-#[tokio::test]
-async fn every_operation_becomes_the_documented_event_generated() {
-    every_operation_becomes_the_documented_event(UpdatePath::Generated).await;
 }
 
 async fn every_operation_becomes_the_documented_event(path: UpdatePath) {
@@ -330,16 +345,6 @@ async fn every_operation_becomes_the_documented_event(path: UpdatePath) {
     );
 }
 
-#[tokio::test]
-async fn schema_changes_never_break_capture_or_leak_an_excluded_column_generic() {
-    schema_changes_never_break_capture_or_leak_an_excluded_column(UpdatePath::Generic).await;
-}
-
-#[tokio::test]
-async fn schema_changes_never_break_capture_or_leak_an_excluded_column_generated() {
-    schema_changes_never_break_capture_or_leak_an_excluded_column(UpdatePath::Generated).await;
-}
-
 async fn schema_changes_never_break_capture_or_leak_an_excluded_column(path: UpdatePath) {
     let (_pg, admin) = migrated_on(path).await;
     admin
@@ -396,16 +401,6 @@ async fn schema_changes_never_break_capture_or_leak_an_excluded_column(path: Upd
     assert_eq!(listed[0].qualified_name(), "public.customers");
     assert_eq!(listed[0].exclude_columns, ["token"]);
     assert_eq!(listed[0].key_columns, ["account_id"]);
-}
-
-#[tokio::test]
-async fn hostile_names_and_every_column_type_arrive_intact_generic() {
-    hostile_names_and_every_column_type_arrive_intact(UpdatePath::Generic).await;
-}
-
-#[tokio::test]
-async fn hostile_names_and_every_column_type_arrive_intact_generated() {
-    hostile_names_and_every_column_type_arrive_intact(UpdatePath::Generated).await;
 }
 
 async fn hostile_names_and_every_column_type_arrive_intact(path: UpdatePath) {
@@ -485,16 +480,6 @@ async fn hostile_names_and_every_column_type_arrive_intact(path: UpdatePath) {
         .unwrap();
     let last = events_after(&admin, 2).await;
     assert_eq!(last[0].payload["table"], "user");
-}
-
-#[tokio::test]
-async fn updates_pair_each_row_with_itself_generic() {
-    updates_pair_each_row_with_itself(UpdatePath::Generic).await;
-}
-
-#[tokio::test]
-async fn updates_pair_each_row_with_itself_generated() {
-    updates_pair_each_row_with_itself(UpdatePath::Generated).await;
 }
 
 /// Old and new rows are paired row by row, not by key: a key that is not unique still gives one
