@@ -55,20 +55,30 @@ AS $f$
 DECLARE
     keys int4[] := string_to_array(key_attnums, ',')::int4[];
     excl int4[] := COALESCE(string_to_array(NULLIF(excluded_attnums, ''), ',')::int4[], '{}');
-    as_is regtype[] := ARRAY['bool', 'int2', 'int4', 'int8', 'numeric', 'float4', 'float8', 'uuid', 'date',
-                             'timestamp', 'timestamptz', 'bytea', 'jsonb']::regtype[];
+    -- Floats are not here: their JSON text depends on the writer's extra_float_digits.
+    as_is regtype[] := ARRAY['bool', 'int2', 'int4', 'int8', 'numeric', 'uuid', 'date', 'timestamp',
+                             'timestamptz', 'bytea', 'jsonb']::regtype[];
     col record;
     n int := 0;
-    k int;
-    cols text := '';
+    cols text := '';            -- ", t.<name> AS cN, …": the captured columns of a row
     differs text;
     changed text := '';
-    key_differs text[] := '{}';
-    key_cols text := '';      -- the key columns of both rows, carried out of the join: ", o.cN AS ocN, …"
-    key_old text[] := '{}';   -- per key column, in key order: "'name', e.ocN"
-    key_new text[] := '{}';
-    text_old text[] := '{}';  -- per key column: "'"name":' || COALESCE(to_jsonb(e.ocN)::text, 'null')"
-    text_new text[] := '{}';
+    row_pairs text[] := '{}';   -- per captured column: "'name', o.cN" (the old row as JSON)
+    old_row text := '';
+    column_of int[] := '{}';    -- by attnum: N of the captured column cN
+    differs_of text[] := '{}';  -- by attnum: its comparison
+    k int;
+    c int;
+    name text;
+    sep text := '';
+    key_differs text := 'false';
+    key_cols text := '';        -- the key columns of both rows, carried out of the join
+    pairs_old text[] := '{}';   -- per key column, in key order: "'name', e.ocN"
+    pairs_new text[] := '{}';
+    key_old text := '';
+    key_new text := '';
+    text_old text := '''{''';   -- the key as text: '{' || '"name":' || COALESCE(to_jsonb(e.ocN)::text, 'null') || … || '}'
+    text_new text := '''{''';
 BEGIN
     FOR col IN SELECT a.attnum, a.attname, a.atttypid
                  FROM pg_attribute a
@@ -84,26 +94,57 @@ BEGIN
         changed := changed || format(
             E'\n OPERATOR(pg_catalog.||) CASE WHEN %s THEN jsonb_build_object(%L, jsonb_build_object(''old'', o.c%s, ''new'', n.c%s)) ELSE ''{}''::jsonb END',
             differs, col.attname, n, n);
-        k := array_position(keys, col.attnum::int4);
-        IF k IS NOT NULL THEN
-            key_differs[k] := differs;
-            key_cols := key_cols || format(', o.c%1$s AS oc%1$s, n.c%1$s AS nc%1$s', n);
-            key_old[k] := format('%L, e.oc%s', col.attname, n);
-            key_new[k] := format('%L, e.nc%s', col.attname, n);
-            text_old[k] := format('%L || COALESCE(to_jsonb(e.oc%s)::text, ''null'')', to_json(col.attname::text)::text || ':', n);
-            text_new[k] := format('%L || COALESCE(to_jsonb(e.nc%s)::text, ''null'')', to_json(col.attname::text)::text || ':', n);
-        END IF;
+        row_pairs := row_pairs || format('%L, o.c%s', col.attname, n);
+        column_of[col.attnum] := n;
+        differs_of[col.attnum] := differs;
     END LOOP;
 
+    -- The key in key order, named as the generic statement names it: a dropped key column keeps
+    -- its placeholder name and has no value.
+    FOREACH k IN ARRAY keys LOOP
+        name := (pg_identify_object_as_address('pg_catalog.pg_class'::regclass, relid, k)).object_names[3];
+        c := column_of[k];
+        IF c IS NULL THEN
+            pairs_old := pairs_old || format('%L, NULL::jsonb', name);
+            pairs_new := pairs_new || format('%L, NULL::jsonb', name);
+            text_old := text_old || format(' || %L', sep || to_json(name)::text || ':null');
+            text_new := text_new || format(' || %L', sep || to_json(name)::text || ':null');
+        ELSE
+            key_differs := key_differs || ' OR ' || differs_of[k];
+            key_cols := key_cols || format(', o.c%1$s AS oc%1$s, n.c%1$s AS nc%1$s', c);
+            pairs_old := pairs_old || format('%L, e.oc%s', name, c);
+            pairs_new := pairs_new || format('%L, e.nc%s', name, c);
+            text_old := text_old || format(' || %L || COALESCE(to_jsonb(e.oc%s)::text, ''null'')', sep || to_json(name)::text || ':', c);
+            text_new := text_new || format(' || %L || COALESCE(to_jsonb(e.nc%s)::text, ''null'')', sep || to_json(name)::text || ':', c);
+        END IF;
+        sep := ',';
+    END LOOP;
+    text_old := text_old || ' || ''}''';
+    text_new := text_new || ' || ''}''';
+    -- jsonb_build_object takes at most 100 arguments: 50 columns per call.
+    FOR k IN 0 .. (cardinality(row_pairs) - 1) / 50 LOOP
+        old_row := old_row || CASE WHEN k > 0 THEN ' OPERATOR(pg_catalog.||) ' ELSE '' END
+                   || 'jsonb_build_object(' || array_to_string(row_pairs[k * 50 + 1 : k * 50 + 50], ', ') || ')';
+    END LOOP;
+    FOR k IN 0 .. (cardinality(pairs_old) - 1) / 50 LOOP
+        key_old := key_old || CASE WHEN k > 0 THEN ' OPERATOR(pg_catalog.||) ' ELSE '' END
+                   || 'jsonb_build_object(' || array_to_string(pairs_old[k * 50 + 1 : k * 50 + 50], ', ') || ')';
+        key_new := key_new || CASE WHEN k > 0 THEN ' OPERATOR(pg_catalog.||) ' ELSE '' END
+                   || 'jsonb_build_object(' || array_to_string(pairs_new[k * 50 + 1 : k * 50 + 50], ', ') || ')';
+    END LOOP;
+
+    -- `t.*`, never a bare `t`: a column named t would win over the row. The old row's JSON is
+    -- built from its captured columns, and only for the events that carry it (deletes of a key
+    -- change, updates with full_old).
     RETURN format($q$
 INSERT INTO @s@.events (topic, key, type, payload)
-SELECT $1, CASE e.op WHEN 'delete' THEN '{' || %s || '}' ELSE '{' || %s || '}' END, e.op,
+SELECT $1, CASE e.op WHEN 'delete' THEN %s ELSE %s END, e.op,
        CASE e.op
-       WHEN 'delete' THEN jsonb_build_object('op', 'delete', 'schema', $2, 'table', $3, 'key', jsonb_build_object(%s),
-                                             'old', to_jsonb(e.r) OPERATOR(pg_catalog.-) $4)
-       WHEN 'insert' THEN jsonb_build_object('op', 'insert', 'schema', $2, 'table', $3, 'key', jsonb_build_object(%s),
+       WHEN 'delete' THEN jsonb_build_object('op', 'delete', 'schema', $2, 'table', $3, 'key', %s,
+                                             'old', e.oj)
+       WHEN 'insert' THEN jsonb_build_object('op', 'insert', 'schema', $2, 'table', $3, 'key', %s,
                                              'new', e.j)
-       ELSE jsonb_build_object('op', 'update', 'schema', $2, 'table', $3, 'key', jsonb_build_object(%s),
+       ELSE jsonb_build_object('op', 'update', 'schema', $2, 'table', $3, 'key', %s,
                                'new', e.j, %s'changed', e.ch)
        END
   FROM (SELECT p.*, unnest(CASE WHEN p.oi IS NULL THEN '{insert}'::text[]
@@ -111,22 +152,20 @@ SELECT $1, CASE e.op WHEN 'delete' THEN '{' || %s || '}' ELSE '{' || %s || '}' E
                                 WHEN p.kd THEN '{delete,insert}'::text[]
                                 WHEN p.ch OPERATOR(pg_catalog.=) '{}'::jsonb THEN '{}'::text[]
                                 ELSE '{update}'::text[] END) AS op
-          FROM (SELECT o.i AS oi, n.i AS ni, o.r, n.j%s,
-                       %s AS kd,
+          FROM (SELECT o.i AS oi, n.i AS ni, n.j%s,
+                       (%s) AS kd,
+                       CASE WHEN n.i IS NULL OR (%s) OR %s THEN %s END AS oj,
                        '{}'::jsonb %s AS ch
-                  FROM (SELECT row_number() OVER () AS i, t AS r%s FROM capture_old t OFFSET 0) o
-                  FULL JOIN (SELECT row_number() OVER () AS i, to_jsonb(t) OPERATOR(pg_catalog.-) $4 AS j%s
+                  FROM (SELECT row_number() OVER () AS i%s FROM capture_old t OFFSET 0) o
+                  FULL JOIN (SELECT row_number() OVER () AS i, to_jsonb(t.*) OPERATOR(pg_catalog.-) $4 AS j%s
                                FROM capture_new t OFFSET 0) n
                     ON o.i OPERATOR(pg_catalog.=) n.i
                 OFFSET 0) p) e
 $q$,
         -- Keys are built in the outer projection, for the operation at hand only.
-        COALESCE(array_to_string(text_old, ' || '','' || '), '''"?":null'''),
-        COALESCE(array_to_string(text_new, ' || '','' || '), '''"?":null'''),
-        array_to_string(key_old, ', '), array_to_string(key_new, ', '), array_to_string(key_new, ', '),
-        CASE WHEN full_old THEN '''old'', to_jsonb(e.r) OPERATOR(pg_catalog.-) $4, ' ELSE '' END,
-        key_cols,
-        COALESCE('(' || array_to_string(key_differs, ' OR ') || ')', 'false'),
+        text_old, text_new, key_old, key_new, key_new,
+        CASE WHEN full_old THEN '''old'', e.oj, ' ELSE '' END,
+        key_cols, key_differs, key_differs, CASE WHEN full_old THEN 'true' ELSE 'false' END, old_row,
         changed, cols, cols);
 END
 $f$;
@@ -157,7 +196,7 @@ BEGIN
                            THEN pg_catalog.jsonb_build_object(one_key, r.j OPERATOR(pg_catalog.->) one_key)
                            ELSE @s@.capture_key_object(r.j, key_names) END,
                'new', r.j)
-      FROM (SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) excluded AS j FROM capture_new t OFFSET 0) r;
+      FROM (SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) excluded AS j FROM capture_new t OFFSET 0) r;
     RETURN NULL;
 END
 $f$;
@@ -187,7 +226,7 @@ BEGIN
                            THEN pg_catalog.jsonb_build_object(one_key, r.j OPERATOR(pg_catalog.->) one_key)
                            ELSE @s@.capture_key_object(r.j, key_names) END,
                'old', r.j)
-      FROM (SELECT pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) excluded AS j FROM capture_old t OFFSET 0) r;
+      FROM (SELECT pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) excluded AS j FROM capture_old t OFFSET 0) r;
     RETURN NULL;
 END
 $f$;
@@ -215,18 +254,28 @@ DECLARE
     -- A malformed setting must not fail the user's write: anything but digits means the default.
     bulk_setting text := pg_catalog.current_setting('pgevents.capture_bulk_rows', true);
     bulk_rows int := CASE WHEN bulk_setting ~ '^[0-9]{1,9}$' THEN bulk_setting::int ELSE 100 END;
+    old_rows bigint;
+    new_rows bigint;
+    paired boolean;
+    pass text;
 BEGIN
-    IF bulk_rows <= 1 THEN
-        PERFORM;
-    ELSE
-        PERFORM FROM capture_new OFFSET bulk_rows - 1 LIMIT 1;
+    SELECT (SELECT pg_catalog.count(*) FROM capture_old), (SELECT pg_catalog.count(*) FROM capture_new)
+      INTO old_rows, new_rows;
+    IF old_rows = 0 AND new_rows = 0 THEN
+        RETURN NULL;
     END IF;
-    IF FOUND THEN
+    -- PostgreSQL puts the old and new version of each updated row into the two tables together,
+    -- except when a row moved to another partition and a BEFORE INSERT trigger there suppressed
+    -- its insert: then positions do not pair, and the statement is reported as deletes of all
+    -- old rows followed by inserts of all new rows (two passes of the generic statement).
+    paired := old_rows = new_rows;
+    IF paired AND new_rows >= bulk_rows THEN
         EXECUTE @s@.capture_update_statement(TG_RELID, TG_ARGV[1], TG_ARGV[2], full_old)
           USING TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME, excluded;
         RETURN NULL;
     END IF;
 
+    FOREACH pass IN ARRAY CASE WHEN paired THEN '{all}'::text[] ELSE '{delete,insert}'::text[] END LOOP
     INSERT INTO @s@.events (topic, key, type, payload)
     SELECT TG_ARGV[0],
            CASE WHEN one_key IS NOT NULL
@@ -271,15 +320,17 @@ BEGIN
                                 THEN pg_catalog.jsonb_build_object(one_key, n.j OPERATOR(pg_catalog.->) one_key)
                                 ELSE @s@.capture_key_object(n.j, key_names) END AS nk
                       FROM (SELECT pg_catalog.row_number() OVER () AS i,
-                                   pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) excluded AS j
+                                   pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) excluded AS j
                               FROM capture_old t OFFSET 0) o
                       FULL JOIN
                            (SELECT pg_catalog.row_number() OVER () AS i,
-                                   pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.-) excluded AS j
+                                   pg_catalog.to_jsonb(t.*) OPERATOR(pg_catalog.-) excluded AS j
                               FROM capture_new t OFFSET 0) n
-                        ON o.i OPERATOR(pg_catalog.=) n.i
+                        ON o.i OPERATOR(pg_catalog.=) n.i AND paired
                     OFFSET 0) p
-             WHERE p.oj IS DISTINCT FROM p.nj) e;
+             WHERE p.oj IS DISTINCT FROM p.nj) e
+     WHERE pass = 'all' OR e.op = pass;
+    END LOOP;
     RETURN NULL;
 END
 $f$;

@@ -44,6 +44,8 @@ DECLARE
     v_old   name;
     v_other name;
     v_roles name[] := '{}';
+    v_capture_roles name[] := '{}';  -- the owners of the trigger functions: this one, previous ones
+    v_member name;
     v_capture name := prefix || '_capture';
     v_schema  name := (SELECT n.nspname FROM pg_catalog.pg_class c
                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -78,6 +80,12 @@ BEGIN
             v_roles := v_roles || v_old;
         END IF;
         v_roles := v_roles || v_role;
+        IF v_job = 'capture' THEN
+            v_capture_roles := v_capture_roles || v_role;
+            IF v_old <> v_role AND EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = v_old) THEN
+                v_capture_roles := v_capture_roles || v_old;
+            END IF;
+        END IF;
         INSERT INTO event_stream_roles AS r (job, role) VALUES (v_job, v_role)
         ON CONFLICT ON CONSTRAINT event_stream_roles_pkey DO UPDATE SET role = EXCLUDED.role;
     END LOOP;
@@ -108,7 +116,8 @@ BEGIN
              REVOKE ALL ON FUNCTION %2$s, %3$s FROM %1$I;
              REVOKE CREATE ON SCHEMA %4$I FROM %1$I;', v_role, v_triggers, v_manage, v_schema);
     END LOOP;
-    -- The owner keeps EXECUTE on what it owns (needed to run them); nobody else gets it.
+    -- Nobody but the capture role runs the helpers (the trigger functions fire without an EXECUTE
+    -- check; admins need EXECUTE on them for CREATE TRIGGER, granted below).
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s, %s, %s FROM PUBLIC', v_triggers, v_owned, v_manage);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', v_owned, v_capture);
 
@@ -118,6 +127,21 @@ BEGIN
          GRANT USAGE ON SEQUENCE events_id_seq TO %1$I;', v_capture);
     -- Admins attach the trigger functions to tables they own, and manage capture.
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s, %s TO %I', v_triggers, v_manage, v_admin);
+
+    -- Nobody is a member of a capture role, this one or a previous one: the migrating owner
+    -- needed it only for the handover above, and V5 made every migrating owner, of any database,
+    -- a member of events_capture (who could then append to this database's events as that role).
+    FOREACH v_role IN ARRAY v_capture_roles LOOP
+        FOR v_member IN SELECT m.member::regrole::name FROM pg_catalog.pg_auth_members m
+                         WHERE m.roleid = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = v_role) LOOP
+            BEGIN
+                EXECUTE pg_catalog.format('REVOKE %I FROM %I', v_role, v_member);
+            EXCEPTION WHEN insufficient_privilege THEN
+                RAISE WARNING 'cannot revoke % from % (run as a superuser: REVOKE % FROM %)',
+                              v_role, v_member, v_role, v_member;
+            END;
+        END LOOP;
+    END LOOP;
 END
 $fn$;
 REVOKE ALL ON FUNCTION events_grant_roles(text) FROM PUBLIC;

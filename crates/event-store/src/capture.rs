@@ -272,7 +272,8 @@ impl CaptureError {
         }
     }
 
-    fn from_db(what: &str, error: tokio_postgres::Error) -> CaptureError {
+    /// `admin`: this database's capture admin role, for hints.
+    fn from_db(what: &str, error: tokio_postgres::Error, admin: &str) -> CaptureError {
         let Some(db) = error.as_db_error() else {
             return crate::Error::database(what, error).into();
         };
@@ -289,7 +290,7 @@ impl CaptureError {
                 code,
                 message: format!("{what}: {}", db.message()),
                 hint: Some(format!(
-                    "capture is managed by members of {ADMIN}: GRANT {ADMIN} TO <the table's \
+                    "capture is managed by members of {admin}: GRANT {admin} TO <the table's \
                      owner>, and connect as that owner"
                 )),
             };
@@ -308,7 +309,10 @@ impl CaptureError {
             CaptureError::Refused {
                 code,
                 message: format!("{what}: {}", db.message()),
-                hint: db.hint().map(str::to_string),
+                // V5's own hints name the default prefix's admin role.
+                hint: db
+                    .hint()
+                    .map(|hint| hint.replace("events_capture_admin", admin)),
             }
         } else {
             crate::Error::database(what, error).into()
@@ -316,46 +320,20 @@ impl CaptureError {
     }
 }
 
-/// Stands for this database's capture admin role in a hint until [`CaptureError::name_admin`]
-/// looks it up.
-const ADMIN: &str = "<capture admin>";
-
-impl CaptureError {
-    /// Puts this database's capture admin role (`<prefix>_capture_admin`, recorded by `migrate`)
-    /// into a hint that names it; `events_capture_admin` (the default prefix's) when it cannot be
-    /// read.
-    async fn name_admin(self, client: &impl GenericClient) -> CaptureError {
-        let CaptureError::Refused {
-            code,
-            message,
-            hint: Some(hint),
-        } = self
-        else {
-            return self;
-        };
-        if !hint.contains(ADMIN) {
-            return CaptureError::Refused {
-                code,
-                message,
-                hint: Some(hint),
-            };
-        }
-        let role = client
-            .query_opt(
-                "SELECT r.role::text FROM event_stream_roles r WHERE r.job = 'capture_admin'",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|row| row.get::<_, String>(0))
-            .unwrap_or_else(|| "events_capture_admin".into());
-        CaptureError::Refused {
-            code,
-            message,
-            hint: Some(hint.replace(ADMIN, &role)),
-        }
-    }
+/// This database's capture admin role (`<prefix>_capture_admin`, recorded by `migrate`), for
+/// hints; `events_capture_admin` (the default prefix's) when it cannot be read. Looked up before
+/// the capture call, because a failed call aborts the caller's transaction.
+async fn capture_admin(client: &impl GenericClient) -> String {
+    client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('event_stream_roles') IS NOT NULL
+                         THEN (SELECT r.role::text FROM event_stream_roles r WHERE r.job = 'capture_admin') END",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|row| row.get::<_, Option<String>>(0))
+        .unwrap_or_else(|| "events_capture_admin".into())
 }
 
 /// Starts capturing `spec.table`. Run it as the table's owner, a member of this database's
@@ -365,7 +343,8 @@ pub async fn add(client: &impl GenericClient, spec: &CaptureSpec) -> Result<(), 
     spec.validate()?;
     let ops: Vec<&str> = spec.ops.iter().map(|op| op.as_str()).collect();
     let keys: Option<&Vec<String>> = (!spec.key_columns.is_empty()).then_some(&spec.key_columns);
-    let added = client
+    let admin = capture_admin(client).await;
+    client
         .execute(
             "SELECT capture_add($1::text, $2::text, $3::text[], $4::text[], $5::text[], $6::bool)",
             &[
@@ -377,32 +356,26 @@ pub async fn add(client: &impl GenericClient, spec: &CaptureSpec) -> Result<(), 
                 &spec.full_old,
             ],
         )
-        .await;
-    match added {
-        Ok(_) => Ok(()),
-        Err(e) => Err(CaptureError::from_db(&format!("capture {}", spec.table), e)
-            .name_admin(client)
-            .await),
-    }
+        .await
+        .map_err(|e| CaptureError::from_db(&format!("capture {}", spec.table), e, &admin))?;
+    Ok(())
 }
 
 /// Stops capturing `table` (its capture triggers are dropped; the table and its data are not
 /// touched). Returns whether it was captured.
 pub async fn remove(client: &impl GenericClient, table: &str) -> Result<bool, CaptureError> {
     validate_table_name(table)?;
-    match client
+    let admin = capture_admin(client).await;
+    let row = client
         .query_one("SELECT capture_remove($1::text)", &[&table])
         .await
-    {
-        Ok(row) => Ok(row.get(0)),
-        Err(e) => Err(CaptureError::from_db(&format!("stop capturing {table}"), e)
-            .name_admin(client)
-            .await),
-    }
+        .map_err(|e| CaptureError::from_db(&format!("stop capturing {table}"), e, &admin))?;
+    Ok(row.get(0))
 }
 
 /// Every captured table of this database, by schema and name.
 pub async fn list(client: &impl GenericClient) -> Result<Vec<Captured>, CaptureError> {
+    let admin = capture_admin(client).await;
     let rows = client
         .query(
             "SELECT schema_name, table_name, topic, ops, key_columns, exclude_columns, full_old
@@ -410,7 +383,7 @@ pub async fn list(client: &impl GenericClient) -> Result<Vec<Captured>, CaptureE
             &[],
         )
         .await
-        .map_err(|e| CaptureError::from_db("list captured tables", e))?;
+        .map_err(|e| CaptureError::from_db("list captured tables", e, &admin))?;
     rows.iter()
         .map(|row| {
             let ops: Vec<String> = row.get(3);

@@ -39,33 +39,74 @@ pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied>
     // V5 and V6 hand functions to the role events_capture (ALTER FUNCTION … OWNER TO), which
     // PostgreSQL allows a migrator that is not a superuser only when the new owner may create in
     // the functions' schema. So: up to V4, then (if V5 or V6 is still to come) that role may
-    // create in the schema of `events` for the rest of this run; events_grant_roles (V7) takes it
-    // back.
-    let mut applied = Vec::new();
-    for (target, rest) in [(Target::Version(4), false), (Target::Latest, true)] {
-        if rest {
-            prepare_capture_handover(client).await?;
-        }
-        let report = embedded::migrations::runner()
-            .set_target(target)
-            .run_async(client)
-            .await?;
-        applied.extend(
-            report
-                .applied_migrations()
-                .iter()
-                .map(|m| format!("V{}__{}", m.version(), m.name())),
-        );
+    // create in the schema of `events` for the rest of this run. events_grant_roles (V7) takes it
+    // back, with the migrator's membership in the role (V5 grants it); so does a failed run.
+    let mut applied = migrate_to(client, Target::Version(4)).await?;
+    prepare_capture_handover(client).await?;
+    let rest = async {
+        applied.extend(migrate_to(client, Target::Latest).await?);
+        client
+            .execute("SELECT events_grant_roles($1)", &[&role_prefix])
+            .await
+            .map_err(|e| {
+                Error::database(format!("grant the roles of prefix {role_prefix:?}"), e)
+            })?;
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(error) = rest {
+        undo_capture_handover(client).await;
+        return Err(error);
     }
     let version = embedded::migrations::runner()
         .get_last_applied_migration_async(client)
         .await?
         .map(|m| m.version());
-    client
-        .execute("SELECT events_grant_roles($1)", &[&role_prefix])
-        .await
-        .map_err(|e| Error::database(format!("grant the roles of prefix {role_prefix:?}"), e))?;
     Ok(Applied { applied, version })
+}
+
+/// Applies the pending migrations up to `target`; their names.
+async fn migrate_to(client: &mut Client, target: Target) -> Result<Vec<String>> {
+    let report = embedded::migrations::runner()
+        .set_target(target)
+        .run_async(client)
+        .await?;
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect())
+}
+
+/// After a failed run: takes back what [`prepare_capture_handover`] and V5 gave (best effort; a
+/// successful run's events_grant_roles does the same).
+async fn undo_capture_handover(client: &Client) {
+    let undone = client
+        .batch_execute(
+            "DO $$
+             DECLARE
+                 s name;
+             BEGIN
+                 IF to_regclass('events') IS NULL
+                    OR NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'events_capture') THEN
+                     RETURN;
+                 END IF;
+                 SELECT n.nspname INTO s
+                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = 'events'::regclass;
+                 EXECUTE pg_catalog.format('REVOKE CREATE ON SCHEMA %I FROM events_capture', s);
+                 IF pg_catalog.pg_has_role(current_user, 'events_capture', 'MEMBER')
+                    AND NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+                     REVOKE events_capture FROM CURRENT_USER;
+                 END IF;
+             END
+             $$",
+        )
+        .await;
+    if let Err(error) = undone {
+        tracing::warn!(error = %crate::error::pg_report(&error),
+                       "Could not take back the capture role's CREATE on the events schema after the failed migration.");
+    }
 }
 
 /// Lets the role that V5 and V6 make the owner of their functions create in the schema of

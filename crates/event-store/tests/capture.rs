@@ -73,6 +73,7 @@ on_both_update_paths!(
     schema_changes_never_break_capture_or_leak_an_excluded_column,
     hostile_names_and_every_column_type_arrive_intact,
     updates_pair_each_row_with_itself,
+    edge_cases_never_fail_the_write_and_both_paths_agree,
 );
 
 /// One captured event as the events table holds it.
@@ -548,6 +549,139 @@ async fn updates_pair_each_row_with_itself(path: UpdatePath) {
     );
 }
 
+/// Corners where the generic and the generated statement could part ways, or a write could fail:
+/// a column named like the row alias, a dropped key column, a key of more than 50 columns, floats
+/// printed with fewer digits, and an UPDATE whose rows PostgreSQL does not report pairwise (a row
+/// moved to a partition whose BEFORE trigger suppressed the insert).
+async fn edge_cases_never_fail_the_write_and_both_paths_agree(path: UpdatePath) {
+    let (_pg, admin) = migrated_on(path).await;
+    let wide_cols: Vec<String> = (1..=51).map(|i| format!("k{i} int")).collect();
+    let wide_keys: Vec<String> = (1..=51).map(|i| format!("k{i}")).collect();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE aliased (id int PRIMARY KEY, t int, r int);
+             INSERT INTO aliased VALUES (1, 5, 6);
+             CREATE TABLE pair (a int, b int, v text);
+             INSERT INTO pair VALUES (1, 1, 'x');
+             CREATE TABLE wide ({}, v text);
+             INSERT INTO wide SELECT {}, 'x';
+             CREATE TABLE floats (id int PRIMARY KEY, f float8);
+             INSERT INTO floats VALUES (1, 0.1);
+             CREATE TABLE moved (id int, region text, v text) PARTITION BY LIST (region);
+             CREATE TABLE moved_a PARTITION OF moved FOR VALUES IN ('a');
+             CREATE TABLE moved_b PARTITION OF moved FOR VALUES IN ('b');
+             CREATE FUNCTION drop_one() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN IF NEW.id = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER drop_one BEFORE INSERT ON moved_b FOR EACH ROW EXECUTE FUNCTION drop_one();
+             INSERT INTO moved VALUES (1, 'a', 'x'), (2, 'a', 'y'), (3, 'a', 'z');",
+            wide_cols.join(", "),
+            (1..=51).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        ))
+        .await
+        .unwrap();
+    capture::add(&admin, &spec("aliased", "aliased"))
+        .await
+        .unwrap();
+    capture::add(
+        &admin,
+        &spec("pair", "pair").key_columns(["a", "b"]).unwrap(),
+    )
+    .await
+    .unwrap();
+    capture::add(
+        &admin,
+        &spec("wide", "wide").key_columns(wide_keys.clone()).unwrap(),
+    )
+    .await
+    .unwrap();
+    capture::add(&admin, &spec("floats", "floats"))
+        .await
+        .unwrap();
+    capture::add(&admin, &spec("moved", "moved").key_columns(["id"]).unwrap())
+        .await
+        .unwrap();
+    let before = last_id(&admin).await;
+    admin
+        .batch_execute(
+            "UPDATE aliased SET t = 7;
+             INSERT INTO aliased VALUES (2, 8, 9);
+             DELETE FROM aliased WHERE id = 2;
+             ALTER TABLE pair DROP COLUMN a;
+             UPDATE pair SET v = 'y';
+             UPDATE wide SET v = 'y';
+             SET extra_float_digits = 0;
+             UPDATE floats SET f = 0.1000000000000001;
+             RESET extra_float_digits;
+             UPDATE moved SET region = 'b';",
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<String>, String, Value)> = events_after(&admin, before)
+        .await
+        .into_iter()
+        .map(|r| {
+            let changed = r.payload.get("changed").cloned().unwrap_or(Value::Null);
+            (r.topic, r.key, r.kind, changed)
+        })
+        .collect();
+    let wide_key = format!(
+        "{{{}}}",
+        (1..=51)
+            .map(|i| format!("\"k{i}\":{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let ev = |topic: &str, key: &str, kind: &str, changed: Value| {
+        (
+            topic.to_string(),
+            Some(key.to_string()),
+            kind.to_string(),
+            changed,
+        )
+    };
+    assert_eq!(
+        got,
+        vec![
+            ev(
+                "aliased",
+                r#"{"id":1}"#,
+                "update",
+                json!({"t": {"old": 5, "new": 7}})
+            ),
+            ev("aliased", r#"{"id":2}"#, "insert", Value::Null),
+            ev("aliased", r#"{"id":2}"#, "delete", Value::Null),
+            ev(
+                "pair",
+                r#"{"........pg.dropped.1........":null,"b":1}"#,
+                "update",
+                json!({"v": {"old": "x", "new": "y"}})
+            ),
+            ev(
+                "wide",
+                &wide_key,
+                "update",
+                json!({"v": {"old": "x", "new": "y"}})
+            ),
+            // No event for the floats: printed with 0 extra digits, both values are 0.1.
+            ev("moved", r#"{"id":1}"#, "delete", Value::Null),
+            ev("moved", r#"{"id":2}"#, "delete", Value::Null),
+            ev("moved", r#"{"id":3}"#, "delete", Value::Null),
+            ev("moved", r#"{"id":2}"#, "insert", Value::Null),
+            ev("moved", r#"{"id":3}"#, "insert", Value::Null),
+        ],
+        "{path:?}"
+    );
+    let aliased = admin
+        .query_one(
+            "SELECT payload FROM events WHERE topic = 'aliased' AND type = 'update' AND id > $1",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get::<_, Value>(0);
+    assert_eq!(aliased["new"], json!({"id": 1, "t": 7, "r": 6}), "{path:?}");
+}
+
 /// `migrate` as a database owner that is not a superuser (the documented way), with a role prefix
 /// of its own: capture's roles are that database's (`<prefix>_capture` owns the trigger
 /// functions, `<prefix>_capture_admin` may add capture), and the cluster-wide roles of V5 can do
@@ -571,7 +705,8 @@ async fn capture_roles_belong_to_one_database_and_a_plain_owner_can_migrate() {
                     has_schema_privilege('events_capture', 'public', 'CREATE'),
                     has_any_column_privilege('events_capture', 'events', 'INSERT'),
                     has_any_column_privilege('app_capture', 'events', 'INSERT'),
-                    has_function_privilege('events_capture_admin', 'capture_add(text, text, text[], text[], text[], boolean)', 'EXECUTE')",
+                    has_function_privilege('events_capture_admin', 'capture_add(text, text, text[], text[], text[], boolean)', 'EXECUTE'),
+                    pg_has_role('app_owner', 'events_capture', 'MEMBER') OR pg_has_role('app_owner', 'app_capture', 'MEMBER')",
             &[],
         )
         .await
@@ -585,6 +720,7 @@ async fn capture_roles_belong_to_one_database_and_a_plain_owner_can_migrate() {
             facts.get::<_, bool>(4),
             facts.get::<_, bool>(5),
             facts.get::<_, bool>(6),
+            facts.get::<_, bool>(7),
         ),
         (
             "capture=app_capture,capture_admin=app_capture_admin".to_string(),
@@ -593,8 +729,12 @@ async fn capture_roles_belong_to_one_database_and_a_plain_owner_can_migrate() {
             false,
             false,
             true,
+            false,
             false
-        )
+        ),
+        "(capture roles; function owner; CREATE on public for app_capture, events_capture; \
+         INSERT on events for events_capture, app_capture; EXECUTE capture_add for \
+         events_capture_admin; the owner still a member of a capture role)"
     );
 
     // The owner, made this database's capture admin, captures its table.
