@@ -124,10 +124,8 @@ async fn captured_changes_reach_mongodb_woken_by_the_watcher_alone() {
     let summary: Vec<(String, Option<String>)> =
         got.iter().map(|(t, k, _)| (t.clone(), k.clone())).collect();
     let s = |t: &str, k: Option<&str>| (t.to_string(), k.map(str::to_string));
-    let mut key_change = summary[4..6].to_vec();
-    key_change.sort();
     assert_eq!(
-        [&summary[..4], &key_change[..], &summary[6..]].concat(),
+        summary,
         vec![
             s("insert", Some(r#"{"id":1}"#)),
             s("insert", Some(r#"{"id":2}"#)),
