@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use event_store::config::{parse_duration, HttpArgs, LogArgs, PostgresArgs};
+use event_store::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 use event_store::event::{validate_name, Topic};
 
 use crate::error::{Error, Result};
@@ -119,13 +119,8 @@ pub struct Config {
     )]
     pub poll_interval: Duration,
 
-    /// The PostgreSQL NOTIFY channel producers wake consumers on.
-    #[arg(
-        long = "notify-channel",
-        env = "NOTIFY_CHANNEL",
-        default_value = event_store::DEFAULT_CHANNEL
-    )]
-    pub notify_channel: String,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
 
     /// /healthz reports delivery as stuck when events are waiting and none has been delivered for
     /// this long (a MongoDB that refuses writes, a transaction holding the horizon back, ...).
@@ -237,11 +232,6 @@ impl Config {
             Topic::new(topic.as_str())
                 .map_err(|e| Error::Config(format!("--topics / CONSUMER_TOPICS: {e}")))?;
         }
-        if self.notify_channel.is_empty() || self.notify_channel.len() > 63 {
-            return Err(Error::Config(
-                "--notify-channel / NOTIFY_CHANNEL must be 1 to 63 characters".into(),
-            ));
-        }
         if self.sink == SinkKind::Mongodb {
             if self.mongodb_uri.as_deref().unwrap_or("").is_empty() {
                 return Err(Error::Config(
@@ -296,7 +286,7 @@ mod tests {
         assert_eq!(c.mongodb_database, "consumer");
         assert_eq!(c.mongodb_collection, "receivedEvents");
         assert_eq!(c.name, "consumer");
-        assert_eq!(c.notify_channel, "events");
+        assert_eq!(c.channel.notify_channel.as_str(), "events");
         assert_eq!(c.poll_interval, Duration::from_secs(1));
         assert!(c.topic_filter().is_none());
         c.validate().unwrap();

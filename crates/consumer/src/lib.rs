@@ -119,7 +119,7 @@ pub async fn run_with<S: Sink>(
     let ctx = Arc::new(Context {
         name: name.clone(),
         pg: listen_pg,
-        channel: config.notify_channel.clone(),
+        channel: config.channel.notify_channel.to_string(),
         topics: config.topic_filter(),
         limits: Limits {
             rows: config.batch_size as usize,

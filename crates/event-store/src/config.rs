@@ -25,6 +25,16 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
+/// Wake-ups.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChannelArgs {
+    /// The PostgreSQL NOTIFY channel of wake-ups: producers and the capture watcher send on it;
+    /// consumers, the gateway and eventsctl tail --follow listen on it. The same for every service
+    /// of one stream; 1 to 63 bytes.
+    #[arg(long = "notify-channel", env = "NOTIFY_CHANNEL", default_value = crate::DEFAULT_CHANNEL)]
+    pub notify_channel: crate::channel::Channel,
+}
+
 /// The operations endpoint.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpArgs {

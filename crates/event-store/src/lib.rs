@@ -22,6 +22,7 @@
 //!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
 
 pub mod capture;
+pub mod channel;
 pub mod config;
 pub mod db;
 pub mod error;

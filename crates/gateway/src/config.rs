@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use event_store::config::{parse_duration, LogArgs, PostgresArgs};
+use event_store::config::{parse_duration, ChannelArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
 
@@ -133,13 +133,8 @@ pub struct Config {
     )]
     pub poll_interval: Duration,
 
-    /// The PostgreSQL NOTIFY channel producers wake readers on.
-    #[arg(
-        long = "notify-channel",
-        env = "NOTIFY_CHANNEL",
-        default_value = event_store::DEFAULT_CHANNEL
-    )]
-    pub notify_channel: String,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
 
     /// How long streams get to say goodbye on SIGTERM before the process exits anyway.
     #[arg(
@@ -177,11 +172,6 @@ impl Config {
                 "no --tokens-file / GATEWAY_TOKENS_FILE: give a file of `TOKEN TOPIC[,TOPIC...]` \
                  lines, or --open / GATEWAY_OPEN=true for an unauthenticated local demo"
                     .into(),
-            ));
-        }
-        if self.notify_channel.is_empty() || self.notify_channel.len() > 63 {
-            return Err(Error::Config(
-                "--notify-channel / NOTIFY_CHANNEL must be 1 to 63 characters".into(),
             ));
         }
         for (what, value) in [
@@ -226,7 +216,7 @@ mod tests {
         let c = parse(&["--open"]).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8084");
         assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
-        assert_eq!(c.notify_channel, "events");
+        assert_eq!(c.channel.notify_channel.as_str(), "events");
         c.validate().unwrap();
     }
 

@@ -113,7 +113,7 @@ impl Bound {
         listen_pg.application_name("events-gateway:listen");
         let hub = Hub {
             pg: listen_pg,
-            channel: config.notify_channel.clone(),
+            channel: config.channel.notify_channel.to_string(),
             batch_size: config.batch_size as usize,
             poll_interval: config.poll_interval,
             health: health.clone(),

@@ -24,9 +24,9 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 use uuid::Uuid;
 
-use crate::channel::Channel;
 use crate::error::AppendError;
 use crate::notifier::Notifier;
+use event_store::channel::Channel;
 
 /// Payloads larger than this (as JSON text) are refused unless configured otherwise.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;

@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use event_store::config::{parse_duration, HttpArgs, LogArgs, PostgresArgs};
+use event_store::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 use event_store::Topic;
 
 use crate::append::{NotifyMode, DEFAULT_MAX_PAYLOAD_BYTES};
-use crate::channel::Channel;
 
 /// Appends generated events to the `events` table: the demo workload and a load generator.
 ///
@@ -60,9 +59,8 @@ pub struct Args {
     #[arg(long, env = "PRODUCER_NOTIFY_MODE", value_enum, default_value_t = NotifyMode::AfterCommit)]
     pub notify_mode: NotifyMode,
 
-    /// The NOTIFY channel consumers LISTEN on.
-    #[arg(long, env = "NOTIFY_CHANNEL", default_value = "events")]
-    pub notify_channel: Channel,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
 
     /// after-commit mode: at most one NOTIFY per this interval; bursts of commits share it.
     #[arg(long, env = "PRODUCER_NOTIFY_INTERVAL", default_value = "1ms", value_parser = parse_duration)]
@@ -102,7 +100,7 @@ mod tests {
         assert_eq!(args.batch_size, 1);
         assert_eq!(args.concurrency, 1);
         assert_eq!(args.notify_mode, NotifyMode::AfterCommit);
-        assert_eq!(args.notify_channel.as_str(), "events");
+        assert_eq!(args.channel.notify_channel.as_str(), "events");
         assert_eq!(args.notify_interval, Duration::from_millis(1));
     }
 

@@ -39,7 +39,6 @@
 //! - [`service`]: the `producer` binary, a load generator that counts exactly what committed.
 
 mod append;
-mod channel;
 pub mod config;
 mod error;
 pub mod notifier;
@@ -49,7 +48,7 @@ pub mod service;
 pub mod watcher;
 
 pub use append::{Appended, NotifyMode, Prepared, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
-pub use channel::{Channel, InvalidChannel};
 pub use config::Args;
 pub use error::AppendError;
+pub use event_store::channel::{Channel, InvalidChannel};
 pub use notifier::{Notifier, NotifierTask};

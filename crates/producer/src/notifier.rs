@@ -26,7 +26,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
-use crate::channel::Channel;
+use event_store::channel::Channel;
 
 /// More distinct topics than this in one interval wake consumers with the first ones only: a hint
 /// for a few topics wakes every consumer anyway, and one statement stays small.

@@ -80,11 +80,14 @@ pub async fn start(
         health.ok("postgres");
     }
     let (producer, notifier) = match args.notify_mode {
-        NotifyMode::InTransaction => (Producer::in_transaction(args.notify_channel.clone()), None),
+        NotifyMode::InTransaction => (
+            Producer::in_transaction(args.channel.notify_channel.clone()),
+            None,
+        ),
         NotifyMode::AfterCommit => {
             let (notifier, task) = Notifier::spawn(
                 db.clone(),
-                args.notify_channel.clone(),
+                args.channel.notify_channel.clone(),
                 args.notify_interval,
             );
             (Producer::after_commit(notifier), Some(task))

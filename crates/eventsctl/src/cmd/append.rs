@@ -4,9 +4,10 @@
 use std::io::Read;
 use std::path::PathBuf;
 
+use event_store::config::ChannelArgs;
 use event_store::migrations::Role;
 use event_store::{NewEvent, Topic};
-use producer::{Channel, Producer};
+use producer::Producer;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -57,13 +58,8 @@ pub struct Args {
     #[arg(long = "event-id")]
     pub event_id: Option<Uuid>,
 
-    /// The NOTIFY channel consumers LISTEN on
-    #[arg(
-        long = "notify-channel",
-        env = "NOTIFY_CHANNEL",
-        default_value = "events"
-    )]
-    pub notify_channel: String,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,8 +73,7 @@ struct Appended {
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     let event = event(args)?;
-    let channel =
-        Channel::new(args.notify_channel.as_str()).map_err(|e| exit::usage(e.to_string()))?;
+    let channel = args.channel.notify_channel.clone();
     let client = connect::postgres(cli, Role::Producer).await?;
     let producer = Producer::in_transaction(channel);
     let result = match producer.append(&client, std::slice::from_ref(&event)).await {

@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use event_store::capture::{self, CaptureError, CaptureSpec, Captured, Op};
-use event_store::config::parse_duration;
+use event_store::config::{parse_duration, ChannelArgs};
 use event_store::{db, Topic};
-use producer::{Channel, Notifier};
+use producer::Notifier;
 use serde::Serialize;
 
 use crate::cli::Cli;
@@ -100,13 +100,8 @@ pub struct WatchArgs {
     #[arg(long = "interval", env = "WATCH_INTERVAL", default_value = "1ms", value_parser = parse_duration)]
     pub interval: Duration,
 
-    /// The NOTIFY channel consumers LISTEN on
-    #[arg(
-        long = "notify-channel",
-        env = "NOTIFY_CHANNEL",
-        default_value = "events"
-    )]
-    pub notify_channel: String,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
 }
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
@@ -244,20 +239,19 @@ async fn run_watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<Code> {
     if args.interval.is_zero() {
         return Err(exit::usage("--interval must be greater than zero"));
     }
-    let channel =
-        Channel::new(args.notify_channel.as_str()).map_err(|e| exit::usage(e.to_string()))?;
+    let channel = args.channel.notify_channel.clone();
     let config = db::config(&cli.postgres.database_url, "eventsctl-capture-watch")?;
     // Fail fast on a bad URL or a missing grant, instead of retrying forever in the background.
     let client = db::connect_spawned(&config).await?;
     event_store::migrations::check(&client, event_store::migrations::Role::Consumer).await?;
     drop(client);
     let shutdown = event_store::shutdown::on_signals();
-    let (notifier, task) = Notifier::spawn(config.clone(), channel, args.interval);
     eprintln!(
         "watching for new events every {}; waking consumers on channel {:?} (SIGTERM/SIGINT stops)",
         humantime::format_duration(args.interval),
-        args.notify_channel
+        channel.as_str()
     );
+    let (notifier, task) = Notifier::spawn(config.clone(), channel, args.interval);
     producer::watcher::run(config, notifier, args.interval, shutdown).await;
     task.finished().await;
     eprintln!("stopped");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use event_store::config::parse_duration;
+use event_store::config::{parse_duration, ChannelArgs};
 use event_store::migrations::{self, Role};
 use event_store::position::Reader;
 use event_store::{db, Topic};
@@ -48,13 +48,8 @@ pub struct Args {
     #[arg(long = "batch-size", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
-    /// --follow: the NOTIFY channel producers wake consumers on
-    #[arg(
-        long = "notify-channel",
-        env = "NOTIFY_CHANNEL",
-        default_value = "events"
-    )]
-    pub notify_channel: String,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
 
     /// --follow: poll this often even without a wake-up
     #[arg(long = "poll-interval", default_value = "1s", value_parser = parse_duration)]
@@ -69,10 +64,13 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     let config = db::config(&cli.postgres.database_url, "eventsctl:tail")?;
     let wake = Arc::new(Notify::new());
     // LISTEN before the first read: an event committed in between is either read or announced.
-    let listener =
-        consumer::listener::Listener::connect(&config, &args.notify_channel, wake.clone())
-            .await
-            .context("connect for tail")?;
+    let listener = consumer::listener::Listener::connect(
+        &config,
+        args.channel.notify_channel.as_str(),
+        wake.clone(),
+    )
+    .await
+    .context("connect for tail")?;
     let client = listener.client();
     migrations::check(client, Role::Consumer).await?;
     let reader = Reader::prepare(client).await?;

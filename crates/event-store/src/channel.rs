@@ -1,4 +1,5 @@
-//! The NOTIFY channel consumers LISTEN on.
+//! The NOTIFY channel: producers and the capture watcher send wake-ups on it; consumers, the
+//! gateway and `eventsctl tail --follow` LISTEN on it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,14 +40,14 @@ impl Channel {
     }
 
     /// For binding as a query parameter without a temporary.
-    pub(crate) fn as_string(&self) -> &String {
+    pub fn as_string(&self) -> &String {
         &self.0
     }
 }
 
 impl Default for Channel {
     fn default() -> Channel {
-        Channel(event_store::DEFAULT_CHANNEL.to_string())
+        Channel(crate::DEFAULT_CHANNEL.to_string())
     }
 }
 
