@@ -123,7 +123,7 @@ impl Mongo {
             storage.join("server.log"),
         );
         let port = self.port;
-        process.wait_ready(Duration::from_secs(60), || port_accepts(port));
+        process.wait_ready(Duration::from_secs(60), port, || port_accepts(port));
         self.process = Some(process);
     }
 

@@ -155,7 +155,7 @@ impl Postgres {
         let mut process = ServerProcess::spawn("postgres", cmd, self.run_as, log);
         let isready = self.bindir.join("pg_isready");
         let port = self.port;
-        process.wait_ready(Duration::from_secs(30), || {
+        process.wait_ready(Duration::from_secs(30), port, || {
             Command::new(&isready)
                 .args([
                     "-q",

@@ -17,6 +17,42 @@ pub(crate) fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// Does process `pid` hold a listening TCP socket on `port`? (Linux: the socket inodes of
+/// /proc/net/tcp and tcp6 against the process's file descriptors.) Where /proc cannot tell, it
+/// says yes and leaves readiness to the caller's probe.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let mut inodes = Vec::new();
+    let mut readable = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        readable = true;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex; st 0A is LISTEN; the inode is the tenth field.
+            let listening_here = fields.len() > 9
+                && fields[3] == "0A"
+                && fields[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port);
+            if listening_here {
+                inodes.push(format!("socket:[{}]", fields[9]));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return !readable;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
+}
+
 pub(crate) fn port_accepts(port: u16) -> bool {
     TcpStream::connect_timeout(
         &(Ipv4Addr::LOCALHOST, port).into(),
@@ -137,11 +173,14 @@ impl ServerProcess {
         log_tail(&self.log)
     }
 
-    /// Waits until `ready()` holds, panicking with the server's log if it exits or times out.
-    pub fn wait_ready(&mut self, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    /// Waits until this process listens on `port` and `ready()` holds, panicking with the server's
+    /// log if it exits or times out. The ownership check matters: `free_port` only picks a port
+    /// that was free a moment ago, and when another test's server takes it first, that server
+    /// would answer `ready()` while ours fails to bind (then exits, and the caller retries).
+    pub fn wait_ready(&mut self, timeout: Duration, port: u16, mut ready: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
         loop {
-            if ready() {
+            if listens_on(self.child.id(), port) && ready() {
                 return;
             }
             if let Some(status) = self.exited() {
@@ -213,5 +252,25 @@ pub(crate) fn retry_start(attempts: u32, pause: Duration, mut start: impl FnMut(
             Err(e) if attempt == attempts => std::panic::resume_unwind(e),
             Err(_) => std::thread::sleep(pause),
         }
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_belongs_to_the_process_that_holds_it_and_to_no_other() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listens_on(std::process::id(), port));
+        // Another process (a short-lived child) does not hold it: a server that lost the race
+        // for this port is not taken for ready.
+        let mut other = Command::new("sleep").arg("5").spawn().unwrap();
+        assert!(!listens_on(other.id(), port));
+        let _ = other.kill();
+        let _ = other.wait();
+        drop(listener);
+        assert!(!listens_on(std::process::id(), port));
     }
 }
