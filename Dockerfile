@@ -26,7 +26,7 @@ COPY --from=planner /src/recipe.json recipe.json
 # Dependencies only: this layer is reused until the dependency graph changes.
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
-RUN cargo build --release --locked --bins -p event-store -p producer -p consumer -p purger \
+RUN cargo build --release --locked --bins -p services -p producer -p consumer -p purger \
        -p gateway -p eventsctl \
  && mkdir -p /out \
  && cp target/release/migrate target/release/producer target/release/consumer \

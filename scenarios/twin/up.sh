@@ -3,7 +3,7 @@
 
 build() {
     [ "${TWIN_BUILD:-1}" = 0 ] && return
-    local -a args=(build --locked --bins -p event-store -p producer -p consumer -p purger -p gateway -p eventsctl)
+    local -a args=(build --locked --bins -p services -p producer -p consumer -p purger -p gateway -p eventsctl)
     [ "$TWIN_PROFILE" = release ] && args+=(--release)
     say "building the binaries (cargo ${args[*]})"
     (cd "$root" && cargo "${args[@]}" --quiet) || die "cargo build failed"

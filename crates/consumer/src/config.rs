@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use clap::Parser;
-use event_store::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 use event_store::event::{validate_name, Topic};
+use services::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
 

@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_store::ops::Health;
 use event_store::position::Limits;
+use services::ops::Health;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 

@@ -49,8 +49,8 @@ use std::sync::Arc;
 
 use event_store::db;
 use event_store::migrations::{self, Role};
-use event_store::ops::{self, Health};
 use event_store::position::{Limits, Reader};
+use services::ops::{self, Health};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::info;

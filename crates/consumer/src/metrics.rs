@@ -28,7 +28,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(consumer: &str) -> Metrics {
         // Handles made before the recorder exists would record nothing.
-        event_store::ops::metrics();
+        services::ops::metrics();
         describe();
         let name = consumer.to_string();
         let counter = |key: &'static str| metrics::counter!(key, "consumer" => name.clone());

@@ -14,26 +14,25 @@
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
 //! - [`capture`]: table-change capture (row changes of your own tables become events in the same
-//!   transaction); the work is done by triggers from migration V5, this module manages them.
+//!   transaction); the work is done by triggers from migrations V5–V7, this module manages them.
 //! - [`tls`]: TLS on every connection, with libpq's `sslmode` and `sslrootcert`.
 //! - [`error`]: the one error report (server message, SQLSTATE, detail, hint, what to do) and the
 //!   transient/permanent classification; [`retry`]: the one retry policy.
-//! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: the command-line pieces, logging, the
-//!   `/healthz` + `/metrics` endpoint and SIGTERM handling the three services share.
+//! - [`channel`]: the NOTIFY channel wake-ups travel on.
+//!
+//! What only the binaries need (command-line pieces, logging, the `/healthz` + `/metrics`
+//! endpoint, SIGTERM handling, the `migrate` binary) is in the `service` crate, so an application
+//! that appends events through this crate does not build an HTTP server or an argument parser.
 
 pub mod capture;
 pub mod channel;
-pub mod config;
 pub mod db;
 pub mod error;
 pub mod event;
 pub mod lease;
 pub mod migrations;
-pub mod ops;
 pub mod position;
 pub mod retry;
-pub mod shutdown;
-pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

@@ -408,7 +408,7 @@ pub fn split(url: &str) -> Split {
 }
 
 /// `(start, end, key, value)` of each `key = value` pair, with libpq's quoting (`'…'`, `\'`).
-pub(crate) fn key_value_pairs(text: &str) -> Vec<(usize, usize, String, String)> {
+pub fn key_value_pairs(text: &str) -> Vec<(usize, usize, String, String)> {
     let bytes = text.as_bytes();
     let mut pairs = Vec::new();
     let mut i = 0;

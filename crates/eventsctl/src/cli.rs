@@ -3,7 +3,7 @@
 //! consumer's environment as it is.
 
 use clap::{Parser, Subcommand};
-use event_store::config::PostgresArgs;
+use services::config::PostgresArgs;
 
 use crate::cmd;
 

@@ -29,7 +29,7 @@ use std::process::ExitCode;
 
 /// Runs a parsed command line to its exit code: errors are printed once, as `error: what: cause`.
 pub fn main(cli: cli::Cli) -> ExitCode {
-    let _ = event_store::telemetry::init(&cli.log_level);
+    let _ = services::telemetry::init(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

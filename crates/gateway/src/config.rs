@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use event_store::config::{parse_duration, ChannelArgs, LogArgs, PostgresArgs};
+use services::config::{parse_duration, ChannelArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
 

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use consumer::listener::Listener;
 use event_store::migrations::{self, Role};
-use event_store::ops::Health;
 use event_store::position::{self, Reader};
 use event_store::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
 use event_store::Position;
 use futures_util::future::{try_join, try_join3};
+use services::ops::Health;
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

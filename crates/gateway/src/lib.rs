@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use event_store::db;
-use event_store::ops::Health;
+use services::ops::Health;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

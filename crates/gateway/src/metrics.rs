@@ -29,7 +29,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         // Handles made before the recorder exists would record nothing.
-        event_store::ops::metrics();
+        services::ops::metrics();
         describe();
         Metrics {
             clients: metrics::gauge!("gateway_clients"),

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use event_store::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 use event_store::Topic;
+use services::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 
 use crate::append::{NotifyMode, DEFAULT_MAX_PAYLOAD_BYTES};
 

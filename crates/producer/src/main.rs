@@ -5,5 +5,5 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = producer::Args::parse();
-    event_store::config::exit_code(producer::service::main(args).await)
+    services::config::exit_code(producer::service::main(args).await)
 }

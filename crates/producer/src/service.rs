@@ -16,9 +16,10 @@ use std::time::Duration;
 use anyhow::Context;
 use event_store::db::Database;
 use event_store::migrations::{self, Role};
-use event_store::ops::{self, Health};
 use event_store::retry::{sleep_or_stop, Policy, Retry};
-use event_store::{db, shutdown, telemetry, NewEvent};
+use event_store::{db, NewEvent};
+use services::ops::{self, Health};
+use services::{shutdown, telemetry};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -63,7 +64,7 @@ pub async fn start(
     let db = db::config(&args.postgres.database_url, "producer")?;
     info!(
         database = %db::describe(&db),
-        url = %event_store::config::redact(&args.postgres.database_url),
+        url = %services::config::redact(&args.postgres.database_url),
         tls = %db.tls().describe(),
         mode = %args.notify_mode,
         rate = args.rate,

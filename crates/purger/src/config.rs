@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use event_store::config::{parse_duration, HttpArgs, LogArgs, PostgresArgs};
+use services::config::{parse_duration, HttpArgs, LogArgs, PostgresArgs};
 
 /// Deletes events older than the retention from the events table, in small batches, never past
 /// the position of a consumer that still needs them.

@@ -27,7 +27,8 @@ use std::fmt;
 use std::time::Duration;
 
 use anyhow::Context;
-use event_store::{db, ops, retry};
+use event_store::{db, retry};
+use services::ops;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -77,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ops::spawn(config.http.http_addr, health.clone(), shutdown.clone()).await?;
     info!(
         database = %target,
-        url = %event_store::config::redact(&config.postgres.database_url),
+        url = %services::config::redact(&config.postgres.database_url),
         tls = %pg.tls().describe(),
         retention = %report::short(settings.retention),
         interval = %report::short(config.interval),

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use event_store::config::exit_code;
-use event_store::{shutdown, telemetry};
+use services::config::exit_code;
+use services::{shutdown, telemetry};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {

@@ -28,7 +28,7 @@ pub struct Env {
 }
 
 pub fn init_logging() {
-    let _ = event_store::telemetry::init(
+    let _ = services::telemetry::init(
         &std::env::var("TEST_LOG").unwrap_or_else(|_| "info,consumer=debug".into()),
     );
 }

@@ -4,11 +4,11 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use event_store::config::ChannelArgs;
 use event_store::migrations::Role;
 use event_store::{NewEvent, Topic};
 use producer::Producer;
 use serde::Serialize;
+use services::config::ChannelArgs;
 use uuid::Uuid;
 
 use crate::cli::Cli;

@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use event_store::capture::{self, CaptureError, CaptureSpec, Captured, Op};
-use event_store::config::{parse_duration, ChannelArgs};
 use event_store::{db, Topic};
 use producer::Notifier;
 use serde::Serialize;
+use services::config::{parse_duration, ChannelArgs};
 
 use crate::cli::Cli;
 use crate::exit::{self, Code};
@@ -245,7 +245,7 @@ async fn run_watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<Code> {
     let client = db::connect_spawned(&config).await?;
     event_store::migrations::check(&client, event_store::migrations::Role::Consumer).await?;
     drop(client);
-    let shutdown = event_store::shutdown::on_signals();
+    let shutdown = services::shutdown::on_signals();
     eprintln!(
         "watching for new events every {}; waking consumers on channel {:?} (SIGTERM/SIGINT stops)",
         humantime::format_duration(args.interval),

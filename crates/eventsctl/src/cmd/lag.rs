@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use event_store::config::parse_duration;
 use event_store::event::validate_name;
 use event_store::migrations::Role;
 use serde::Serialize;
+use services::config::parse_duration;
 
 use crate::cli::Cli;
 use crate::consumers::{self, Standing, COUNT_CAP};

@@ -8,11 +8,11 @@
 use std::time::Duration;
 
 use consumer::sink::mongo::DEAD_LETTERS;
-use event_store::config::parse_duration;
 use event_store::migrations::Role;
 use event_store::position::{self, Position};
 use mongodb::bson::{doc, Document};
 use serde::Serialize;
+use services::config::parse_duration;
 use tokio_postgres::Client;
 
 use crate::cli::Cli;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use event_store::config::{parse_duration, ChannelArgs};
 use event_store::migrations::{self, Role};
 use event_store::position::Reader;
 use event_store::{db, Topic};
+use services::config::{parse_duration, ChannelArgs};
 use tokio::sync::Notify;
 
 use crate::cli::Cli;

@@ -31,8 +31,8 @@ pub struct ChannelArgs {
     /// The PostgreSQL NOTIFY channel of wake-ups: producers and the capture watcher send on it;
     /// consumers, the gateway and eventsctl tail --follow listen on it. The same for every service
     /// of one stream; 1 to 63 bytes.
-    #[arg(long = "notify-channel", env = "NOTIFY_CHANNEL", default_value = crate::DEFAULT_CHANNEL)]
-    pub notify_channel: crate::channel::Channel,
+    #[arg(long = "notify-channel", env = "NOTIFY_CHANNEL", default_value = event_store::DEFAULT_CHANNEL)]
+    pub notify_channel: event_store::channel::Channel,
 }
 
 /// The operations endpoint.
@@ -80,7 +80,7 @@ pub fn redact(url: &str) -> String {
     }
     let mut out = String::with_capacity(url.len());
     let mut kept_from = 0;
-    for (start, end, key, _) in crate::tls::key_value_pairs(url) {
+    for (start, end, key, _) in event_store::tls::key_value_pairs(url) {
         if SECRET_KEYS.contains(&key.as_str()) {
             out.push_str(&url[kept_from..start]);
             out.push_str(&format!("{key}=***"));
@@ -97,13 +97,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e} (expected a duration such as 250ms, 30s, 5m, 1h or 7d)"))
 }
 
-/// Ends `main`: prints the error report once ([`crate::error::report`]: each cause once, a
+/// Ends `main`: prints the error report once ([`event_store::error::report`]: each cause once, a
 /// PostgreSQL error with its SQLSTATE and what to do), and picks the exit code.
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let report = crate::error::report(error.as_ref());
+            let report = event_store::error::report(error.as_ref());
             tracing::error!(error = %report, "Exiting on an unrecoverable error.");
             eprintln!("error: {report}");
             ExitCode::FAILURE

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use event_store::config::{exit_code, LogArgs, PostgresArgs};
-use event_store::{db, migrations, telemetry};
+use event_store::{db, migrations};
+use services::config::{exit_code, LogArgs, PostgresArgs};
+use services::telemetry;
 
 /// Applies the event stream's schema (tables, indexes, group roles) to the database in
 /// DATABASE_URL, and grants this database's group roles <prefix>_producer, <prefix>_consumer,
