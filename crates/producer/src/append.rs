@@ -42,7 +42,8 @@ pub struct Receipt {
 }
 
 /// How consumers are woken when events commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum NotifyMode {
     /// After a successful commit, ask the background notifier for a wake-up: at most one NOTIFY
     /// per short interval from a side connection, off the commit path. Much faster when many

@@ -36,18 +36,25 @@
 //!   load, see [`notifier`]) or `in-transaction`.
 //! - [`watcher`]: wake-ups for events written without one (table-change capture's triggers):
 //!   one probe per interval for newly readable events, sent through the same [`Notifier`].
-//! - [`service`]: the `producer` binary, a load generator that counts exactly what committed.
+//! - `service` (feature `cli`, on by default): the `producer` binary, a load generator that counts
+//!   exactly what committed, with its `config`, `pace` and `payload`. Applications that only append
+//!   can turn the feature off and build no argument parser or HTTP server.
 
 mod append;
+#[cfg(feature = "cli")]
 pub mod config;
 mod error;
 pub mod notifier;
+#[cfg(feature = "cli")]
 pub mod pace;
+#[cfg(feature = "cli")]
 pub mod payload;
+#[cfg(feature = "cli")]
 pub mod service;
 pub mod watcher;
 
 pub use append::{Appended, NotifyMode, Prepared, Producer, Receipt, DEFAULT_MAX_PAYLOAD_BYTES};
+#[cfg(feature = "cli")]
 pub use config::Args;
 pub use error::AppendError;
 pub use event_store::channel::{Channel, InvalidChannel};
