@@ -110,6 +110,21 @@ async fn catches_up_after_being_stopped_while_10k_events_were_produced() {
         "{stored_ms} vs {created_ms}"
     );
     assert!(stored.get_datetime("received_at").is_ok());
+    // The stream position, as Int64s, equal to the row's.
+    let position = env.pg.psql(&format!(
+        "SELECT tx_id || '/' || id FROM events WHERE id = {id}"
+    ));
+    let stored_position = stored
+        .get_document("position")
+        .expect("a position document");
+    assert_eq!(
+        format!(
+            "{}/{}",
+            stored_position.get_i64("tx_id").unwrap(),
+            stored_position.get_i64("id").unwrap()
+        ),
+        position
+    );
 }
 
 /// Many concurrent transactions insert, sleep a random time, and commit or roll back in random

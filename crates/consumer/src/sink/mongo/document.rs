@@ -70,6 +70,10 @@ pub fn event_document(event: &Event, received_at: DateTime) -> Result<RawDocumen
     let document = doc! {
         "_id": event.id(),
         "event_id": Binary { subtype: BinarySubtype::Uuid, bytes: event.event_id.as_bytes().to_vec() },
+        // The stream position, so `sort({"position.tx_id": 1, "position.id": 1})` gives delivery
+        // order (`_id` alone does not: ids are taken at INSERT, not in stream order). tx_id is an
+        // Int64, as in the checkpoint.
+        "position": { "tx_id": event.position.tx_id as i64, "id": event.position.id },
         "topic": &event.topic,
         "key": optional(&event.key),
         "type": optional(&event.event_type),
