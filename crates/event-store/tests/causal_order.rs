@@ -274,3 +274,56 @@ async fn keys_never_fall_below_the_writers_own_id() {
         [100, 0, 101, 1, 102, 2, 103, 3, 104, 4]
     );
 }
+
+/// One statement that waits for another transaction's row lock and then builds on its commit
+/// (`WITH u AS (UPDATE … RETURNING …) INSERT INTO events …`): its event comes after that commit's,
+/// although the statement began before it. The key is taken when the row is written, with a
+/// fresh snapshot, not from the statement's snapshot.
+#[tokio::test]
+async fn a_statement_that_waited_for_a_commit_sorts_after_it() {
+    let (pg, admin) = migrated(&[]).await;
+    let a = connect(&pg.url()).await;
+    let b = connect(&pg.url()).await;
+    a.batch_execute("BEGIN; INSERT INTO audit VALUES (1)")
+        .await
+        .unwrap();
+    b.batch_execute(&format!(
+        "BEGIN; UPDATE acct SET v = v + 1 WHERE id = 1; {}",
+        insert_event(1)
+    ))
+    .await
+    .unwrap();
+    let waiting = tokio::spawn(async move {
+        a.batch_execute(
+            "WITH u AS (UPDATE acct SET v = v * 10 WHERE id = 1 RETURNING v)
+             INSERT INTO events (topic, key, payload)
+             SELECT 'o', 'k', jsonb_build_object('seq', 2, 'v', v) FROM u;
+             COMMIT",
+        )
+        .await
+        .unwrap();
+    });
+    // B commits only once A's statement is waiting for B's row lock.
+    let started = std::time::Instant::now();
+    loop {
+        let blocked: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE 'WITH u AS%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if blocked == 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "A never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.batch_execute("COMMIT").await.unwrap();
+    waiting.await.unwrap();
+    let events = stream(&admin).await;
+    assert_eq!(seqs(&events), [1, 2]);
+    assert_eq!(changes(&events), [(0, 1), (1, 10)]);
+}
