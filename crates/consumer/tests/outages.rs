@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,24 +206,6 @@ async fn listen_backend_terminated() {
         wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
     }
     consumer.stop().await;
-}
-
-fn spawn_binary(env: &Env, name: &str, transactions: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_consumer"))
-        .env("DATABASE_URL", env.consumer_url())
-        .env("MONGODB_URI", env.mongo.uri())
-        .env("MONGODB_DATABASE", &env.database)
-        .env("MONGODB_TRANSACTIONS", transactions)
-        .env("CONSUMER_NAME", name)
-        .env("CONSUMER_BATCH_SIZE", "50")
-        .env(
-            "LOG_LEVEL",
-            std::env::var("TEST_CONSUMER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the consumer binary")
 }
 
 /// The binary SIGKILLed at random points (mid-fetch, mid-transaction, mid-checkpoint) many

@@ -318,7 +318,10 @@ async fn a_statement_that_waited_for_a_commit_sorts_after_it() {
         if blocked == 1 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "A never waited");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "A never waited"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     b.batch_execute("COMMIT").await.unwrap();

@@ -264,3 +264,22 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Some((status, body))
 }
+
+/// The consumer binary as consumer `name` (`MONGODB_TRANSACTIONS` = `transactions`), batches of 50.
+pub fn spawn_binary(env: &Env, name: &str, transactions: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .env("DATABASE_URL", env.consumer_url())
+        .env("MONGODB_URI", env.mongo.uri())
+        .env("MONGODB_DATABASE", &env.database)
+        .env("MONGODB_TRANSACTIONS", transactions)
+        .env("CONSUMER_NAME", name)
+        .env("CONSUMER_BATCH_SIZE", "50")
+        .env(
+            "LOG_LEVEL",
+            std::env::var("TEST_CONSUMER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the consumer binary")
+}
