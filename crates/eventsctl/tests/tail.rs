@@ -159,3 +159,70 @@ async fn tail_from_a_position_skips_nothing_while_commits_arrive_out_of_order() 
         assert_exit(&env.ctl(bad).await, 2, "bad input");
     }
 }
+
+/// Causal order as `tail` prints it: A writes an unrelated row first, B appends, updates a
+/// captured row and commits, then A appends and updates the row it now sees. Per key the events
+/// come in the order they became visible, and the captured diffs chain.
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_prints_a_change_made_after_a_commit_after_it() {
+    let env = setup(false).await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE audit (n int);
+             CREATE TABLE acct (id int PRIMARY KEY, v bigint NOT NULL);
+             INSERT INTO acct VALUES (1, 0);
+             SELECT capture_add('acct', 'acct');",
+        )
+        .await
+        .unwrap();
+    let a = common::connect(&env.pg.url()).await;
+    let b = common::connect(&env.pg.url()).await;
+    let append = |seq: i64| {
+        format!("INSERT INTO events (topic, key, payload) VALUES ('o', 'k', '{{\"seq\": {seq}}}')")
+    };
+    for round in 0..3 {
+        a.batch_execute("BEGIN; INSERT INTO audit VALUES (1)")
+            .await
+            .unwrap();
+        b.batch_execute(&format!(
+            "BEGIN; {}; UPDATE acct SET v = v + 1 WHERE id = 1; COMMIT",
+            append(2 * round + 1)
+        ))
+        .await
+        .unwrap();
+        a.batch_execute(&format!(
+            "{}; UPDATE acct SET v = v * 10 WHERE id = 1; COMMIT",
+            append(2 * round + 2)
+        ))
+        .await
+        .unwrap();
+    }
+    let out = env.ctl(&["tail", "--from", "earliest"]).await;
+    assert_exit(&out, 0, "tail");
+    let events = lines(&out);
+    let seqs: Vec<i64> = events
+        .iter()
+        .filter(|e| e["topic"] == "o")
+        .map(|e| e["payload"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    let diffs: Vec<(i64, i64)> = events
+        .iter()
+        .filter(|e| e["topic"] == "acct")
+        .map(|e| {
+            let v = &e["payload"]["changed"]["v"];
+            (v["old"].as_i64().unwrap(), v["new"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        diffs,
+        [
+            (0, 1),
+            (1, 10),
+            (10, 11),
+            (11, 110),
+            (110, 111),
+            (111, 1110)
+        ]
+    );
+}

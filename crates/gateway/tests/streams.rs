@@ -453,3 +453,50 @@ async fn a_postgres_outage_keeps_live_streams_open_and_loses_nothing() {
     assert_eq!(got, env.positions(""));
     gw.stop().await;
 }
+
+/// Causal order, live and from a catch-up: A writes an unrelated row first, B appends and
+/// commits, A appends after seeing B's commit. Both streams deliver 1, 2, 3, … (B before A each
+/// round), the order the events became visible in, not the order the transactions began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_written_after_a_commit_is_streamed_after_it() {
+    let env = setup().await;
+    env.admin
+        .batch_execute("CREATE TABLE audit (n int)")
+        .await
+        .unwrap();
+    let gw = start(env.config()).await;
+    let path = "/v1/topics/o/events";
+    let mut live = Sse::open(gw.addr, &format!("{path}?from=latest"), &[]).await;
+    assert_eq!(live.status, 200);
+    let a = connect(&env.pg.url()).await;
+    let b = connect(&env.pg.url()).await;
+    let append = |seq: i64| {
+        format!(
+            "INSERT INTO events (topic, key, payload) VALUES ('o', 'k', '{{\"seq\": {seq}}}');
+             SELECT pg_notify('events', '')"
+        )
+    };
+    for round in 0..3 {
+        a.batch_execute("BEGIN; INSERT INTO audit VALUES (1)")
+            .await
+            .unwrap();
+        b.batch_execute(&append(2 * round + 1)).await.unwrap();
+        a.batch_execute(&format!("{}; COMMIT", append(2 * round + 2)))
+            .await
+            .unwrap();
+    }
+    let seqs = |messages: &[Message]| -> Vec<i64> {
+        messages
+            .iter()
+            .map(|m| m.json()["payload"]["seq"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(seqs(&live.events(6).await), [1, 2, 3, 4, 5, 6], "live");
+    let mut replay = Sse::open(gw.addr, &format!("{path}?from=earliest"), &[]).await;
+    assert_eq!(
+        seqs(&replay.events(6).await),
+        [1, 2, 3, 4, 5, 6],
+        "catch-up"
+    );
+    gw.stop().await;
+}
