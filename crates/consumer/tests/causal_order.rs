@@ -250,3 +250,90 @@ async fn interleaved_writers_and_a_transaction_open_across_a_restart() {
     );
     assert_replay_reproduces_the_table(&env, &events);
 }
+
+/// The upgrade to the causal key (what migration V8 does to the table: one `ALTER … SET DEFAULT`,
+/// no rewrite) under a running consumer, with writers appending throughout and a transaction
+/// that wrote under the old key and commits only once the upgrade waits for it: every event is
+/// delivered once, none skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_running_across_the_upgrade_loses_and_duplicates_nothing() {
+    let env = setup().await;
+    create_tables(&env).await;
+    // The default before V8.
+    env.admin
+        .batch_execute("ALTER TABLE events ALTER COLUMN tx_id SET DEFAULT pg_current_xact_id()")
+        .await
+        .unwrap();
+    let consumer = spawn(env.config("upgraded"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (url, stop) = (env.pg.url(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let client = connect(&url).await;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .batch_execute(&format!("BEGIN; INSERT INTO audit VALUES ({w})"))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..20))).await;
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO events (topic, key, payload)
+                           SELECT 'o', '{w}', jsonb_build_object('v', '{n}')
+                             FROM generate_series(1, {}) AS g;
+                         SELECT pg_notify('events', '');
+                         COMMIT",
+                        rand::random_range(1..4)
+                    ))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let open = connect(&env.pg.url()).await;
+    open.batch_execute(
+        "BEGIN; INSERT INTO events (topic, key, payload) VALUES ('o', 'open', '{\"v\": \"old key\"}')",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let upgrade = {
+        let url = env.pg.url();
+        tokio::spawn(async move {
+            connect(&url)
+                .await
+                .batch_execute(
+                    "ALTER TABLE events ALTER COLUMN tx_id SET DEFAULT events_sort_key()",
+                )
+                .await
+                .unwrap();
+        })
+    };
+    // The ALTER waits for the open writer; commit it, then let the writers run on the new key.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    open.batch_execute("COMMIT").await.unwrap();
+    upgrade.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(60)).await;
+    wait_checkpoint_at_end(&env, "upgraded", Duration::from_secs(30)).await;
+    consumer.stop().await;
+    assert_eq!(
+        env.mongo_ids(RECEIVED).await,
+        env.pg_ids(""),
+        "each event once"
+    );
+    assert!(
+        env.pg
+            .psql("SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'events'::regclass AND adnum = 2")
+            .contains("events_sort_key"),
+        "the upgrade took effect"
+    );
+}
