@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use event_store::event::{validate_name, Topic};
-use services::config::{parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
+use services::config::{parse_bytes, parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
 
@@ -175,28 +175,6 @@ pub enum OnPoison {
     DeadLetter,
     /// Stop with an error naming the event.
     Stop,
-}
-
-/// Parses a byte size: `4194304`, `512KiB`, `4MiB` (also `KB`/`MB`, taken as powers of 1024).
-pub fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; expected e.g. 4MiB, 512KiB or 1048576"))?;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        other => return Err(format!("unknown size unit {other:?}; use B, KiB or MiB")),
-    };
-    match number.checked_mul(scale) {
-        Some(0) | None => Err(format!("{text:?} must be between 1 byte and a few GiB")),
-        Some(bytes) => Ok(bytes),
-    }
 }
 
 /// The `--sink` choices.

@@ -38,9 +38,6 @@ pub enum Error {
         expected: event_store::Position,
         found: Option<event_store::Position>,
     },
-    /// Another session holds this consumer's lease; waiting for it to end.
-    #[error("{0}")]
-    LeaseHeld(String),
     /// An event cannot be stored and `--on-poison stop` is set.
     #[error(
         "event {} (id {}, topic {}) cannot be stored: {}: {}. Fix the data or the mapping, or run \
@@ -66,7 +63,7 @@ impl Error {
             Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => true,
             Error::Store(e) => e.is_permanent(),
             Error::Mongo { source, .. } => !mongo_is_transient(source),
-            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => false,
+            Error::Timeout(_) | Error::CheckpointMoved { .. } => false,
         }
     }
 
@@ -76,7 +73,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Config(_) | Error::Integrity(_) | Error::Poison(_) => false,
-            Error::Timeout(_) | Error::CheckpointMoved { .. } | Error::LeaseHeld(_) => true,
+            Error::Timeout(_) | Error::CheckpointMoved { .. } => true,
             Error::Store(e) => e.is_transient(),
             Error::Mongo { source, .. } => mongo_is_transient(source),
         }

@@ -10,7 +10,6 @@ use services::ops::Health;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::sink::{DeadLetter, Encoder};
 
@@ -124,7 +123,7 @@ impl Context {
         );
     }
 
-    pub fn postgres_failing(&self, error: &Error) {
+    pub fn postgres_failing(&self, error: &dyn std::fmt::Display) {
         let reason = error.to_string();
         self.health.failing(POSTGRES, reason.clone());
         *self.status.postgres_error.lock().unwrap() = Some(reason);

@@ -10,11 +10,10 @@
 //! ```
 //!
 //! How it fits together:
-//! - [`listener`]: the one dedicated PostgreSQL connection; LISTENs for wake-ups (hints only)
-//!   and runs the position queries.
-//! - [`fetcher`]: reads batches below the visibility horizon (purge-gap detection, hold-back
-//!   reporting) and queues them, overlapped with the write of the previous one through a one-slot
-//!   queue.
+//! - [`fetcher`]: follows the stream with the shared [`event_store::follow::Follower`] (one
+//!   dedicated connection that LISTENs and reads below the visibility horizon), adding the lease,
+//!   the divergence check and the sink's encoding; batches are queued, overlapped with the write
+//!   of the previous one through a one-slot queue.
 //! - [`writer`]: stores each batch in the [`sink`], re-reading the sink's checkpoint after any
 //!   failure and rewinding the fetcher when it moved.
 //! - [`sink`]: the [`Sink`](sink::Sink) trait; MongoDB (documents, dead letters and checkpoint,
@@ -34,11 +33,9 @@
 //! everything transient is retried with capped backoff for as long as it takes.
 
 pub mod config;
-pub mod divergence;
 pub mod error;
 pub mod fetcher;
 pub mod health;
-pub mod listener;
 pub mod metrics;
 pub mod monitor;
 pub mod publisher;
@@ -51,7 +48,7 @@ use event_store::db;
 use event_store::migrations::{self, Role};
 use event_store::position::{Limits, Reader};
 use services::ops::{self, Health};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -60,17 +57,13 @@ pub use error::{Error, Result};
 use sink::mongo::MongoConfig;
 use sink::{Checkpoint, MongoSink, NullSink, Sink};
 
-use crate::divergence::Expected;
-use crate::fetcher::{Fetcher, Rewind};
 use crate::health::{Context, Status, MONGODB, POSTGRES};
-use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::writer::{Committed, Writer};
+use event_store::divergence::{self, Expected};
+use event_store::follow::Rewind;
+use event_store::listener::Listener;
 use event_store::retry::{sleep_or_stop, Policy, Retry};
-
-/// Batches queued between the fetcher and the writer: one queued plus one being fetched while
-/// one is written.
-const PIPELINE_SLOTS: usize = 1;
 
 /// Runs the consumer described by `config` until `shutdown` is cancelled (then returns `Ok`
 /// after the batch in flight), or until an error that waiting cannot fix.
@@ -143,7 +136,7 @@ pub async fn run_with<S: Sink>(
         let connected = async {
             let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
             migrations::check(listener.client(), Role::Consumer).await?;
-            fetcher::take_lease(listener.client(), &ctx.name).await?;
+            event_store::lease::take(listener.client(), &ctx.name).await?;
             Ok::<_, Error>(listener)
         }
         .await;
@@ -238,26 +231,36 @@ pub async fn run_with<S: Sink>(
         stop.clone(),
     ));
 
-    let (queue_tx, queue_rx) = mpsc::channel(PIPELINE_SLOTS);
     let (rewind_tx, rewind_rx) = watch::channel(Rewind::default());
-    let fetcher = Fetcher::new(
+    let follower = fetcher::spawn(
         ctx.clone(),
         start,
-        queue_tx,
-        rewind_rx,
-        committed_rx_fetcher,
+        first,
         origin,
+        committed_rx_fetcher,
+        rewind_rx,
         stop.clone(),
     );
     let writer = Writer::new(
         ctx.clone(),
         sink,
-        queue_rx,
+        follower.steps,
         rewind_tx,
         committed_tx,
         stop.clone(),
     );
-    let fetcher = tokio::spawn(cancel_on_error(fetcher.run(first), stop.clone()));
+    let fetcher = {
+        let task = follower.task;
+        let stop = stop.clone();
+        tokio::spawn(cancel_on_error(
+            async move {
+                task.await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+                    .map_err(Error::from)
+            },
+            stop,
+        ))
+    };
     let writer = tokio::spawn(cancel_on_error(writer.run(), stop.clone()));
     let (fetched, written) = tokio::join!(fetcher, writer);
     stop.cancel();

@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::fetcher::Rewind;
+use crate::fetcher::report_gap;
 use crate::health::Context;
 use crate::sink::{Checkpoint, Delivery, Sink, Written};
+use event_store::follow::{Rewind, Step};
 use event_store::retry::{sleep_or_stop, Policy, Retry};
 
 /// How long a write in flight may finish after shutdown was requested.
@@ -41,7 +42,7 @@ pub struct Committed {
 pub struct Writer<S: Sink> {
     ctx: Arc<Context>,
     sink: S,
-    input: mpsc::Receiver<Delivery>,
+    input: mpsc::Receiver<Step<Delivery>>,
     rewinds: watch::Sender<Rewind>,
     committed: watch::Sender<Committed>,
     shutdown: CancellationToken,
@@ -53,7 +54,7 @@ impl<S: Sink> Writer<S> {
     pub fn new(
         ctx: Arc<Context>,
         sink: S,
-        input: mpsc::Receiver<Delivery>,
+        input: mpsc::Receiver<Step<Delivery>>,
         rewinds: watch::Sender<Rewind>,
         committed: watch::Sender<Committed>,
         shutdown: CancellationToken,
@@ -72,14 +73,20 @@ impl<S: Sink> Writer<S> {
 
     pub async fn run(mut self) -> Result<()> {
         loop {
-            let delivery = tokio::select! {
+            let fetched = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
                 next = self.input.recv() => match next {
-                    Some(delivery) => delivery,
+                    Some(Step::Batch(fetched)) => fetched,
+                    Some(Step::CaughtUp { .. }) => continue,
                     None => return Ok(()),
                 },
             };
+            if let Some(watermark) = &fetched.gap {
+                report_gap(&self.ctx, fetched.after, watermark, &fetched.item);
+            }
+            let mut delivery = fetched.item;
+            delivery.generation = fetched.generation;
             if delivery.generation != self.generation {
                 continue; // fetched before a rewind
             }

@@ -47,6 +47,13 @@ pub enum Error {
     },
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
+    /// Carrying on would lose or skip events: a stored position from another database or cluster,
+    /// or history that changed under it ([`crate::divergence`]). Needs an operator.
+    #[error("{0}")]
+    Integrity(String),
+    /// Another session holds a consumer's lease ([`crate::lease`]); waiting for it to end.
+    #[error("{0}")]
+    LeaseHeld(String),
 }
 
 impl Error {
@@ -84,6 +91,7 @@ impl Error {
                 deadpool_postgres::PoolError::Backend(e) => is_transient_pg(e),
                 _ => true,
             },
+            Error::LeaseHeld(_) => true,
             _ => false,
         }
     }
@@ -94,8 +102,12 @@ impl Error {
     /// pause and say why in `/healthz`.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Error::Config(_) | Error::Schema(_) | Error::Privilege(_) | Error::Migration(_) => true,
-            Error::InvalidEvent(_) => false,
+            Error::Config(_)
+            | Error::Schema(_)
+            | Error::Privilege(_)
+            | Error::Migration(_)
+            | Error::Integrity(_) => true,
+            Error::InvalidEvent(_) | Error::LeaseHeld(_) => false,
             _ => self.pg_error().is_some_and(is_permanent_pg),
         }
     }

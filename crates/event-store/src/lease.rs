@@ -75,6 +75,23 @@ pub async fn try_acquire(client: &Client, consumer: &str) -> Result<bool> {
     Ok(row.get(0))
 }
 
+/// Takes consumer `consumer`'s lease on this connection, or fails with [`Error::LeaseHeld`] naming
+/// the holder: while it is held, `eventsctl reset` refuses to move the checkpoint, and a second
+/// process with the same name waits instead of writing beside this one. The lease ends with the
+/// connection; should an operator move the checkpoint while it is lost, the consumer finds the
+/// checkpoint moved and rewinds, so nothing is skipped either way.
+pub async fn take(client: &Client, consumer: &str) -> Result<()> {
+    if try_acquire(client, consumer).await? {
+        return Ok(());
+    }
+    let holder = holder(client, consumer).await.ok().flatten();
+    Err(Error::LeaseHeld(format!(
+        "another session holds the lease of consumer {consumer:?} ({}): another consumer with \
+         this name is running, or `eventsctl reset` is moving its checkpoint; waiting for it to end",
+        holder.map_or("holder not visible".into(), |h| h.to_string())
+    )))
+}
+
 /// Gives `consumer`'s lease back (one level, if taken more than once). `false` when this session
 /// did not hold it.
 pub async fn release(client: &Client, consumer: &str) -> Result<bool> {

@@ -8,6 +8,10 @@
 //!   and read only below the *visibility horizon* (the oldest transaction still running): no row
 //!   can ever appear behind a position once it has been read. All SQL that reads events by
 //!   position lives in that module, and nowhere else.
+//! - [`follow`]: the one loop that follows the stream (LISTEN before the first read, pipelined
+//!   fetches, horizon back-off, gap detection, fallback poll, reconnects, prefetch), on the
+//!   dedicated connection of [`listener`]; [`divergence`]: is this still the database a stored
+//!   position was read from?
 //! - [`db`]: connection pools and dedicated connections, with errors that say what to do.
 //! - [`lease`]: the session advisory lock a running consumer holds, so that operator tools
 //!   (`eventsctl reset`) can tell it is running and refuse to move its checkpoint.
@@ -27,9 +31,12 @@
 pub mod capture;
 pub mod channel;
 pub mod db;
+pub mod divergence;
 pub mod error;
 pub mod event;
+pub mod follow;
 pub mod lease;
+pub mod listener;
 pub mod migrations;
 pub mod position;
 pub mod retry;

@@ -226,3 +226,142 @@ async fn tail_prints_a_change_made_after_a_commit_after_it() {
         ]
     );
 }
+
+/// Without `--follow`, tail stops only when nothing more is readable — never because a batch was
+/// cut by the byte bound or a topic filter skipped most rows: every stored event is printed, for
+/// 8 KiB and 1 MiB payloads (compressible and not), and a filter that skips most rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_prints_every_stored_event_whatever_cuts_the_batches() {
+    let env = setup(false).await;
+    // 3,000 events of 8 KiB: a 4 MiB batch holds about 500 of them.
+    env.admin
+        .batch_execute(
+            "INSERT INTO events (topic, payload)
+             SELECT 'big', jsonb_build_object('n', g, 'pad', repeat(md5(g::text), 256))
+               FROM generate_series(1, 3000) AS g",
+        )
+        .await
+        .unwrap();
+    let out = env.ctl(&["tail", "--from", "earliest"]).await;
+    assert_exit(&out, 0, "tail of 8 KiB events");
+    let printed = lines(&out);
+    assert_eq!(printed.len(), 3000, "every 8 KiB event");
+    let ns: Vec<i64> = printed
+        .iter()
+        .map(|e| e["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, (1..=3000).collect::<Vec<_>>(), "in order, once each");
+
+    // 1 MiB payloads: repeated text (stored compressed, so the server's size bound lets more
+    // through than the reader takes) and random-looking text.
+    env.admin
+        .batch_execute(
+            "TRUNCATE events;
+             INSERT INTO events (topic, payload)
+             SELECT 'huge', jsonb_build_object('n', g, 'pad',
+                    CASE WHEN g % 2 = 0 THEN repeat('x', 1 << 20)
+                         ELSE (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 32768) AS i) END)
+               FROM generate_series(1, 12) AS g",
+        )
+        .await
+        .unwrap();
+    let out = env.ctl(&["tail", "--from", "earliest"]).await;
+    assert_exit(&out, 0, "tail of 1 MiB events");
+    let ns: Vec<i64> = lines(&out)
+        .iter()
+        .map(|e| e["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, (1..=12).collect::<Vec<_>>(), "every 1 MiB event");
+
+    // A filter that skips most rows: 10 wanted among 20,000.
+    env.admin
+        .batch_execute(
+            "TRUNCATE events;
+             INSERT INTO events (topic, payload)
+             SELECT CASE WHEN g % 2000 = 0 THEN 'wanted' ELSE 'noise' END, jsonb_build_object('n', g)
+               FROM generate_series(1, 20000) AS g",
+        )
+        .await
+        .unwrap();
+    let out = env
+        .ctl(&[
+            "tail",
+            "--from",
+            "earliest",
+            "--topic",
+            "wanted",
+            "--batch-size",
+            "500",
+        ])
+        .await;
+    assert_exit(&out, 0, "tail with a filter");
+    let ns: Vec<i64> = lines(&out)
+        .iter()
+        .map(|e| e["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, (1..=10).map(|i| i * 2000).collect::<Vec<_>>());
+}
+
+/// With `--follow`: every stored 8 KiB event, then live ones as they commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_follow_prints_stored_then_live_events() {
+    let env = setup(false).await;
+    env.admin
+        .batch_execute(
+            "INSERT INTO events (topic, payload)
+             SELECT 'big', jsonb_build_object('n', g, 'pad', repeat(md5(g::text), 256))
+               FROM generate_series(1, 1500) AS g",
+        )
+        .await
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventsctl"))
+        .args([
+            "tail",
+            "--from",
+            "earliest",
+            "--follow",
+            "--poll-interval",
+            "200ms",
+        ])
+        .env_clear()
+        .env("DATABASE_URL", env.pg.url_for("ops", None))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut ns = Vec::new();
+    let next = |ns: &mut Vec<i64>| {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tail --follow prints every event");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        ns.push(event["payload"]["n"].as_i64().unwrap());
+    };
+    while ns.len() < 1500 {
+        next(&mut ns);
+    }
+    env.admin
+        .batch_execute(
+            "INSERT INTO events (topic, payload)
+             SELECT 'big', jsonb_build_object('n', g, 'pad', repeat(md5(g::text), 256))
+               FROM generate_series(1501, 2000) AS g;
+             SELECT pg_notify('events', '')",
+        )
+        .await
+        .unwrap();
+    while ns.len() < 2000 {
+        next(&mut ns);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(ns, (1..=2000).collect::<Vec<_>>());
+}

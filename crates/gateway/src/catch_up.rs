@@ -3,13 +3,18 @@
 //! clients under a semaphore (`--catch-up-concurrency`). A crowd of clients reconnecting at once
 //! therefore queues here instead of opening a connection each; a client holds a permit for one
 //! fetch at a time, never while it waits for its own (possibly slow) connection.
+//!
+//! Each fetch is the shared fetch step ([`ReadState`]: row and byte bounds, the adaptation to
+//! compressed payloads, the watermark read after the fetch). [`CatchUp::read_ahead`] runs the
+//! fetches on a task of their own, one batch ahead of the client's session, so the next fetch
+//! overlaps sending the current batch.
 
 use std::sync::{Arc, Mutex};
 
-use event_store::position::{Reader, Watermark};
+use event_store::follow::ReadState;
+use event_store::position::{Limits, Reader, Watermark};
 use event_store::{db, Position};
-use futures_util::future::try_join;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_postgres::Client;
 
 use crate::error::Result;
@@ -39,7 +44,7 @@ pub struct CatchUp {
     pg: event_store::db::Database,
     permits: Semaphore,
     idle: Mutex<Vec<Conn>>,
-    batch_size: usize,
+    limits: Limits,
     metrics: Metrics,
 }
 
@@ -47,14 +52,14 @@ impl CatchUp {
     pub fn new(
         pg: event_store::db::Database,
         concurrency: usize,
-        batch_size: usize,
+        limits: Limits,
         metrics: Metrics,
     ) -> CatchUp {
         CatchUp {
             pg,
             permits: Semaphore::new(concurrency.max(1)),
             idle: Mutex::new(Vec::new()),
-            batch_size,
+            limits,
             metrics,
         }
     }
@@ -77,30 +82,49 @@ impl CatchUp {
 
     /// Up to a batch of events past `after` (`topics`: `None` for all), and the watermark.
     pub async fn fetch(&self, after: Position, topics: Option<&[String]>) -> Result<Step> {
+        self.fetch_from(&mut ReadState::new(after), topics).await
+    }
+
+    /// The next batch of `state` (which keeps the row limit adapted across fetches).
+    async fn fetch_from(&self, state: &mut ReadState, topics: Option<&[String]>) -> Result<Step> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
-        let fetched = try_join(
-            conn.reader
-                .fetch(&conn.client, after, self.batch_size, topics),
-            conn.reader.watermark(&conn.client),
-        )
-        .await;
+        let fetched = state
+            .fetch(&conn.client, &conn.reader, self.limits, topics)
+            .await;
         self.metrics.fetch(false);
-        let (batch, watermark) = match fetched {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                // A failed connection is not given back; the next fetch makes a new one.
-                return Err(e.into());
-            }
-        };
+        // A failed connection is not given back; the next fetch makes a new one.
+        let round = fetched?;
         self.give_back(conn);
         Ok(Step {
-            events: batch.events.into_iter().map(Encoded::new).collect(),
-            end: batch.end,
-            scanned: batch.scanned,
-            more: batch.more,
-            watermark,
+            scanned: round.batch.scanned,
+            more: round.batch.more,
+            end: round.batch.end,
+            events: round.batch.events.into_iter().map(Encoded::new).collect(),
+            watermark: round.watermark,
         })
+    }
+
+    /// Reads stored events past `after` on a task of its own, one batch ahead of the caller,
+    /// until a batch comes back short (or fails, or the caller drops the receiver).
+    pub fn read_ahead(
+        self: &Arc<Self>,
+        after: Position,
+        topics: Option<Vec<String>>,
+    ) -> mpsc::Receiver<Result<Step>> {
+        let (tx, rx) = mpsc::channel(1);
+        let catch_up = self.clone();
+        tokio::spawn(async move {
+            let mut state = ReadState::new(after);
+            loop {
+                let step = catch_up.fetch_from(&mut state, topics.as_deref()).await;
+                let last = step.as_ref().map_or(true, |s| !s.more);
+                if tx.send(step).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        rx
     }
 
     /// Why `position` cannot be resumed from, if it cannot: it is ahead of this cluster's
@@ -109,11 +133,11 @@ impl CatchUp {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
         let checked =
-            consumer::divergence::check_not_ahead(&conn.client, "gateway", position).await;
+            event_store::divergence::check_not_ahead(&conn.client, "gateway", position).await;
         self.give_back(conn);
         match checked {
             Ok(()) => Ok(None),
-            Err(consumer::Error::Integrity(_)) => Ok(Some(format!(
+            Err(event_store::Error::Integrity(_)) => Ok(Some(format!(
                 "position {position} is ahead of this database's transaction counter (a \
                  position from another database, or from before a restore)"
             ))),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use services::config::{parse_duration, ChannelArgs, LogArgs, PostgresArgs};
+use services::config::{parse_bytes, parse_duration, ChannelArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
 
@@ -104,6 +104,17 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=100_000)
     )]
     pub batch_size: u32,
+
+    /// Bytes of payload and headers per database fetch, as well as --batch-size (live and
+    /// catch-up): memory stays bounded whatever the payloads. A single larger event still comes
+    /// alone. Accepts B, KiB, MiB.
+    #[arg(
+        long = "batch-max-bytes",
+        env = "GATEWAY_BATCH_MAX_BYTES",
+        default_value = "4MiB",
+        value_parser = parse_bytes
+    )]
+    pub batch_max_bytes: usize,
 
     /// Comment lines sent on idle streams so proxies keep them open.
     #[arg(

@@ -12,15 +12,6 @@ pub enum Error {
     Tokens(String),
     #[error(transparent)]
     Store(#[from] event_store::Error),
-    /// Boxed: the consumer's error carries a whole dead letter, and ours is returned often.
-    #[error(transparent)]
-    Consumer(Box<consumer::Error>),
-}
-
-impl From<consumer::Error> for Error {
-    fn from(e: consumer::Error) -> Error {
-        Error::Consumer(Box::new(e))
-    }
 }
 
 impl Error {
@@ -29,7 +20,6 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Store(e) => e.is_transient(),
-            Error::Consumer(e) => e.is_transient(),
             Error::Config(_) | Error::Tokens(_) => false,
         }
     }
@@ -39,7 +29,6 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::Store(e) => e.is_permanent(),
-            Error::Consumer(e) => e.is_permanent(),
             Error::Config(_) | Error::Tokens(_) => true,
         }
     }

@@ -2,8 +2,7 @@
 //! number of clients, fanned out through a broadcast channel.
 //!
 //! The hub walks the stream from the position it started at (the newest readable event) with the
-//! shared no-skip reading ([`event_store::position::Reader`]: `(tx_id, id)` order, only below the
-//! visibility horizon), exactly as the consumer does: a wake-up (a hint, never trusted) or the
+//! shared [`Follower`], the same loop as the consumer's: a wake-up (a hint, never trusted) or the
 //! fallback poll triggers one pipelined round trip — "is anything held back by an open
 //! transaction?", the fetch, the purge watermark — and a full batch is followed at once by the
 //! next. Each batch is encoded once and broadcast as an `Arc`, so a thousand clients cost a
@@ -17,16 +16,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consumer::listener::Listener;
+use event_store::follow::{Follow, Follower, Observer, Step};
+use event_store::listener::Listener;
 use event_store::migrations::{self, Role};
-use event_store::position::{self, Reader};
-use event_store::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
+use event_store::position::{self, Batch, Limits, Reader};
+use event_store::retry::{sleep_or_stop, Policy, Retry};
 use event_store::Position;
-use futures_util::future::{try_join, try_join3};
 use services::ops::Health;
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
@@ -88,7 +87,7 @@ impl Live {
 pub struct Hub {
     pub pg: event_store::db::Database,
     pub channel: String,
-    pub batch_size: usize,
+    pub limits: Limits,
     pub poll_interval: Duration,
     pub health: Arc<Health>,
     pub metrics: Metrics,
@@ -129,147 +128,91 @@ impl Hub {
         }
     }
 
-    /// Reads live events past `live`'s head and broadcasts them until `shutdown`.
+    /// Reads live events past `live`'s head and broadcasts them until `shutdown`, with the shared
+    /// [`Follower`] (the consumer's and `eventsctl tail`'s loop): each batch is encoded on the
+    /// follower's task while the previous one is broadcast.
     pub async fn run(
         self,
         live: Arc<Live>,
         wake: Arc<Notify>,
-        mut connection: Option<(Listener, Reader)>,
+        connection: Option<(Listener, Reader)>,
         shutdown: CancellationToken,
     ) {
-        let mut after = live.head();
-        let mut caught_up = false;
-        let mut reconnect = Retry::new(Policy::default());
-        let mut horizon = Retry::new(HORIZON_POLL);
-        let mut failures = 0u32;
-        let mut gap_reported_to = after;
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            let (conn, reader) = match connection.take() {
-                Some(live) if !live.0.is_closed() => live,
-                _ => {
-                    let connected = async {
-                        let listener =
-                            Listener::connect(&self.pg, &self.channel, wake.clone()).await?;
-                        let reader = Reader::prepare(listener.client()).await?;
-                        Ok::<_, crate::Error>((listener, reader))
-                    }
-                    .await;
-                    match connected {
-                        Ok(live) => {
-                            info!(attempts = failures + 1, "Reconnected to PostgreSQL.");
-                            self.health.ok(POSTGRES);
-                            failures = 0;
-                            reconnect.succeeded();
-                            caught_up = false;
-                            live
-                        }
-                        Err(e) => {
-                            failures += 1;
-                            warn!(error = %e, attempt = failures,
-                                  "Cannot connect to PostgreSQL; live streams wait.");
-                            self.health.failing(POSTGRES, e.to_string());
-                            if sleep_or_stop(reconnect.next_pause(e.is_permanent()), &shutdown)
-                                .await
-                            {
-                                return;
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            let client = conn.client();
-            let limit = self.batch_size;
-            let fetched = if caught_up {
-                try_join3(
-                    reader.pending_beyond_horizon(client, after),
-                    reader.fetch(client, after, limit, None),
-                    reader.watermark(client),
-                )
-                .await
-            } else {
-                try_join(
-                    reader.fetch(client, after, limit, None),
-                    reader.watermark(client),
-                )
-                .await
-                .map(|(batch, watermark)| (false, batch, watermark))
-            };
-            self.metrics.fetch(true);
-            let (beyond, batch, watermark) = match fetched {
-                Ok(fetched) => fetched,
-                Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, attempt = failures, "Fetching live events failed; reconnecting.");
-                    self.health.failing(POSTGRES, e.to_string());
-                    drop(conn);
-                    if sleep_or_stop(reconnect.next_pause(e.is_permanent()), &shutdown).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let gap = watermark
-                .map(|w| w.position)
-                .filter(|w| *w > after && *w > gap_reported_to);
-            if let Some(w) = gap {
-                warn!(missing_after = %after, missing_up_to = %w,
-                      "Events were purged before the gateway could read them; live clients are told.");
-                gap_reported_to = w;
-            }
-            let more = batch.more;
+        let follow = Follow {
+            pg: self.pg.clone(),
+            channel: self.channel.clone(),
+            limits: self.limits,
+            topics: None,
+            poll_interval: self.poll_interval,
+            until_caught_up: false,
+            prefetch: 1,
+            wake,
+        };
+        let encode = |batch: Batch, _after: Position| -> Vec<Arc<Encoded>> {
             if !batch.undecodable.is_empty() {
                 // Passed over, as the consumer does (it records them as dead letters).
                 warn!(rows = batch.undecodable.len(), first = %batch.undecodable[0].position,
                       reason = %batch.undecodable[0].reason,
                       "Rows that cannot be decoded are not sent to live clients.");
             }
-            if let Some(end) = batch.end {
-                let events = batch.events.into_iter().map(Encoded::new).collect();
-                live.publish(LiveBatch {
-                    after,
-                    end,
-                    events,
-                    gap,
-                });
-                after = end;
-                self.metrics.head(end);
+            batch.events.into_iter().map(Encoded::new).collect()
+        };
+        let observer = Arc::new(HubObserver {
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let mut follower = Follower::spawn(
+            follow,
+            observer,
+            live.head(),
+            connection,
+            None,
+            encode,
+            shutdown.clone(),
+        );
+        while let Some(step) = follower.steps.recv().await {
+            let Step::Batch(fetched) = step else { continue };
+            let gap = fetched.gap.map(|w| w.position);
+            if let Some(w) = gap {
+                warn!(missing_after = %fetched.after, missing_up_to = %w,
+                      "Events were purged before the gateway could read them; live clients are told.");
             }
-            if more {
-                caught_up = false;
-                connection = Some((conn, reader));
-                continue;
-            }
-            if !caught_up {
-                caught_up = true;
-                connection = Some((conn, reader));
-                continue;
-            }
-            if beyond {
-                let wait = horizon.next_pause(false);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = async {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        wake.notified().await
-                    } => self.metrics.wakeup(),
-                    _ = conn.closed() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                connection = Some((conn, reader));
-                continue;
-            }
-            horizon = Retry::new(HORIZON_POLL);
-            tokio::select! {
-                _ = wake.notified() => self.metrics.wakeup(),
-                _ = tokio::time::sleep(self.poll_interval) => {}
-                _ = conn.closed() => {}
-                _ = shutdown.cancelled() => return,
-            }
-            connection = Some((conn, reader));
+            live.publish(LiveBatch {
+                after: fetched.after,
+                end: fetched.end,
+                events: fetched.item,
+                gap,
+            });
+            self.metrics.head(fetched.end);
         }
+        match follower.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "The live reader stopped."),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// The hub's health and metrics, as the follower observes them.
+struct HubObserver {
+    health: Arc<Health>,
+    metrics: Metrics,
+}
+
+impl Observer for HubObserver {
+    fn postgres_ok(&self) {
+        self.health.ok(POSTGRES);
+    }
+
+    fn postgres_failing(&self, error: &event_store::Error) {
+        self.health.failing(POSTGRES, error.to_string());
+    }
+
+    fn wakeup(&self) {
+        self.metrics.wakeup();
+    }
+
+    fn fetched(&self) {
+        self.metrics.fetch(true);
     }
 }

@@ -111,10 +111,14 @@ impl Bound {
 
         let mut listen_pg = pg.clone();
         listen_pg.application_name("events-gateway:listen");
+        let limits = event_store::position::Limits {
+            rows: config.batch_size as usize,
+            bytes: config.batch_max_bytes,
+        };
         let hub = Hub {
             pg: listen_pg,
             channel: config.channel.notify_channel.to_string(),
-            batch_size: config.batch_size as usize,
+            limits,
             poll_interval: config.poll_interval,
             health: health.clone(),
             metrics: metrics.clone(),
@@ -138,12 +142,12 @@ impl Bound {
         catch_up_pg.application_name("events-gateway:catch-up");
         let shared = Arc::new(Shared {
             live,
-            catch_up: CatchUp::new(
+            catch_up: Arc::new(CatchUp::new(
                 catch_up_pg,
                 config.catch_up_concurrency as usize,
-                config.batch_size as usize,
+                limits,
                 metrics.clone(),
-            ),
+            )),
             metrics: metrics.clone(),
             heartbeat: config.heartbeat_interval,
             max_age: config.max_stream_age,

@@ -76,7 +76,7 @@ impl Subscription {
 /// What every session shares.
 pub struct Shared {
     pub live: Arc<Live>,
-    pub catch_up: CatchUp,
+    pub catch_up: Arc<CatchUp>,
     pub metrics: Metrics,
     pub heartbeat: Duration,
     pub max_age: Duration,
@@ -174,9 +174,11 @@ impl State {
 
         loop {
             // Catch up on stored events until a fetch comes back short.
+            // The next fetch runs while this one's events are queued (read-ahead).
             if !start_live {
-                loop {
-                    match self.fetch(shared, sub, tx).await {
+                let mut ahead = shared.catch_up.read_ahead(self.after, sub.topics.clone());
+                while let Some(step) = ahead.recv().await {
+                    match self.take(shared, sub, tx, step).await {
                         Ok(step) if step.more => continue,
                         Ok(_) => break,
                         Err(end) => return end,
@@ -231,11 +233,23 @@ impl State {
         sub: &Subscription,
         tx: &mpsc::Sender<Frame>,
     ) -> Result<Fetched, End> {
-        let step: Step = match shared
+        let step = shared
             .catch_up
             .fetch(self.after, sub.topics.as_deref())
-            .await
-        {
+            .await;
+        self.take(shared, sub, tx, step).await
+    }
+
+    /// Queues one stored-events fetch's events (waiting for room: a catching-up client paces
+    /// itself), reporting a gap first when the watermark shows one.
+    async fn take(
+        &mut self,
+        shared: &Shared,
+        sub: &Subscription,
+        tx: &mpsc::Sender<Frame>,
+        step: crate::Result<Step>,
+    ) -> Result<Fetched, End> {
+        let step: Step = match step {
             Ok(step) => step,
             Err(e) => {
                 warn!(error = %e, after = %self.after,

@@ -1,18 +1,21 @@
 //! `eventsctl tail`: events as JSON lines, read exactly as a consumer reads them — in position
 //! order, only below the visibility horizon (`event_store::position::Reader`), so an event whose
-//! transaction commits late is printed late, never skipped. `--follow` LISTENs on the consumers'
-//! wake-up channel (the consumer's own `Listener`) before its first read, and polls as a fallback.
+//! transaction commits late is printed late, never skipped. It follows the stream with the shared
+//! [`Follower`] (as the consumer does): LISTEN before the first read, batches cut by rows or
+//! bytes followed at once, and without `--follow` it stops only when nothing more is readable.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use event_store::follow::{Follow, Follower, Quiet, Step};
+use event_store::listener::Listener;
 use event_store::migrations::{self, Role};
-use event_store::position::Reader;
-use event_store::{db, Topic};
+use event_store::position::{Batch, Reader};
+use event_store::{db, Position, Topic};
 use services::config::{parse_duration, ChannelArgs};
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::Cli;
 use crate::exit::{self, Code};
@@ -60,82 +63,91 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     for topic in &args.topics {
         Topic::new(topic.as_str()).map_err(|e| exit::usage(e.to_string()))?;
     }
-    let topics = (!args.topics.is_empty()).then_some(args.topics.as_slice());
     let config = db::config(&cli.postgres.database_url, "eventsctl:tail")?;
-    let wake = Arc::new(Notify::new());
+    let mut follow = Follow::new(config, args.channel.notify_channel.as_str());
+    follow.limits.rows = args.batch_size as usize;
+    follow.topics = (!args.topics.is_empty()).then(|| args.topics.clone());
+    follow.poll_interval = args.poll_interval;
+    follow.until_caught_up = !args.follow;
     // LISTEN before the first read: an event committed in between is either read or announced.
-    let listener = consumer::listener::Listener::connect(
-        &config,
-        args.channel.notify_channel.as_str(),
-        wake.clone(),
-    )
-    .await
-    .context("connect for tail")?;
+    let listener = Listener::connect(&follow.pg, &follow.channel, follow.wake.clone())
+        .await
+        .context("connect for tail")?;
     let client = listener.client();
     migrations::check(client, Role::Consumer).await?;
     let reader = Reader::prepare(client).await?;
-    let mut after = args.from.resolve(client).await?.position;
+    let from = args.from.resolve(client).await?.position;
 
-    let progress = output::counter("events");
-    let mut printed: u64 = 0;
-    let mut held_back_delay = Duration::from_millis(20);
-    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-    loop {
-        let batch = reader
-            .fetch(client, after, args.batch_size as usize, topics)
-            .await?;
+    // The follower reads (and turns events into JSON lines) while this task prints.
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
+    let encode = |batch: Batch, _after: Position| -> Vec<String> {
         for row in &batch.undecodable {
             tracing::warn!(event = %row.position, reason = %row.reason,
                 "Skipping an event whose columns cannot be decoded.");
         }
-        for event in &batch.events {
-            if args.limit.is_some_and(|limit| printed >= limit) {
+        batch.events.iter().map(|event| event.to_json()).collect()
+    };
+    let mut follower = Follower::spawn(
+        follow,
+        Arc::new(Quiet),
+        from,
+        Some((listener, reader)),
+        None,
+        encode,
+        stop.clone(),
+    );
+
+    let progress = output::counter("events");
+    let mut printed: u64 = 0;
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let step = tokio::select! {
+            step = follower.steps.recv() => step,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        match step {
+            Some(Step::Batch(fetched)) => {
+                if let Some(watermark) = &fetched.gap {
+                    eprintln!(
+                        "warning: events after {} up to {} were purged before tail read them",
+                        fetched.after, watermark.position
+                    );
+                }
+                for line in &fetched.item {
+                    if args.limit.is_some_and(|limit| printed >= limit) {
+                        break;
+                    }
+                    stdout.write_all(line.as_bytes())?;
+                    stdout.write_all(b"\n")?;
+                    printed += 1;
+                }
+                if args.limit.is_some_and(|limit| printed >= limit) {
+                    break;
+                }
+                // Without --follow, print as fast as the reader goes; with it, show each batch.
+                if args.follow {
+                    stdout.flush()?;
+                }
+                if let Some(bar) = &progress {
+                    bar.set_position(printed);
+                }
+            }
+            Some(Step::CaughtUp { at, held_back }) => {
+                if held_back {
+                    eprintln!(
+                        "note: committed events after {at} are held back by an older open \
+                         transaction (see `eventsctl status`); they are printed once it ends"
+                    );
+                }
                 break;
             }
-            stdout.write_all(event.to_json().as_bytes())?;
-            stdout.write_all(b"\n")?;
-            printed += 1;
-            // The position only moves past what was printed, so --limit never skips an event.
-            after = event.position;
-        }
-        if args.limit.is_some_and(|limit| printed >= limit) {
-            break;
-        }
-        if let Some(end) = batch.end {
-            after = end;
-        }
-        stdout.flush()?;
-        if let Some(bar) = &progress {
-            bar.set_position(printed);
-        }
-        if batch.scanned == args.batch_size as usize {
-            continue;
-        }
-        let held_back = reader.pending_beyond_horizon(client, after).await?;
-        if !args.follow {
-            if held_back {
-                eprintln!(
-                    "note: committed events after {after} are held back by an older open \
-                     transaction (see `eventsctl status`); they are printed once it ends"
-                );
+            None => {
+                stdout.flush()?;
+                // The follower stopped on its own: an error it cannot retry past.
+                follower.task.await??;
+                break;
             }
-            break;
-        }
-        // Caught up: wait for a wake-up, or re-poll soon when an open transaction holds
-        // committed events back (no wake-up will come for those).
-        let wait = if held_back {
-            let d = held_back_delay;
-            held_back_delay = (held_back_delay * 2).min(Duration::from_secs(1));
-            d
-        } else {
-            held_back_delay = Duration::from_millis(20);
-            args.poll_interval
-        };
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = listener.closed() => anyhow::bail!("the connection to PostgreSQL closed; run tail again with --from {after}"),
-            _ = tokio::signal::ctrl_c() => break,
         }
     }
     stdout.flush()?;

@@ -1,4 +1,5 @@
-//! "Is this still the database my checkpoint came from?" — asked at start and on every reconnect.
+//! "Is this still the database my checkpoint came from?" — asked by a reader with a stored
+//! position (the consumer, at start and on every reconnect; the gateway, of a resume position).
 //!
 //! A position `(tx_id, id)` only means something in the database it was read from. Three ways to
 //! lose that silently, each caught here before anything is fetched:
@@ -17,7 +18,7 @@
 //! or skipped), or move the checkpoint with `eventsctl reset`. Checkpoints written before these
 //! fields existed, or by `eventsctl reset`, skip the event check.
 
-use event_store::position::{self, Origin, Position};
+use crate::position::{self, Origin, Position};
 use tokio_postgres::Client;
 use tracing::warn;
 
@@ -44,16 +45,12 @@ pub async fn check_not_ahead(client: &Client, name: &str, position: Position) ->
     let row = client
         .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .await
-        .map_err(|e| event_store::Error::database("read the cluster's transaction counter", e))?;
+        .map_err(|e| Error::database("read the cluster's transaction counter", e))?;
     let next: u64 = row
         .try_get::<_, &str>(0)
         .ok()
         .and_then(|t| t.parse().ok())
-        .ok_or_else(|| {
-            Error::Store(event_store::Error::Schema(
-                "unexpected xid8 text from the server".into(),
-            ))
-        })?;
+        .ok_or_else(|| Error::Schema("unexpected xid8 text from the server".into()))?;
     if position.tx_id >= next {
         return Err(Error::Integrity(format!(
             "consumer {name:?} is at position {position}, but this PostgreSQL cluster's next \

@@ -11,13 +11,13 @@
 //! returns, so the first catch-up fetch can never miss an event that commits in between: either
 //! the fetch sees it, or its notification arrives afterwards.
 //!
-//! TCP keepalives come from [`event_store::db::config`], so a silently dead peer (a server host
+//! TCP keepalives come from [`crate::db::config`], so a silently dead peer (a server host
 //! that vanished) is noticed by the socket, not only by the next query.
 
 use std::sync::Arc;
 
-use event_store::db;
-use event_store::db::Database;
+use crate::db;
+use crate::db::Database;
 use futures_util::future::poll_fn;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -72,9 +72,7 @@ impl Listener {
             .client
             .batch_execute(&format!("LISTEN {}", quote_ident(channel)))
             .await
-            .map_err(|e| {
-                event_store::Error::database(format!("LISTEN on channel {channel:?}"), e)
-            })?;
+            .map_err(|e| crate::Error::database(format!("LISTEN on channel {channel:?}"), e))?;
         Ok(listener)
     }
 
