@@ -27,7 +27,7 @@
 //! follows: the update matches `{_id, tx_id, id}` of that position. When it matches nothing, the
 //! server no longer holds what we wrote last (it acknowledged writes and lost them in a crash or a
 //! failover rollback, or an operator moved the checkpoint), and the write fails with
-//! [`Error::CheckpointMoved`]: the consumer reads the checkpoint again and delivers from there.
+//! [`SinkError::CheckpointMoved`]: the consumer reads the checkpoint again and delivers from there.
 //! Writes use write concern `majority` with journaling unless the URI says otherwise (`w=`,
 //! `journal=`), so an acknowledged batch survives a crash of the server.
 //!
@@ -45,6 +45,9 @@
 //! store, and the consumer stops rather than skip or overwrite an event.
 
 pub mod document;
+mod error;
+
+pub use error::{compact, failed};
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -59,7 +62,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
 use crate::config::{OnPoison, Transactions};
-use crate::error::{compact, Error, Result};
+use crate::sink::{SinkError, SinkResult};
 
 /// The checkpoints collection, next to the events collection.
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -133,7 +136,7 @@ struct Part {
 impl MongoSink {
     /// Parses the URI (an unparseable one is a configuration error) and prepares a client; no
     /// connection is made until [`Sink::open`].
-    pub async fn new(config: MongoConfig) -> Result<MongoSink> {
+    pub async fn new(config: MongoConfig) -> SinkResult<MongoSink> {
         let MongoConfig {
             uri,
             database,
@@ -145,12 +148,12 @@ impl MongoSink {
         let mut options = ClientOptions::parse(&uri)
             .await
             .map_err(|e| match *e.kind {
-                ErrorKind::InvalidArgument { .. } => Error::Config(format!(
+                ErrorKind::InvalidArgument { .. } => SinkError::Config(format!(
                     "MONGODB_URI is not a valid MongoDB connection string ({}); expected e.g. \
                  mongodb://host:27017/?replicaSet=rs0",
                     compact(&e)
                 )),
-                _ => Error::mongo("resolve MONGODB_URI", e),
+                _ => failed("resolve MONGODB_URI", e),
             })?;
         if options.app_name.is_none() {
             options.app_name = Some(format!("events-consumer:{name}"));
@@ -176,8 +179,9 @@ impl MongoSink {
             "MongoDB at {} (collection {database}.{collection})",
             hosts.join(",")
         );
-        let client = Client::with_options(options)
-            .map_err(|e| Error::Config(format!("MONGODB_URI cannot be used: {}", compact(&e))))?;
+        let client = Client::with_options(options).map_err(|e| {
+            SinkError::Config(format!("MONGODB_URI cannot be used: {}", compact(&e)))
+        })?;
         let db = client.database(&database);
         Ok(MongoSink {
             events: db.collection(&collection),
@@ -217,7 +221,7 @@ impl MongoSink {
         }
     }
 
-    async fn detect(&mut self) -> Result<bool> {
+    async fn detect(&mut self) -> SinkResult<bool> {
         if let Some(known) = self.transactions {
             return Ok(known);
         }
@@ -248,7 +252,7 @@ impl MongoSink {
     }
 
     /// Writes a delivery, splitting it around events the server refuses as invalid.
-    async fn write_isolating(&mut self, delivery: &Delivery) -> Result<Written> {
+    async fn write_isolating(&mut self, delivery: &Delivery) -> SinkResult<Written> {
         let encoded;
         let docs: &[RawDocumentBuf] = if delivery.documents.len() == delivery.events.len() {
             &delivery.documents
@@ -260,7 +264,7 @@ impl MongoSink {
             encoded = encode(batch, delivery.start, delivery.end);
             if let Some(first) = encoded.dead_letters.first() {
                 // Only when the fetcher did not encode (it always does): keep the contract.
-                return Err(Error::Poison(Box::new(first.clone())));
+                return Err(SinkError::Poison(Box::new(first.clone())));
             }
             &encoded.documents
         };
@@ -312,14 +316,14 @@ impl MongoSink {
                     written.already_present += done.already_present;
                     written.dead_letters.extend(part.dead_letters);
                 }
-                Err(Error::Mongo { source, context }) if is_rejected(&source) => {
+                Err(e) if error::source(&e).is_some_and(is_rejected) => {
+                    let reason = error::source(&e).map(compact).unwrap_or_default();
                     if part.events.len() <= 1 {
                         let (Some(event), Some(doc)) = (part.events.first(), part.docs.first())
                         else {
-                            return Err(Error::Mongo { source, context });
+                            return Err(e);
                         };
-                        let mut letter =
-                            DeadLetter::of(event, "rejected_by_server", compact(&source));
+                        let mut letter = DeadLetter::of(event, "rejected_by_server", reason);
                         // The encoder kept only the document; the payload comes back from it.
                         letter.payload = doc
                             .get("payload")
@@ -328,7 +332,7 @@ impl MongoSink {
                             .and_then(|p| Bson::try_from(p).ok())
                             .map(|p| p.into_relaxed_extjson().to_string());
                         if self.on_poison == OnPoison::Stop {
-                            return Err(Error::Poison(Box::new(letter)));
+                            return Err(SinkError::Poison(Box::new(letter)));
                         }
                         let mut dead_letters = part.dead_letters;
                         dead_letters.push(letter);
@@ -339,7 +343,7 @@ impl MongoSink {
                             ..part
                         });
                     } else {
-                        tracing::debug!(events = part.events.len(), error = %compact(&source),
+                        tracing::debug!(events = part.events.len(), error = %reason,
                             "The server refused a batch as invalid; splitting it to find the event.");
                         let (left, right) = split(part);
                         parts.push(right);
@@ -350,13 +354,13 @@ impl MongoSink {
             }
         }
         match stop_at {
-            Some(poison) => Err(Error::Poison(Box::new(poison))),
+            Some(poison) => Err(SinkError::Poison(Box::new(poison))),
             None => Ok(written),
         }
     }
 
     /// Writes one part: documents, dead letters and the checkpoint move from `start` to `end`.
-    async fn write_part(&mut self, part: &Part) -> Result<Written> {
+    async fn write_part(&mut self, part: &Part) -> SinkResult<Written> {
         let transactions = self.detect().await?;
         if !transactions {
             let written = if part.docs.is_empty() {
@@ -510,7 +514,7 @@ impl MongoSink {
         what: impl std::fmt::Display,
         e: TxError,
         start: Position,
-    ) -> Error {
+    ) -> SinkError {
         match e {
             TxError::Mongo(e) => self.error(what, e),
             TxError::CheckpointMoved => self.checkpoint_moved(start).await,
@@ -523,7 +527,7 @@ impl MongoSink {
         &self,
         docs: &[RawDocumentBuf],
         events: &[Event],
-    ) -> Result<Written> {
+    ) -> SinkResult<Written> {
         let error = match self.raw_events.insert_many(docs).ordered(false).await {
             Ok(_) => {
                 return Ok(Written {
@@ -564,7 +568,7 @@ impl MongoSink {
 
     /// Which of `events` are already stored, checking that each stored document holds the same
     /// event (`event_id`); another event under one of our ids is an integrity error.
-    async fn already_present(&self, events: &[Event]) -> Result<HashSet<i64>> {
+    async fn already_present(&self, events: &[Event]) -> SinkResult<HashSet<i64>> {
         let ids: Vec<i64> = events.iter().map(|e| e.id()).collect();
         let mut cursor = self
             .events
@@ -594,7 +598,7 @@ impl MongoSink {
                 _ => false,
             };
             if !same {
-                return Err(Error::Integrity(format!(
+                return Err(SinkError::Integrity(format!(
                     "{} already holds a document with _id {id} that is not event {} (its \
                      event_id is {:?}): the collection holds events from another event store. \
                      Give this consumer a collection of its own (MONGODB_COLLECTION) or remove the \
@@ -610,7 +614,7 @@ impl MongoSink {
     }
 
     /// Moves the checkpoint from `start` to `end` outside a transaction.
-    async fn move_checkpoint(&self, start: Position, to: &Checkpoint) -> Result<()> {
+    async fn move_checkpoint(&self, start: Position, to: &Checkpoint) -> SinkResult<()> {
         let (filter, update) = checkpoint_move(&self.name, start, to);
         let moved = self
             .checkpoints
@@ -625,18 +629,18 @@ impl MongoSink {
         }
     }
 
-    async fn checkpoint_moved(&self, expected: Position) -> Error {
-        Error::CheckpointMoved {
+    async fn checkpoint_moved(&self, expected: Position) -> SinkError {
+        SinkError::CheckpointMoved {
             expected,
             found: self.read_checkpoint().await.ok().flatten(),
         }
     }
 
-    async fn read_checkpoint(&self) -> Result<Option<Position>> {
+    async fn read_checkpoint(&self) -> SinkResult<Option<Position>> {
         Ok(self.read_full_checkpoint().await?.map(|c| c.position))
     }
 
-    async fn read_full_checkpoint(&self) -> Result<Option<Checkpoint>> {
+    async fn read_full_checkpoint(&self) -> SinkResult<Option<Checkpoint>> {
         let found = self
             .checkpoints
             .find_one(doc! {"_id": &self.name})
@@ -678,8 +682,8 @@ impl MongoSink {
         }
     }
 
-    fn error(&self, what: impl std::fmt::Display, e: mongodb::error::Error) -> Error {
-        Error::mongo(format!("{what} ({})", self.where_), e)
+    fn error(&self, what: impl std::fmt::Display, e: mongodb::error::Error) -> SinkError {
+        failed(format!("{what} ({})", self.where_), e)
     }
 }
 
@@ -687,7 +691,7 @@ impl Sink for MongoSink {
     type Probe = MongoProbe;
 
     /// Detects whether transactions are available and reads the checkpoint.
-    async fn open(&mut self) -> Result<Option<Checkpoint>> {
+    async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
         self.session = None;
         self.transactions = None;
         self.detect().await?;
@@ -703,10 +707,10 @@ impl Sink for MongoSink {
         checkpoint_from(&found, &self.name).map(Some)
     }
 
-    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+    async fn write(&mut self, delivery: &Delivery) -> SinkResult<Written> {
         let result = self.write_isolating(delivery).await;
         match result {
-            Err(e @ Error::CheckpointMoved { .. }) => {
+            Err(e @ SinkError::CheckpointMoved { .. }) => {
                 self.session = None;
                 Err(e)
             }
@@ -761,12 +765,12 @@ pub struct MongoProbe {
 }
 
 impl Probe for MongoProbe {
-    async fn ping(&self) -> Result<()> {
+    async fn ping(&self) -> SinkResult<()> {
         self.client
             .database("admin")
             .run_command(doc! {"ping": 1})
             .await
-            .map_err(|e| Error::mongo(format!("ping {}", self.where_), e))?;
+            .map_err(|e| failed(format!("ping {}", self.where_), e))?;
         Ok(())
     }
 }
@@ -948,7 +952,7 @@ fn bson_i64(value: &Bson) -> Option<i64> {
 
 /// Reads a checkpoint document back with what it records about its origin (see
 /// [`crate::divergence`]).
-pub fn checkpoint_from(doc: &Document, name: &str) -> Result<Checkpoint> {
+pub fn checkpoint_from(doc: &Document, name: &str) -> SinkResult<Checkpoint> {
     let position = checkpoint_position(doc, name)?;
     let event_id = doc
         .get_str("event_id")
@@ -969,9 +973,9 @@ pub fn checkpoint_from(doc: &Document, name: &str) -> Result<Checkpoint> {
 
 /// Reads a checkpoint document back (accepting what an operator may have typed in a shell:
 /// Int32/Int64 numbers, or a decimal string for `tx_id`).
-pub fn checkpoint_position(doc: &Document, name: &str) -> Result<Position> {
+pub fn checkpoint_position(doc: &Document, name: &str) -> SinkResult<Position> {
     let bad = || {
-        Error::Integrity(format!(
+        SinkError::Integrity(format!(
             "the checkpoint of consumer {name:?} in {CHECKPOINTS} is malformed ({doc}): expected \
              {{_id, tx_id: Int64 or decimal string, id: Int64}}"
         ))
@@ -1010,7 +1014,7 @@ mod tests {
         let bad = doc! {"_id": "c", "tx_id": -1_i64, "id": 9_i64};
         assert!(matches!(
             checkpoint_position(&bad, "c"),
-            Err(Error::Integrity(_))
+            Err(SinkError::Integrity(_))
         ));
     }
 }
