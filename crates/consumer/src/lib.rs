@@ -142,7 +142,7 @@ pub async fn run_with<S: Sink>(
         .await;
         match connected {
             Ok(listener) => break listener,
-            Err(e) if e.decision() != Decision::Soon => return Err(e.into()),
+            Err(e) if e.decision() != Decision::Soon => return Err(e),
             Err(e) => {
                 let pause = retry.failed("Cannot start on PostgreSQL yet", &e, false);
                 health.failing(POSTGRES, e.to_string());
@@ -202,7 +202,7 @@ pub async fn run_with<S: Sink>(
     .await;
     let (first, origin) = match checked {
         Ok((origin, reader)) => (Some((listener, reader)), Some(origin)),
-        Err(e) if e.decision() != Decision::Soon => return Err(e.into()),
+        Err(e) if e.decision() != Decision::Soon => return Err(e),
         Err(_) => (None, checkpoint.origin.clone()),
     };
 

@@ -86,6 +86,9 @@ impl<S: Sink> Writer<S> {
             if let Some(watermark) = &fetched.gap {
                 report_gap(&self.ctx, fetched.after, watermark, &fetched.item);
             }
+            if fetched.end == fetched.after {
+                continue; // a gap with nothing stored past it: nothing to write
+            }
             let mut delivery = fetched.item;
             delivery.generation = fetched.generation;
             if delivery.generation != self.generation {

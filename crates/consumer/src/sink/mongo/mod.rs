@@ -44,7 +44,6 @@
 //! event (`event_id`); if it holds another one, the collection is shared with a different event
 //! store, and the consumer stops rather than skip or overwrite an event.
 
-pub mod document;
 mod error;
 
 pub use error::{compact, failed};
@@ -58,20 +57,14 @@ use mongodb::bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, ClientSession, Collection};
-use sha2::{Digest, Sha256};
 
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
 use crate::config::{OnPoison, Transactions};
 use crate::sink::{SinkError, SinkResult};
 
-/// The checkpoints collection, next to the events collection.
-pub const CHECKPOINTS: &str = "checkpoints";
-/// The dead letters collection, next to the events collection.
-pub const DEAD_LETTERS: &str = "deadLetters";
-/// How much of a dead letter's payload is kept (its full length and hash are kept too).
-pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
-/// How much of a dead letter's key, type and detail is kept.
-const DEAD_LETTER_FIELD_BYTES: usize = 4 * 1024;
+pub use mongo_format::checkpoint::{self, CHECKPOINTS};
+pub use mongo_format::dead_letter::{self, DEAD_LETTERS};
+pub use mongo_format::event as document;
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Retries of a transaction the server asks us to retry (write conflicts), before backing off.
@@ -586,7 +579,7 @@ impl MongoSink {
             let stored: Document = cursor
                 .deserialize_current()
                 .map_err(|e| self.error("read a stored event", e))?;
-            let Some(id) = stored.get("_id").and_then(bson_i64) else {
+            let Some(id) = stored.get("_id").and_then(checkpoint::bson_i64) else {
                 continue;
             };
             let Some(event) = expected.get(&id) else {
@@ -652,34 +645,20 @@ impl MongoSink {
     }
 
     fn dead_letter_update(&self, letter: &DeadLetter) -> Document {
-        let payload = letter.payload.as_deref().unwrap_or("");
-        let kept = prefix(payload, DEAD_LETTER_PAYLOAD_BYTES);
-        // Key, type and detail are bounded too: a dead letter must always fit in a document
-        // (PostgreSQL keys may be up to 1 GB).
-        let optional = |s: &Option<String>| {
-            s.as_ref().map_or(Bson::Null, |s| {
-                Bson::String(prefix(s, DEAD_LETTER_FIELD_BYTES))
-            })
-        };
-        let now = DateTime::now();
-        doc! {
-            "$set": {
-                "event_id": letter.event_id.map_or(Bson::Null, |id| Bson::String(id.to_string())),
-                "topic": optional(&letter.topic),
-                "key": optional(&letter.key),
-                "type": optional(&letter.event_type),
-                "position": letter.position.to_string(),
-                "consumer": &self.name,
-                "reason": letter.code,
-                "detail": prefix(&letter.detail, DEAD_LETTER_FIELD_BYTES),
-                "payload_truncated": kept.len() < payload.len(),
-                "payload_text": kept,
-                "payload_bytes": payload.len() as i64,
-                "payload_sha256": sha256_hex(payload.as_bytes()),
-                "last_seen_at": now,
+        dead_letter::upsert(
+            &dead_letter::Fields {
+                position: letter.position,
+                event_id: letter.event_id,
+                topic: letter.topic.as_deref(),
+                key: letter.key.as_deref(),
+                event_type: letter.event_type.as_deref(),
+                payload: letter.payload.as_deref().unwrap_or(""),
+                code: letter.code,
+                detail: &letter.detail,
             },
-            "$setOnInsert": {"first_seen_at": now},
-        }
+            &self.name,
+            DateTime::now(),
+        )
     }
 
     fn error(&self, what: impl std::fmt::Display, e: mongodb::error::Error) -> SinkError {
@@ -883,138 +862,18 @@ pub fn encode(batch: Batch, start: Position, end: Position) -> Delivery {
     delivery
 }
 
-/// The longest prefix of `text` within `max` bytes, on a character boundary.
-fn prefix(text: &str, max: usize) -> String {
-    let mut cut = text.len().min(max);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_string()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Reads a checkpoint document back with what it records about its origin (see
+/// [`event_store::divergence`]).
+pub fn checkpoint_from(doc: &Document, name: &str) -> SinkResult<Checkpoint> {
+    let stored = checkpoint::read(doc, name).map_err(|e| SinkError::Integrity(e.to_string()))?;
+    Ok(Checkpoint {
+        position: stored.position,
+        event_id: stored.event_id,
+        origin: stored.origin,
+    })
 }
 
 /// The filter and update that move a checkpoint from `start` to `to`.
 fn checkpoint_move(name: &str, start: Position, to: &Checkpoint) -> (Document, Document) {
-    // Either form of tx_id: an operator may have typed it as a decimal string.
-    let filter = doc! {
-        "_id": name,
-        "tx_id": {"$in": [tx_id_bson(start.tx_id), start.tx_id.to_string()]},
-        "id": start.id,
-    };
-    let mut update = checkpoint_update(to.position, DateTime::now());
-    if let Some(event_id) = to.event_id {
-        let set = update.get_document_mut("$set").expect("built with $set");
-        set.insert("event_id", event_id.to_string());
-        update.remove("$unset");
-    }
-    if let Some(origin) = &to.origin {
-        let set = update.get_document_mut("$set").expect("built with $set");
-        set.insert(
-            "origin",
-            doc! {"system_id": &origin.system_id, "database": &origin.database},
-        );
-    }
-    (filter, update)
-}
-
-fn tx_id_bson(tx_id: u64) -> Bson {
-    match i64::try_from(tx_id) {
-        Ok(tx) => Bson::Int64(tx),
-        Err(_) => Bson::String(tx_id.to_string()),
-    }
-}
-
-/// The update that stores `end` as a checkpoint (also used by `eventsctl reset`, so both write the
-/// same document shape).
-///
-/// The event id recorded for the previous position no longer applies, so it is removed: the
-/// divergence check skips a checkpoint without one.
-pub fn checkpoint_update(end: Position, now: DateTime) -> Document {
-    doc! {
-        "$set": {"tx_id": tx_id_bson(end.tx_id), "id": end.id, "updated_at": now},
-        "$unset": {"event_id": ""},
-    }
-}
-
-fn bson_i64(value: &Bson) -> Option<i64> {
-    match value {
-        Bson::Int64(v) => Some(*v),
-        Bson::Int32(v) => Some(i64::from(*v)),
-        _ => None,
-    }
-}
-
-/// Reads a checkpoint document back with what it records about its origin (see
-/// [`crate::divergence`]).
-pub fn checkpoint_from(doc: &Document, name: &str) -> SinkResult<Checkpoint> {
-    let position = checkpoint_position(doc, name)?;
-    let event_id = doc
-        .get_str("event_id")
-        .ok()
-        .and_then(|id| uuid::Uuid::parse_str(id).ok());
-    let origin = doc.get_document("origin").ok().and_then(|o| {
-        Some(event_store::position::Origin {
-            system_id: o.get_str("system_id").ok()?.to_string(),
-            database: o.get_str("database").ok()?.to_string(),
-        })
-    });
-    Ok(Checkpoint {
-        position,
-        event_id,
-        origin,
-    })
-}
-
-/// Reads a checkpoint document back (accepting what an operator may have typed in a shell:
-/// Int32/Int64 numbers, or a decimal string for `tx_id`).
-pub fn checkpoint_position(doc: &Document, name: &str) -> SinkResult<Position> {
-    let bad = || {
-        SinkError::Integrity(format!(
-            "the checkpoint of consumer {name:?} in {CHECKPOINTS} is malformed ({doc}): expected \
-             {{_id, tx_id: Int64 or decimal string, id: Int64}}"
-        ))
-    };
-    let tx_id = match doc.get("tx_id") {
-        Some(Bson::String(s)) => s.parse::<u64>().map_err(|_| bad())?,
-        Some(other) => bson_i64(other)
-            .and_then(|v| u64::try_from(v).ok())
-            .ok_or_else(bad)?,
-        None => return Err(bad()),
-    };
-    let id = doc.get("id").and_then(bson_i64).ok_or_else(bad)?;
-    Ok(Position::new(tx_id, id))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoints_round_trip_tx_ids_as_u64() {
-        for tx in [0, 3, 4_294_967_296, i64::MAX as u64, u64::MAX] {
-            let set = checkpoint_update(Position::new(tx, 7), DateTime::now());
-            let mut stored = set.get_document("$set").unwrap().clone();
-            stored.insert("_id", "c");
-            assert_eq!(
-                checkpoint_position(&stored, "c").unwrap(),
-                Position::new(tx, 7)
-            );
-        }
-        let typed = doc! {"_id": "c", "tx_id": 5_i32, "id": 9_i32};
-        assert_eq!(
-            checkpoint_position(&typed, "c").unwrap(),
-            Position::new(5, 9)
-        );
-        let bad = doc! {"_id": "c", "tx_id": -1_i64, "id": 9_i64};
-        assert!(matches!(
-            checkpoint_position(&bad, "c"),
-            Err(SinkError::Integrity(_))
-        ));
-    }
+    checkpoint::moved(name, start, to.position, to.event_id, to.origin.as_ref())
 }
