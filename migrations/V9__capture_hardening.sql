@@ -42,6 +42,12 @@
 --   lists every difference, and what the capture role owns or is granted beyond it. `migrate`
 --   and every service run it and refuse to go on when it finds something. A later migration
 --   that changes a capture function updates its row here.
+-- * Consumer positions (issue 25, part 5): a position row is written only by a role that can log
+--   in (a row created under SET ROLE <prefix>_consumer belonged to the group, so every member
+--   could move it), and once the database owner ties names to logins in consumer_names, a login
+--   may create or claim only the names registered to it (no squatting a name another login needs,
+--   no rows for names it will never use). With consumer_names empty, names are first come, first
+--   served, as in V4.
 
 DO $migration$
 DECLARE
@@ -741,8 +747,31 @@ $body$;
 END
 $migration$;
 
--- events_grant_roles as in V7, with the capture role owning only the trigger functions: the
--- helpers stay with the owner of events and are executable by the capture role alone.
+-- Which login may use which consumer name. Managed by the database owner (no one else has any
+-- privilege on it); empty, any login may take any free name.
+CREATE TABLE consumer_names (
+    consumer text PRIMARY KEY
+             CONSTRAINT consumer_names_format CHECK (consumer ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$'),
+    login    name NOT NULL
+);
+REVOKE ALL ON consumer_names FROM PUBLIC;
+
+-- The row policy's question: may role `who` write the position row of `consumer`? Only a role
+-- that can log in, and (once names are registered) only under a name registered to it. SECURITY
+-- DEFINER so that consumers need no privilege on consumer_names; pinned and qualified.
+CREATE FUNCTION events_consumer_may_write(consumer text, who name) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = who AND r.rolcanlogin)
+           AND (NOT EXISTS (SELECT FROM consumer_names)
+                OR EXISTS (SELECT FROM consumer_names n WHERE n.consumer = $1 AND n.login = who));
+END;
+REVOKE ALL ON FUNCTION events_consumer_may_write(text, name) FROM PUBLIC;
+
+-- events_grant_roles as in V7, with the capture role owning only the trigger functions (the
+-- helpers stay with the owner of events and are executable by the capture role alone), and the
+-- consumers' row policy refusing group roles and names registered to another login.
 CREATE OR REPLACE FUNCTION events_grant_roles(prefix text) RETURNS void
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
@@ -769,6 +798,18 @@ BEGIN
     SELECT pg_catalog.string_agg(f.signature, ', ' ORDER BY f.signature) INTO v_helpers
       FROM capture_functions f WHERE f.owned_by = 'events';
     PERFORM events_grant_stream_roles(prefix); -- validates the prefix too
+    FOR v_member IN SELECT a.grantee::regrole::name
+                      FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+                     WHERE p.oid = 'events_consumer_may_write(text, name)'::regprocedure
+                       AND a.grantee <> p.proowner AND a.grantee <> 0 LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION events_consumer_may_write(text, name) FROM %I', v_member);
+    END LOOP;
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION events_consumer_may_write(text, name) TO %1$I;
+         ALTER POLICY %2$I ON consumer_positions
+             USING ((owner = current_user OR owner IS NULL) AND events_consumer_may_write(consumer, current_user))
+             WITH CHECK (owner = current_user AND events_consumer_may_write(consumer, current_user));',
+        prefix || '_consumer', prefix || '_consumer_own_position');
 
     FOREACH v_job IN ARRAY ARRAY['capture', 'capture_admin'] LOOP
         v_role := prefix || '_' || v_job;
