@@ -125,10 +125,15 @@ async fn a_cast_to_json_of_the_owners_type_never_runs_in_the_trigger() {
     );
     owner.batch_execute("DELETE FROM app.seen").await.unwrap();
 
-    // Another table, another owner, captured alongside.
+    // Another table, another owner, captured alongside; its enum and the enum's cast are a
+    // superuser's (as an extension's would be), so to_jsonb runs and the cast is used.
     admin
         .batch_execute(
-            "CREATE TABLE orders (id int PRIMARY KEY, status text);
+            "CREATE TYPE trusted AS ENUM ('t');
+             CREATE FUNCTION trusted_json(trusted) RETURNS json LANGUAGE sql
+                 AS $$ SELECT '{\"by\": \"cast\"}'::json $$;
+             CREATE CAST (trusted AS json) WITH FUNCTION trusted_json(trusted);
+             CREATE TABLE orders (id int PRIMARY KEY, status text, tr trusted);
              SELECT capture_add('orders', 'orders');",
         )
         .await
@@ -151,7 +156,7 @@ async fn a_cast_to_json_of_the_owners_type_never_runs_in_the_trigger() {
     admin
         .batch_execute(
             "INSERT INTO app.gadget VALUES (3, 'ok'); UPDATE app.gadget SET m = 'bad';
-             INSERT INTO orders VALUES (1, 'new');",
+             INSERT INTO orders VALUES (1, 'new', 't');",
         )
         .await
         .unwrap();
@@ -188,7 +193,10 @@ async fn a_cast_to_json_of_the_owners_type_never_runs_in_the_trigger() {
         got[7].2["changed"],
         json!({"a": {"old": "{grr}", "new": null}})
     );
-    assert_eq!(got[11].2["new"], json!({"id": 1, "status": "new"}));
+    assert_eq!(
+        got[11].2["new"],
+        json!({"id": 1, "status": "new", "tr": {"by": "cast"}})
+    );
 }
 
 /// The writer's search_path leads to its own operators and functions, named like the ones the
@@ -404,6 +412,12 @@ async fn a_changed_capture_function_stops_migrate_and_every_service() {
             .expect_err(tamper)
             .to_string();
         assert!(err.contains(reported), "migrate after {tamper}: {err}");
+        // …and repaired nothing.
+        let err = migrations::check(&consumer, migrations::Role::Consumer)
+            .await
+            .expect_err(tamper)
+            .to_string();
+        assert!(err.contains(reported), "after migrate, {tamper}: {err}");
         admin.batch_execute(restore).await.unwrap();
         migrations::check(&consumer, migrations::Role::Consumer)
             .await
