@@ -124,7 +124,13 @@ impl CatchUp {
             .await;
         let row = match row {
             Ok(row) => row,
-            Err(e) => return Err(event_store::Error::database("read the newest position of a reset stream's topics", e).into()),
+            Err(e) => {
+                return Err(event_store::Error::database(
+                    "read the newest position of a reset stream's topics",
+                    e,
+                )
+                .into())
+            }
         };
         self.give_back(conn);
         Ok(match row {

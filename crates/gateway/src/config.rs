@@ -52,7 +52,7 @@ pub struct Config {
 
     /// Host names (the `Host` header, port ignored) the gateway answers, comma-separated, e.g.
     /// events.example.com,localhost; `*` answers any. Other hosts get 403, so a DNS-rebinding page
-    /// cannot reach a gateway it was not meant to. Default: localhost, 127.0.0.1 and [::1] plus the
+    /// cannot reach a gateway it was not meant to. Default: localhost, 127.0.0.1 and ::1 plus the
     /// hosts of --allowed-origins when the gateway listens on loopback or runs --open; any host
     /// otherwise (a token is then what protects the streams).
     #[arg(
@@ -248,7 +248,10 @@ impl Config {
         }
         for host in self.hosts_listed() {
             if host != "*"
-                && (host.contains('/') || host.contains('@') || host.contains(' ') || host.is_empty())
+                && (host.contains('/')
+                    || host.contains('@')
+                    || host.contains(' ')
+                    || host.is_empty())
             {
                 return Err(Error::Config(format!(
                     "--allowed-hosts / GATEWAY_ALLOWED_HOSTS: {host:?} is not a host name \

@@ -178,13 +178,14 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let place = held.clone();
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(place.clone());
-                let mut router = router.clone();
-                async move {
-                    tower_service::Service::call(&mut router, request.map(Body::new)).await
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request.extensions_mut().insert(place.clone());
+                    let mut router = router.clone();
+                    async move {
+                        tower_service::Service::call(&mut router, request.map(Body::new)).await
+                    }
+                });
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -227,7 +228,11 @@ mod tests {
         assert_eq!(caps.admit(b).err(), Some(Refused::Total));
         let clone = first.clone();
         drop(first);
-        assert_eq!(caps.open(), 3, "a clone (an upgraded WebSocket) keeps the place");
+        assert_eq!(
+            caps.open(),
+            3,
+            "a clone (an upgraded WebSocket) keeps the place"
+        );
         drop(clone);
         assert_eq!(caps.open(), 2);
         caps.admit(a).unwrap();

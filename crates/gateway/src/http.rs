@@ -375,10 +375,7 @@ fn cors_answer(allowed: &[String], origin: Option<&str>) -> Option<CorsAnswer> {
     if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
         return Some(CorsAnswer::Origin(origin.to_string()));
     }
-    allowed
-        .iter()
-        .any(|a| a == "*")
-        .then_some(CorsAnswer::Any)
+    allowed.iter().any(|a| a == "*").then_some(CorsAnswer::Any)
 }
 
 /// Whether a WebSocket handshake may go on: no `Origin` (not a browser), the same origin as the
@@ -530,14 +527,23 @@ mod tests {
     #[test]
     fn websocket_handshakes_need_the_same_origin_or_a_listed_one() {
         let none: Vec<String> = Vec::new();
-        assert!(ws_origin_allowed(&none, &headers(&[("host", "127.0.0.1:8084")])));
         assert!(ws_origin_allowed(
             &none,
-            &headers(&[("host", "127.0.0.1:8084"), ("origin", "http://127.0.0.1:8084")])
+            &headers(&[("host", "127.0.0.1:8084")])
+        ));
+        assert!(ws_origin_allowed(
+            &none,
+            &headers(&[
+                ("host", "127.0.0.1:8084"),
+                ("origin", "http://127.0.0.1:8084")
+            ])
         ));
         assert!(!ws_origin_allowed(
             &none,
-            &headers(&[("host", "127.0.0.1:8084"), ("origin", "https://evil.example")])
+            &headers(&[
+                ("host", "127.0.0.1:8084"),
+                ("origin", "https://evil.example")
+            ])
         ));
         assert!(!ws_origin_allowed(
             &none,
@@ -546,7 +552,10 @@ mod tests {
         let listed = vec!["https://app.example".to_string()];
         assert!(ws_origin_allowed(
             &listed,
-            &headers(&[("host", "events.example"), ("origin", "https://app.example")])
+            &headers(&[
+                ("host", "events.example"),
+                ("origin", "https://app.example")
+            ])
         ));
         let star = vec!["*".to_string()];
         assert!(!ws_origin_allowed(

@@ -106,8 +106,7 @@ impl Bound {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
         let pg = db::config(&config.postgres.database_url, "events-gateway")?;
-        let max_connections =
-            connections::fit_file_limit(u64::from(config.max_connections)) as u32;
+        let max_connections = connections::fit_file_limit(u64::from(config.max_connections)) as u32;
         let health = Health::new();
         let metrics = Metrics::new();
         health.failing(hub::POSTGRES, "not connected yet");
