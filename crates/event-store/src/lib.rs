@@ -32,6 +32,7 @@ pub mod event;
 pub mod lease;
 pub mod migrations;
 pub mod position;
+pub mod redact;
 pub mod retry;
 #[cfg(feature = "testing")]
 pub mod testing;

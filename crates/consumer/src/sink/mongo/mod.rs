@@ -148,7 +148,7 @@ impl MongoSink {
                 ErrorKind::InvalidArgument { .. } => Error::Config(format!(
                     "MONGODB_URI is not a valid MongoDB connection string ({}); expected e.g. \
                  mongodb://host:27017/?replicaSet=rs0",
-                    compact(&e)
+                    event_store::redact::scrub(&compact(&e), &uri)
                 )),
                 _ => Error::mongo("resolve MONGODB_URI", e),
             })?;
@@ -177,7 +177,12 @@ impl MongoSink {
             hosts.join(",")
         );
         let client = Client::with_options(options)
-            .map_err(|e| Error::Config(format!("MONGODB_URI cannot be used: {}", compact(&e))))?;
+            .map_err(|e| {
+                Error::Config(format!(
+                    "MONGODB_URI cannot be used: {}",
+                    event_store::redact::scrub(&compact(&e), &uri)
+                ))
+            })?;
         let db = client.database(&database);
         Ok(MongoSink {
             events: db.collection(&collection),
