@@ -176,13 +176,12 @@ impl MongoSink {
             "MongoDB at {} (collection {database}.{collection})",
             hosts.join(",")
         );
-        let client = Client::with_options(options)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "MONGODB_URI cannot be used: {}",
-                    event_store::redact::scrub(&compact(&e), &uri)
-                ))
-            })?;
+        let client = Client::with_options(options).map_err(|e| {
+            Error::Config(format!(
+                "MONGODB_URI cannot be used: {}",
+                event_store::redact::scrub(&compact(&e), &uri)
+            ))
+        })?;
         let db = client.database(&database);
         Ok(MongoSink {
             events: db.collection(&collection),
