@@ -39,6 +39,7 @@ pub mod lease;
 pub mod listener;
 pub mod migrations;
 pub mod position;
+pub mod redact;
 pub mod retry;
 #[cfg(feature = "testing")]
 pub mod testing;

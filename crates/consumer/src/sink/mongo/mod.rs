@@ -144,7 +144,7 @@ impl MongoSink {
                 ErrorKind::InvalidArgument { .. } => SinkError::Config(format!(
                     "MONGODB_URI is not a valid MongoDB connection string ({}); expected e.g. \
                  mongodb://host:27017/?replicaSet=rs0",
-                    compact(&e)
+                    event_store::redact::scrub(&compact(&e), &uri)
                 )),
                 _ => failed("resolve MONGODB_URI", e),
             })?;
@@ -173,7 +173,10 @@ impl MongoSink {
             hosts.join(",")
         );
         let client = Client::with_options(options).map_err(|e| {
-            SinkError::Config(format!("MONGODB_URI cannot be used: {}", compact(&e)))
+            SinkError::Config(format!(
+                "MONGODB_URI cannot be used: {}",
+                event_store::redact::scrub(&compact(&e), &uri)
+            ))
         })?;
         let db = client.database(&database);
         Ok(MongoSink {
