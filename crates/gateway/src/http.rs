@@ -465,7 +465,7 @@ async fn check_host(State(app): State<Arc<App>>, request: Request, next: Next) -
             .map(|h| h.to_str().map(host_name).unwrap_or_default())
             .or_else(|| request.uri().authority().map(|a| host_name(a.as_str())));
         if let Some(host) = host {
-            if request.uri().path() != "/healthz" && !allowed.iter().any(|a| *a == host) {
+            if request.uri().path() != "/healthz" && !allowed.contains(&host) {
                 return plain(
                     StatusCode::FORBIDDEN,
                     format!(
