@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use consumer::sink::mongo::MongoConfig;
 use consumer::sink::{Delivered, MongoSink, NullSink, Observed};
 use consumer::Config;
 use event_store::db::{self, Database};
@@ -402,9 +401,7 @@ async fn latencies(
     let (tx, mut delivered) = mpsc::unbounded_channel::<Delivered>();
     let shutdown = CancellationToken::new();
     let consumer = if consumer_config.mongodb_uri.is_some() {
-        let sink = MongoSink::new(MongoConfig::of(&consumer_config))
-            .await
-            .unwrap();
+        let sink = MongoSink::new(consumer_config.mongo()).await.unwrap();
         tokio::spawn(consumer::run_with(
             consumer_config,
             Observed::new(sink, tx),

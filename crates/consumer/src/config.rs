@@ -8,6 +8,8 @@ use event_store::event::{validate_name, Topic};
 use services::config::{parse_bytes, parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
+pub use crate::sink::mongo::{MongoConfig, Transactions};
+pub use crate::sink::OnPoison;
 
 /// Copies every committed event from the PostgreSQL outbox into MongoDB, in commit order, exactly
 /// once: woken by NOTIFY, catching up from its checkpoint after any downtime or outage.
@@ -159,24 +161,6 @@ pub struct Config {
     pub log: LogArgs,
 }
 
-/// The `--mongodb-transactions` choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transactions {
-    /// Use them when the server has them.
-    Auto,
-    /// Never: idempotent inserts, then the checkpoint.
-    Off,
-}
-
-/// The `--on-poison` choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnPoison {
-    /// Record the event in `deadLetters` and go on.
-    DeadLetter,
-    /// Stop with an error naming the event.
-    Stop,
-}
-
 /// The `--sink` choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SinkKind {
@@ -245,6 +229,20 @@ impl Config {
     /// The topic filter as the position SQL takes it: `None` for all topics.
     pub fn topic_filter(&self) -> Option<Vec<String>> {
         (!self.topics.is_empty()).then(|| self.topics.clone())
+    }
+}
+
+impl Config {
+    /// The MongoDB sink's settings.
+    pub fn mongo(&self) -> MongoConfig {
+        MongoConfig {
+            uri: self.mongodb_uri.clone().unwrap_or_default(),
+            database: self.mongodb_database.clone(),
+            collection: self.mongodb_collection.clone(),
+            name: self.name.clone(),
+            transactions: self.mongodb_transactions,
+            on_poison: self.on_poison,
+        }
     }
 }
 

@@ -19,18 +19,17 @@
 //! new generation so the writer drops the ones fetched before.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use event_store::divergence::{self, Expected};
 use event_store::follow::{Follow, Follower, Observer, Resume, Rewind};
 use event_store::listener::Listener;
-use event_store::position::{HorizonBlocker, Origin, Position, Reader, Watermark};
+use event_store::position::{HorizonBlocker, Origin, Position, Reader};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
 
-use crate::health::{Context, GAP};
+use crate::health::Context;
 use crate::sink::Delivery;
 use crate::writer::Committed;
 
@@ -142,41 +141,4 @@ pub fn spawn(
         encode,
         shutdown,
     )
-}
-
-/// Events this consumer had not delivered were purged (a forced purge, or it was idle longer than
-/// the purger's consumer expiry): said loudly in the log, the metrics and `/healthz`.
-pub fn report_gap(ctx: &Context, after: Position, watermark: &Watermark, delivery: &Delivery) {
-    let resumed_at = match delivery.events.first() {
-        Some(first) => first.position.to_string(),
-        // Nothing stored past the gap yet (every unread event was purged).
-        None if delivery.end == after => "the next event written".to_string(),
-        None => delivery.end.to_string(),
-    };
-    let cause = if watermark.forced {
-        "a forced purge"
-    } else {
-        "a purge past this consumer (it was idle longer than the purger's consumer expiry)"
-    };
-    error!(
-        consumer = %ctx.name,
-        missing_after = %after,
-        missing_up_to = %watermark.position,
-        resumed_at = %resumed_at,
-        forced = watermark.forced,
-        "Events this consumer had not delivered were purged: events after {after} up to and \
-         including {} may be missing. Continuing from the oldest event still stored.",
-        watermark.position
-    );
-    ctx.metrics.gaps.increment(1);
-    let when = humantime::format_rfc3339_seconds(SystemTime::now());
-    ctx.health.failing(
-        GAP,
-        format!(
-            "events after {after} up to {} were purged before delivery ({cause}), detected \
-             {when}; delivery continued at {resumed_at}. Restart the consumer to clear this \
-             once the gap is dealt with",
-            watermark.position
-        ),
-    );
 }

@@ -54,7 +54,6 @@ use tracing::info;
 
 pub use config::{Config, OnPoison, SinkKind, Transactions};
 pub use error::{Error, Result};
-use sink::mongo::MongoConfig;
 use sink::{Checkpoint, MongoSink, NullSink, Sink};
 
 use crate::health::{Context, Status, MONGODB, POSTGRES};
@@ -72,7 +71,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     match config.sink {
         SinkKind::Null => run_with(config, NullSink::new(), shutdown).await,
         SinkKind::Mongodb => {
-            let sink = MongoSink::new(MongoConfig::of(&config)).await?;
+            let sink = MongoSink::new(config.mongo()).await?;
             run_with(config, sink, shutdown).await
         }
     }

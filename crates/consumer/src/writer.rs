@@ -11,16 +11,16 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use event_store::position::Watermark;
 use event_store::Position;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::Result;
-use crate::fetcher::report_gap;
-use crate::health::Context;
+use crate::health::{Context, GAP};
 use crate::sink::{Checkpoint, Delivery, Sink, SinkError, Written};
 use event_store::follow::{Rewind, Step};
 use event_store::retry::Decision;
@@ -230,4 +230,41 @@ impl<S: Sink> Writer<S> {
         }
         debug!(events = count, position = %delivery.end, "Batch delivered.");
     }
+}
+
+/// Events this consumer had not delivered were purged (a forced purge, or it was idle longer than
+/// the purger's consumer expiry): said loudly in the log, the metrics and `/healthz`.
+pub fn report_gap(ctx: &Context, after: Position, watermark: &Watermark, delivery: &Delivery) {
+    let resumed_at = match delivery.events.first() {
+        Some(first) => first.position.to_string(),
+        // Nothing stored past the gap yet (every unread event was purged).
+        None if delivery.end == after => "the next event written".to_string(),
+        None => delivery.end.to_string(),
+    };
+    let cause = if watermark.forced {
+        "a forced purge"
+    } else {
+        "a purge past this consumer (it was idle longer than the purger's consumer expiry)"
+    };
+    error!(
+        consumer = %ctx.name,
+        missing_after = %after,
+        missing_up_to = %watermark.position,
+        resumed_at = %resumed_at,
+        forced = watermark.forced,
+        "Events this consumer had not delivered were purged: events after {after} up to and \
+         including {} may be missing. Continuing from the oldest event still stored.",
+        watermark.position
+    );
+    ctx.metrics.gaps.increment(1);
+    let when = humantime::format_rfc3339_seconds(SystemTime::now());
+    ctx.health.failing(
+        GAP,
+        format!(
+            "events after {after} up to {} were purged before delivery ({cause}), detected \
+             {when}; delivery continued at {resumed_at}. Restart the consumer to clear this \
+             once the gap is dealt with",
+            watermark.position
+        ),
+    );
 }

@@ -82,29 +82,7 @@ pub fn config(url: &str, application_name: &str) -> Result<Database> {
     Ok(Database { config, tls })
 }
 
-/// Where a config points, for logs and errors: `host:port/dbname as user`, never the password.
-pub fn describe(config: &Config) -> String {
-    use tokio_postgres::config::Host;
-    let host = match config.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        Some(Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let described = format!(
-        "{host}:{port}/{} as {}",
-        config.get_dbname().unwrap_or("(default database)"),
-        config.get_user().unwrap_or("(default user)")
-    );
-    // A password that the parser read into another field (an unencoded `@` in it) stays out too.
-    match config.get_password() {
-        Some(password) if password.len() >= 3 => crate::redact::scrub_all(
-            &described,
-            &[String::from_utf8_lossy(password).into_owned()],
-        ),
-        _ => described,
-    }
-}
+pub use crate::redact::describe;
 
 /// A pool of at most `size` connections. Connections are made lazily: a database that is down at
 /// start-up shows as errors on use, which callers retry.

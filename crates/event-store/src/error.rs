@@ -31,7 +31,7 @@ pub enum Error {
     Privilege(String),
     /// An event failed validation; nothing was sent to the database.
     #[error("invalid event: {0}")]
-    InvalidEvent(#[from] crate::event::InvalidEvent),
+    InvalidEvent(#[from] InvalidEvent),
     /// A database call failed; `context` says what we were doing. The text is the full report
     /// ([`pg_report`]), so the driver error is not repeated as a `source()`.
     #[error("{context}: {}", pg_report(source))]
@@ -191,7 +191,7 @@ fn advice(e: &tokio_postgres::Error) -> Option<String> {
         };
         return Some(text);
     }
-    if let Some(failure) = crate::tls::verification_failure(e) {
+    if let Some(failure) = crate::certificate::verification_failure(e) {
         return Some(format!(
             "{failure} (or, not recommended, lower sslmode in DATABASE_URL)"
         ));
@@ -230,7 +230,7 @@ pub fn pg_report(e: &tokio_postgres::Error) -> String {
             }
             text.replace('\n', " ")
         }
-        None => match crate::tls::verification_failure(e) {
+        None => match crate::certificate::verification_failure(e) {
             Some(_) => format!("TLS verification failed: {}", chain_text(e)),
             None => chain_text(e),
         },
@@ -309,4 +309,17 @@ mod tests {
         let wrapped = anyhow::Error::new(Outer(Inner)).context("starting");
         assert_eq!(report(&*wrapped), "starting: outer: inner: detail");
     }
+}
+
+/// Why an event was refused before reaching the database.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("bad topic {topic:?}: {reason}")]
+    Topic { topic: String, reason: &'static str },
+    #[error("payload is not valid JSON: {0}")]
+    PayloadNotJson(String),
+    #[error("payload is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("headers must be a JSON object")]
+    HeadersNotObject,
 }

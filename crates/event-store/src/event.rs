@@ -1,11 +1,9 @@
 //! What an event is, and the validation producers apply before the database sees it.
 
-use std::time::SystemTime;
+pub use crate::error::InvalidEvent;
 
 use serde_json::Value;
 use uuid::Uuid;
-
-use crate::position::Position;
 
 /// The longest topic the schema accepts.
 pub const MAX_TOPIC_LEN: usize = 128;
@@ -63,19 +61,6 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Why an event was refused before reaching the database.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidEvent {
-    #[error("bad topic {topic:?}: {reason}")]
-    Topic { topic: String, reason: &'static str },
-    #[error("payload is not valid JSON: {0}")]
-    PayloadNotJson(String),
-    #[error("payload is {size} bytes, over the limit of {limit} bytes")]
-    PayloadTooLarge { size: usize, limit: usize },
-    #[error("headers must be a JSON object")]
-    HeadersNotObject,
-}
-
 /// An event to append. `payload` and `headers` are JSON; `event_id` is generated when absent
 /// (set it to make retries of the same business fact idempotent: the column is UNIQUE).
 #[derive(Debug, Clone, PartialEq)]
@@ -128,21 +113,6 @@ impl NewEvent {
     }
 }
 
-/// An event as read back from the `events` table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub position: Position,
-    pub event_id: Uuid,
-    pub topic: String,
-    pub key: Option<String>,
-    pub event_type: Option<String>,
-    /// The payload as PostgreSQL prints it (`jsonb::text`): exact, whatever it holds.
-    pub payload: RawJson,
-    /// The headers object, likewise.
-    pub headers: RawJson,
-    pub created_at: SystemTime,
-}
-
 /// JSON text exactly as PostgreSQL stored it. Kept as text rather than parsed into a
 /// `serde_json::Value`: jsonb numbers are arbitrary-precision (`1e400`, 40-digit integers) and
 /// nesting is limited only by the server's stack, so a general-purpose parse can fail or round
@@ -184,38 +154,6 @@ impl std::fmt::Display for RawJson {
     }
 }
 
-impl Event {
-    /// The event as one line of JSON, the shape every reader prints (`eventsctl tail`, the
-    /// gateway): `{position, id, event_id, topic, key, type, created_at, payload, headers}`, with
-    /// payload and headers spliced in exactly as PostgreSQL printed them (no parse, no rounding).
-    pub fn to_json(&self) -> String {
-        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
-        let optional = |s: &Option<String>| s.as_deref().map_or_else(|| "null".into(), text);
-        let created_at = humantime::format_rfc3339_micros(self.created_at).to_string();
-        format!(
-            r#"{{"position":{},"id":{},"event_id":"{}","topic":{},"key":{},"type":{},"created_at":"{}","payload":{},"headers":{}}}"#,
-            text(&self.position.to_string()),
-            self.position.id,
-            self.event_id,
-            text(&self.topic),
-            optional(&self.key),
-            optional(&self.event_type),
-            created_at,
-            self.payload.as_str(),
-            if self.headers.is_empty() {
-                "{}"
-            } else {
-                self.headers.as_str()
-            },
-        )
-    }
-
-    /// The event's `id` column (its place in the commit-independent sequence).
-    pub fn id(&self) -> i64 {
-        self.position.id
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,32 +185,6 @@ mod tests {
                 "{bad:?} should be refused"
             );
         }
-    }
-
-    #[test]
-    fn events_print_as_exact_json() {
-        let event = Event {
-            position: Position::new(7, 42),
-            event_id: Uuid::nil(),
-            topic: "orders".into(),
-            key: Some("k\"1".into()),
-            event_type: None,
-            payload: RawJson::from(r#"{"n": 1e400, "d": [1, 2]}"#.to_string()),
-            headers: RawJson::default(),
-            created_at: SystemTime::UNIX_EPOCH,
-        };
-        let line = event.to_json();
-        assert!(
-            line.contains(r#""payload":{"n": 1e400, "d": [1, 2]}"#),
-            "{line}"
-        );
-        let parsed: Value = serde_json::from_str(&line.replace("1e400", "1")).unwrap();
-        assert_eq!(parsed["position"], "7/42");
-        assert_eq!(parsed["id"], 42);
-        assert_eq!(parsed["key"], "k\"1");
-        assert_eq!(parsed["type"], Value::Null);
-        assert_eq!(parsed["created_at"], "1970-01-01T00:00:00.000000Z");
-        assert_eq!(parsed["headers"], serde_json::json!({}));
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! that appends events through this crate does not build an HTTP server or an argument parser.
 
 pub mod capture;
+mod certificate;
 pub mod channel;
 pub mod db;
 pub mod divergence;
@@ -46,7 +47,8 @@ pub mod testing;
 pub mod tls;
 
 pub use error::{Error, Result};
-pub use event::{Event, NewEvent, RawJson, Topic};
+pub use event::{NewEvent, RawJson, Topic};
+pub use position::Event;
 pub use position::Position;
 
 /// The fixed name of the outbox table (users type `select count(*) from events`).

@@ -1,7 +1,7 @@
 //! Keeping passwords out of logs and error messages.
 //!
 //! Nothing here prints a connection string: a connection is described by what the parser that
-//! makes the connection read from it (`host:port/dbname as user`, [`crate::db::describe`]), and any
+//! makes the connection read from it (`host:port/dbname as user`, [`describe`]), and any
 //! text that might quote a connection string (a driver's parse error) is passed through [`scrub`],
 //! which replaces everything that could be its password with `***`.
 //!
@@ -91,8 +91,32 @@ pub fn postgres(url: &str) -> String {
         .rest
         .parse::<tokio_postgres::Config>()
     {
-        Ok(config) => scrub(&crate::db::describe(&config), url),
+        Ok(config) => scrub(&describe(&config), url),
         Err(_) => "an unparseable connection string".into(),
+    }
+}
+
+/// Where a config points, for logs and errors: `host:port/dbname as user`, never the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let described = format!(
+        "{host}:{port}/{} as {}",
+        config.get_dbname().unwrap_or("(default database)"),
+        config.get_user().unwrap_or("(default user)")
+    );
+    // A password that the parser read into another field (an unencoded `@` in it) stays out too.
+    match config.get_password() {
+        Some(password) if password.len() >= 3 => scrub_all(
+            &described,
+            &[String::from_utf8_lossy(password).into_owned()],
+        ),
+        _ => described,
     }
 }
 

@@ -30,28 +30,21 @@ pub struct Encoded {
 
 impl Encoded {
     pub fn new(event: Event) -> Arc<Encoded> {
-        let position = event.position.to_string();
-        let created_at = humantime::format_rfc3339_micros(event.created_at).to_string();
-        // Payload and headers go out as PostgreSQL printed them (exact: jsonb numbers such as 1e400
-        // or 40-digit integers survive, where a round trip through f64 would not). jsonb text is
-        // one line, so the object stays one `data:` line.
-        let text = |s: &str| serde_json::Value::from(s).to_string();
-        let json = format!(
-            "{{\"position\":{},\"id\":{},\"event_id\":\"{}\",\"topic\":{},\"key\":{},\"type\":{},\"created_at\":\"{}\",\"payload\":{},\"headers\":{}}}",
-            text(&position),
-            event.position.id,
-            event.event_id,
-            text(&event.topic),
-            event.key.as_deref().map_or("null".into(), text),
-            event.event_type.as_deref().map_or("null".into(), text),
-            created_at,
-            one_line(event.payload.as_str()),
-            one_line(event.headers.as_str()),
-        );
+        // The shape every reader prints, payload and headers as PostgreSQL printed them (exact:
+        // jsonb numbers such as 1e400 or 40-digit integers survive, where a round trip through
+        // f64 would not).
+        let json = one_line(event.to_json());
         let name = sse_event_name(event.event_type.as_deref());
         // `event:` first, so the untyped frame is a zero-copy slice of the typed one.
         let event_line = format!("event: {name}\n");
-        let sse = Bytes::from(format!("{event_line}id: {position}\ndata: {json}\n\n"));
+        let mut sse = String::with_capacity(event_line.len() + json.len() + 64);
+        sse.push_str(&event_line);
+        sse.push_str("id: ");
+        sse.push_str(&event.position.to_string());
+        sse.push_str("\ndata: ");
+        sse.push_str(&json);
+        sse.push_str("\n\n");
+        let sse = Bytes::from(sse);
         Arc::new(Encoded {
             position: event.position,
             topic: event.topic,
@@ -77,11 +70,11 @@ impl Encoded {
 /// JSON text on one line. PostgreSQL's jsonb text has no raw line breaks (they are escaped inside
 /// strings), so this only guards the framing should one ever appear between tokens, where JSON
 /// allows whitespace.
-fn one_line(json: &str) -> std::borrow::Cow<'_, str> {
+fn one_line(json: String) -> String {
     if json.contains(['\n', '\r']) {
-        json.replace(['\n', '\r'], " ").into()
+        json.replace(['\n', '\r'], " ")
     } else {
-        json.into()
+        json
     }
 }
 

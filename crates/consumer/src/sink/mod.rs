@@ -28,6 +28,15 @@ pub use mongo::MongoSink;
 pub use null::NullSink;
 pub use observed::{Delivered, Observed};
 
+/// The `--on-poison` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnPoison {
+    /// Record the event in `deadLetters` and go on.
+    DeadLetter,
+    /// Stop with an error naming the event.
+    Stop,
+}
+
 /// A destination for events.
 pub trait Sink: Send + 'static {
     /// A cheap handle for `/healthz` probes, usable while a write is in progress.

@@ -89,8 +89,8 @@ pub use purge::{
     kept, purge_batch, purge_step, purgeable, purgeable_past, Kept, PurgeStep, Purged,
 };
 pub use read::{
-    backlog, horizon, horizon_blocker, latest, watermark, Backlog, Batch, HorizonBlocker, Limits,
-    NewestReadable, Reader, Undecodable, Watermark,
+    backlog, horizon, horizon_blocker, latest, watermark, Backlog, Batch, Event, HorizonBlocker,
+    Limits, NewestReadable, Reader, Undecodable, Watermark,
 };
 
 /// Where a reader stands: it has seen every event at or before `(tx_id, id)`.

@@ -5,10 +5,58 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use tokio_postgres::{Client, Row, Statement};
+use uuid::Uuid;
 
 use super::Position;
 use crate::error::{Error, Result};
-use crate::event::{Event, RawJson};
+use crate::event::RawJson;
+
+/// An event as read back from the `events` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub position: Position,
+    pub event_id: Uuid,
+    pub topic: String,
+    pub key: Option<String>,
+    pub event_type: Option<String>,
+    /// The payload as PostgreSQL prints it (`jsonb::text`): exact, whatever it holds.
+    pub payload: RawJson,
+    /// The headers object, likewise.
+    pub headers: RawJson,
+    pub created_at: SystemTime,
+}
+
+impl Event {
+    /// The event as one line of JSON, the shape every reader prints (`eventsctl tail`, the
+    /// gateway): `{position, id, event_id, topic, key, type, created_at, payload, headers}`, with
+    /// payload and headers spliced in exactly as PostgreSQL printed them (no parse, no rounding).
+    pub fn to_json(&self) -> String {
+        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        let optional = |s: &Option<String>| s.as_deref().map_or_else(|| "null".into(), text);
+        let created_at = humantime::format_rfc3339_micros(self.created_at).to_string();
+        format!(
+            r#"{{"position":{},"id":{},"event_id":"{}","topic":{},"key":{},"type":{},"created_at":"{}","payload":{},"headers":{}}}"#,
+            text(&self.position.to_string()),
+            self.position.id,
+            self.event_id,
+            text(&self.topic),
+            optional(&self.key),
+            optional(&self.event_type),
+            created_at,
+            self.payload.as_str(),
+            if self.headers.is_empty() {
+                "{}"
+            } else {
+                self.headers.as_str()
+            },
+        )
+    }
+
+    /// The event's `id` column (its place in the commit-independent sequence).
+    pub fn id(&self) -> i64 {
+        self.position.id
+    }
+}
 
 /// One fetch: the wanted events in order, and the last position scanned, which may be past the
 /// last wanted event when a topic filter skipped rows (the reader advances over those too).
@@ -486,4 +534,35 @@ pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
             .map_err(|_| Error::Schema(format!("unexpected xid8 text {text:?} from the server")))
     };
     Ok((parse(0)?, parse(1)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_print_as_exact_json() {
+        let event = Event {
+            position: Position::new(7, 42),
+            event_id: Uuid::nil(),
+            topic: "orders".into(),
+            key: Some("k\"1".into()),
+            event_type: None,
+            payload: RawJson::from(r#"{"n": 1e400, "d": [1, 2]}"#.to_string()),
+            headers: RawJson::default(),
+            created_at: SystemTime::UNIX_EPOCH,
+        };
+        let line = event.to_json();
+        assert!(
+            line.contains(r#""payload":{"n": 1e400, "d": [1, 2]}"#),
+            "{line}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&line.replace("1e400", "1")).unwrap();
+        assert_eq!(parsed["position"], "7/42");
+        assert_eq!(parsed["id"], 42);
+        assert_eq!(parsed["key"], "k\"1");
+        assert_eq!(parsed["type"], serde_json::Value::Null);
+        assert_eq!(parsed["created_at"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(parsed["headers"], serde_json::json!({}));
+    }
 }

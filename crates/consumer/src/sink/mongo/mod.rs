@@ -59,8 +59,7 @@ use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, ClientSession, Collection};
 
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
-use crate::config::{OnPoison, Transactions};
-use crate::sink::{SinkError, SinkResult};
+use crate::sink::{OnPoison, SinkError, SinkResult};
 
 pub use mongo_format::checkpoint::{self, CHECKPOINTS};
 pub use mongo_format::dead_letter::{self, DEAD_LETTERS};
@@ -82,18 +81,13 @@ pub struct MongoConfig {
     pub on_poison: OnPoison,
 }
 
-impl MongoConfig {
-    /// The sink settings of a consumer's configuration.
-    pub fn of(config: &crate::Config) -> MongoConfig {
-        MongoConfig {
-            uri: config.mongodb_uri.clone().unwrap_or_default(),
-            database: config.mongodb_database.clone(),
-            collection: config.mongodb_collection.clone(),
-            name: config.name.clone(),
-            transactions: config.mongodb_transactions,
-            on_poison: config.on_poison,
-        }
-    }
+/// The `--mongodb-transactions` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transactions {
+    /// Use them when the server has them.
+    Auto,
+    /// Never: idempotent inserts, then the checkpoint.
+    Off,
 }
 
 pub struct MongoSink {
