@@ -147,12 +147,12 @@ pub fn spawn(
 /// Events this consumer had not delivered were purged (a forced purge, or it was idle longer than
 /// the purger's consumer expiry): said loudly in the log, the metrics and `/healthz`.
 pub fn report_gap(ctx: &Context, after: Position, watermark: &Watermark, delivery: &Delivery) {
-    let resumed_at = delivery
-        .events
-        .first()
-        .map(|e| e.position)
-        .unwrap_or(delivery.end)
-        .to_string();
+    let resumed_at = match delivery.events.first() {
+        Some(first) => first.position.to_string(),
+        // Nothing stored past the gap yet (every unread event was purged).
+        None if delivery.end == after => "the next event written".to_string(),
+        None => delivery.end.to_string(),
+    };
     let cause = if watermark.forced {
         "a forced purge"
     } else {

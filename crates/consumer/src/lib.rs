@@ -63,7 +63,7 @@ use crate::writer::{Committed, Writer};
 use event_store::divergence::{self, Expected};
 use event_store::follow::Rewind;
 use event_store::listener::Listener;
-use event_store::retry::{sleep_or_stop, Policy, Retry};
+use event_store::retry::{sleep_or_stop, Decision, Policy, Retry};
 
 /// Runs the consumer described by `config` until `shutdown` is cancelled (then returns `Ok`
 /// after the batch in flight), or until an error that waiting cannot fix.
@@ -142,7 +142,7 @@ pub async fn run_with<S: Sink>(
         .await;
         match connected {
             Ok(listener) => break listener,
-            Err(e) if !e.is_transient() => return Err(e),
+            Err(e) if e.decision() != Decision::Soon => return Err(e),
             Err(e) => {
                 let pause = retry.failed("Cannot start on PostgreSQL yet", &e, false);
                 health.failing(POSTGRES, e.to_string());
@@ -159,7 +159,7 @@ pub async fn run_with<S: Sink>(
     let checkpoint = loop {
         match sink.open().await {
             Ok(checkpoint) => break checkpoint,
-            Err(e) if !e.is_transient() => return Err(e),
+            Err(e) if e.decision() != Decision::Soon => return Err(e.into()),
             Err(e) => {
                 let pause = retry.failed("Cannot reach MongoDB at start-up", &e, false);
                 health.failing(MONGODB, e.to_string());
@@ -202,7 +202,7 @@ pub async fn run_with<S: Sink>(
     .await;
     let (first, origin) = match checked {
         Ok((origin, reader)) => (Some((listener, reader)), Some(origin)),
-        Err(e) if !e.is_transient() => return Err(e),
+        Err(e) if e.decision() != Decision::Soon => return Err(e),
         Err(_) => (None, checkpoint.origin.clone()),
     };
 

@@ -47,7 +47,10 @@ pub async fn monitor_loop(
         );
         let backlog =
             backlog.unwrap_or_else(|_| Err(Error::Timeout("measuring the backlog".into())));
-        let sink = sink.unwrap_or_else(|_| Err(Error::Timeout("pinging MongoDB".into())));
+        let sink = match sink {
+            Ok(pinged) => pinged.map_err(Error::from),
+            Err(_) => Err(Error::Timeout("pinging MongoDB".into())),
+        };
 
         match &backlog {
             Ok(backlog) => {

@@ -55,7 +55,7 @@ pub async fn publish_loop(
                     warn!(error = %e, attempt = failures,
                           "Cannot publish the position to PostgreSQL for the purger; retrying.");
                 }
-                if sleep_or_stop(retry.next_pause(e.is_permanent()), &shutdown).await {
+                if sleep_or_stop(retry.next_pause(e.decision().is_slow()), &shutdown).await {
                     break;
                 }
                 continue;

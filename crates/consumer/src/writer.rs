@@ -18,11 +18,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fetcher::report_gap;
 use crate::health::Context;
-use crate::sink::{Checkpoint, Delivery, Sink, Written};
+use crate::sink::{Checkpoint, Delivery, Sink, SinkError, Written};
 use event_store::follow::{Rewind, Step};
+use event_store::retry::Decision;
 use event_store::retry::{sleep_or_stop, Policy, Retry};
 
 /// How long a write in flight may finish after shutdown was requested.
@@ -85,6 +86,9 @@ impl<S: Sink> Writer<S> {
             if let Some(watermark) = &fetched.gap {
                 report_gap(&self.ctx, fetched.after, watermark, &fetched.item);
             }
+            if fetched.end == fetched.after {
+                continue; // a gap with nothing stored past it: nothing to write
+            }
             let mut delivery = fetched.item;
             delivery.generation = fetched.generation;
             if delivery.generation != self.generation {
@@ -120,21 +124,18 @@ impl<S: Sink> Writer<S> {
                     self.ctx.sink_ok(true);
                     return Ok(ControlFlow::Continue(Some(written)));
                 }
-                Err(e @ (Error::Poison(_) | Error::Integrity(_) | Error::Config(_))) => {
-                    return Err(e)
-                }
+                Err(e) if e.decision() == Decision::Never => return Err(e.into()),
                 Err(e) => e,
             };
             failures += 1;
-            if let Error::CheckpointMoved { .. } = error {
+            if let SinkError::CheckpointMoved { .. } = error {
                 warn!(error = %error, "The sink's checkpoint moved under this consumer.");
             } else {
                 // Credentials or privileges are not fixed by waiting, but an operator can fix them
                 // while we keep trying, at the slowest pace.
-                let permanent = error.is_permanent();
-                let pause = self
-                    .retry
-                    .failed("Writing a batch failed", &error, permanent);
+                let pause =
+                    self.retry
+                        .failed("Writing a batch failed", &error, error.decision().is_slow());
                 self.ctx.sink_failing(error.to_string(), true);
                 if sleep_or_stop(pause, &self.shutdown).await {
                     return Ok(ControlFlow::Break(()));
@@ -149,7 +150,7 @@ impl<S: Sink> Writer<S> {
                 self.rewind(delivery.start, checkpoint);
                 return Ok(ControlFlow::Continue(None));
             }
-            if matches!(error, Error::CheckpointMoved { .. }) {
+            if matches!(error, SinkError::CheckpointMoved { .. }) {
                 // Reported moved, read back where expected (a concurrent change in between):
                 // never a tight loop.
                 if sleep_or_stop(self.retry.next_pause(false), &self.shutdown).await {
@@ -165,12 +166,12 @@ impl<S: Sink> Writer<S> {
         loop {
             match self.sink.open().await {
                 Ok(checkpoint) => return Ok(ControlFlow::Continue(checkpoint)),
-                Err(e @ (Error::Integrity(_) | Error::Config(_))) => return Err(e),
+                Err(e) if e.decision() == Decision::Never => return Err(e.into()),
                 Err(e) => {
                     attempt += 1;
                     debug!(error = %e, attempt, "Cannot read the checkpoint yet; retrying.");
                     self.ctx.sink_failing(e.to_string(), true);
-                    let pause = self.retry.next_pause(e.is_permanent());
+                    let pause = self.retry.next_pause(e.decision().is_slow());
                     if sleep_or_stop(pause, &self.shutdown).await {
                         return Ok(ControlFlow::Break(()));
                     }

@@ -254,6 +254,40 @@ async fn purge_gaps_are_reported_and_delivery_continues() {
     assert_eq!(http_get(addr, "/healthz").await.unwrap().0, 503);
     consumer.stop().await;
 
+    // Every unread event purged: nothing is stored past the gap, and it is still reported.
+    produce(&env.admin, "courses", 10).await;
+    let (from, to): (i64, i64) = {
+        let ids = env
+            .pg
+            .psql("SELECT max(id) - 9 || ' ' || max(id) FROM events");
+        let (a, b) = ids.split_once(' ').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    };
+    let lost_position = env.pg.psql(&format!(
+        "SELECT tx_id::text || '/' || id FROM events WHERE id = {to}"
+    ));
+    purge(from, to);
+    let addr = free_addr();
+    let mut config = env.config("gappy");
+    config.http.http_addr = Some(addr);
+    let consumer = spawn(config);
+    wait_until(
+        "the gap with nothing past it is reported",
+        Duration::from_secs(30),
+        || async {
+            let metrics = http_get(addr, "/metrics").await.map(|r| r.1);
+            metrics.is_some_and(|m| m.contains("consumer_gaps_total{consumer=\"gappy\"} 3"))
+        },
+    )
+    .await;
+    let (status, body) = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&lost_position), "{body}");
+    produce(&env.admin, "courses", 5).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(30)).await;
+    assert_eq!(env.mongo_count(RECEIVED).await, 150 + 10 + 5 + 5);
+    consumer.stop().await;
+
     // A consumer without a checkpoint starts at the oldest event and reports no gap.
     let addr = free_addr();
     let mut config = env.config("newcomer");

@@ -60,10 +60,11 @@ pub type PgConnection = Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<
 pub fn config(url: &str, application_name: &str) -> Result<Database> {
     let split = tls::split(url);
     let tls = Tls::new(split.sslmode.as_deref(), split.sslrootcert.as_deref())?;
-    let mut config: Config = split.rest.parse().map_err(|e| {
+    let mut config: Config = split.rest.parse().map_err(|e: tokio_postgres::Error| {
         Error::Config(format!(
-            "DATABASE_URL is not a valid PostgreSQL connection string ({e}); expected e.g. \
-             postgres://user:password@host:5432/dbname?sslmode=verify-full&sslrootcert=/path/ca.pem"
+            "DATABASE_URL is not a valid PostgreSQL connection string ({}); expected e.g. \
+             postgres://user:password@host:5432/dbname?sslmode=verify-full&sslrootcert=/path/ca.pem",
+            crate::redact::scrub(&e.to_string(), url)
         ))
     })?;
     config.ssl_mode(tls.pg_mode());
@@ -90,11 +91,19 @@ pub fn describe(config: &Config) -> String {
         None => "localhost".into(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
+    let described = format!(
         "{host}:{port}/{} as {}",
         config.get_dbname().unwrap_or("(default database)"),
         config.get_user().unwrap_or("(default user)")
-    )
+    );
+    // A password that the parser read into another field (an unencoded `@` in it) stays out too.
+    match config.get_password() {
+        Some(password) if password.len() >= 3 => crate::redact::scrub_all(
+            &described,
+            &[String::from_utf8_lossy(password).into_owned()],
+        ),
+        _ => described,
+    }
 }
 
 /// A pool of at most `size` connections. Connections are made lazily: a database that is down at

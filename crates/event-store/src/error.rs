@@ -112,6 +112,17 @@ impl Error {
         }
     }
 
+    /// The retry decision: [`Error::is_transient`] errors soon, integrity and configuration
+    /// errors never, everything else slowly (an operator may be fixing it).
+    pub fn decision(&self) -> crate::retry::Decision {
+        use crate::retry::Decision;
+        match self {
+            Error::Integrity(_) | Error::Config(_) => Decision::Never,
+            e if e.is_transient() => Decision::Soon,
+            _ => Decision::Slowly,
+        }
+    }
+
     /// The SQLSTATE, when PostgreSQL answered with an error.
     pub fn code(&self) -> Option<&SqlState> {
         self.pg_error().and_then(|e| e.code())

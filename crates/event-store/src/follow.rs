@@ -162,7 +162,8 @@ pub struct Rewind {
 pub struct Fetched<T> {
     /// The position the fetch started from (exclusive).
     pub after: Position,
-    /// The last row scanned, wanted or not: the new position.
+    /// The last row scanned, wanted or not: the new position. Equal to `after` only for a
+    /// [`gap`](Fetched::gap) with nothing stored past it (the batch is empty).
     pub end: Position,
     /// The `event_id` of the row at `end`.
     pub end_event_id: Option<uuid::Uuid>,
@@ -447,10 +448,13 @@ where
 
     /// Sends the batch (if the fetch scanned anything) to the caller.
     async fn hand_over(&mut self, round: Round) -> Flow {
-        let Some(end) = round.batch.end else {
-            return Flow::Continue;
+        // A gap is handed over even when nothing is stored past it (a forced purge took every
+        // unread event): as an empty batch that ends where it started.
+        let (end, end_event_id) = match round.batch.end {
+            Some(end) => (end, round.batch.end_event_id),
+            None if round.gap.is_some() => (round.after, self.after_event_id),
+            None => return Flow::Continue,
         };
-        let end_event_id = round.batch.end_event_id;
         let item = (self.encode)(round.batch, round.after);
         let step = Step::Batch(Fetched {
             after: round.after,

@@ -18,7 +18,7 @@
 //! - [`migrations`]: the embedded schema (`migrations/` at the repository root) and the check each
 //!   service runs at start-up that the schema is there and its role may do its job.
 //! - [`capture`]: table-change capture (row changes of your own tables become events in the same
-//!   transaction); the work is done by triggers from migrations V5–V7, this module manages them.
+//!   transaction); the work is done by triggers from migrations V5–V9, this module manages them.
 //! - [`tls`]: TLS on every connection, with libpq's `sslmode` and `sslrootcert`.
 //! - [`error`]: the one error report (server message, SQLSTATE, detail, hint, what to do) and the
 //!   transient/permanent classification; [`retry`]: the one retry policy.
@@ -39,6 +39,7 @@ pub mod lease;
 pub mod listener;
 pub mod migrations;
 pub mod position;
+pub mod redact;
 pub mod retry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -41,6 +41,9 @@ pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied>
     // the functions' schema. So: up to V4, then (if V5 or V6 is still to come) that role may
     // create in the schema of `events` for the rest of this run. events_grant_roles (V7) takes it
     // back, with the migrator's membership in the role (V5 grants it); so does a failed run.
+    // Before anything else (the grants would quietly restore an owner or an ACL someone
+    // changed), and after the grants, which must leave everything as V9 describes it.
+    check_capture_functions(client).await?;
     let mut applied = migrate_to(client, Target::Version(4)).await?;
     prepare_capture_handover(client).await?;
     let rest = async {
@@ -51,6 +54,7 @@ pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied>
             .map_err(|e| {
                 Error::database(format!("grant the roles of prefix {role_prefix:?}"), e)
             })?;
+        check_capture_functions(client).await?;
         Ok::<_, Error>(())
     }
     .await;
@@ -136,6 +140,40 @@ async fn prepare_capture_handover(client: &Client) -> Result<()> {
         )
         .await
         .map_err(|e| Error::database("prepare the capture functions' owner", e))
+}
+
+/// Fails when a capture function (the SECURITY DEFINER triggers and the helpers they call) or
+/// the capture role differs from what the migrations made it (V9's `capture_check()`): another
+/// owner, SECURITY INVOKER, other settings, more roles allowed to execute it, a changed trigger
+/// body, or an object the capture role owns or a grant it holds beyond its functions. Any of these
+/// means someone changed them outside `migrate`; nothing is repaired, the error names each one.
+/// A schema older than V9 has nothing to check.
+pub async fn check_capture_functions(client: &Client) -> Result<()> {
+    let present: bool = client
+        .query_one("SELECT to_regprocedure('capture_check()') IS NOT NULL", &[])
+        .await
+        .map_err(|e| Error::database("look for the capture functions' check", e))?
+        .get(0);
+    if !present {
+        return Ok(());
+    }
+    let rows = client
+        .query("SELECT object, problem FROM capture_check()", &[])
+        .await
+        .map_err(|e| Error::database("check the capture functions", e))?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let problems: Vec<String> = rows
+        .iter()
+        .map(|row| format!("{} {}", row.get::<_, String>(0), row.get::<_, String>(1)))
+        .collect();
+    Err(Error::Schema(format!(
+        "the capture functions were changed outside `migrate`: {}; someone with the capture \
+         role's or a superuser's rights did this, so treat the database as tampered with (see the \
+         README, Security: capture), restore the functions as a superuser and run `migrate` again",
+        problems.join("; ")
+    )))
 }
 
 /// The newest migration this binary knows.
@@ -269,6 +307,7 @@ pub async fn check(client: &Client, role: Role) -> Result<()> {
         }
         Some(_) => {}
     }
+    check_capture_functions(client).await?;
     for (kind, object, privilege) in role.needs() {
         let sql = if *kind == FUNCTION {
             "SELECT to_regprocedure($1) IS NOT NULL,

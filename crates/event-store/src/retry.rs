@@ -36,6 +36,25 @@ use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// What to do about a failure: the one question every retry loop asks of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Waiting is likely to fix it (a server restarting, a network blip): retry with the policy.
+    Soon,
+    /// An operator must fix it (credentials, privileges, a missing table) and may while we wait:
+    /// at start-up, exit with the error; later, retry at the policy's slowest pace.
+    Slowly,
+    /// Going on would lose or corrupt events, or the configuration cannot work: stop.
+    Never,
+}
+
+impl Decision {
+    /// Retry at the slowest pace (the `permanent` argument of [`Retry::failed`]).
+    pub fn is_slow(self) -> bool {
+        self == Decision::Slowly
+    }
+}
+
 /// How a service retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {

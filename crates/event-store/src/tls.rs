@@ -479,7 +479,7 @@ pub fn key_value_pairs(text: &str) -> Vec<(usize, usize, String, String)> {
     }
 }
 
-fn percent_decode(text: &str) -> String {
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -331,3 +331,125 @@ async fn the_start_up_check_compares_schema_versions() {
     );
     assert!(err.is_permanent());
 }
+
+fn denied_publish(result: event_store::Result<()>, what: &str) {
+    let err = result.expect_err(what);
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{what}: {err}"
+    );
+}
+
+/// Issue 25, part 5: a position row written under `SET ROLE events_consumer` would belong to the
+/// group, and every member could move it; and a login could take any name. Now only roles that can
+/// log in write rows, and once the owner registers names in `consumer_names`, each login may
+/// create or claim only its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_names_are_tied_to_logins_and_group_roles_own_no_position() {
+    let (pg, admin) = migrated().await;
+    pg.psql(
+        "CREATE ROLE c1 LOGIN IN ROLE events_consumer;
+         CREATE ROLE c2 LOGIN IN ROLE events_consumer;",
+    );
+    let c1 = connect(&pg.url_for("c1", None)).await;
+    let c2 = connect(&pg.url_for("c2", None)).await;
+
+    // As the group role: no row is created.
+    c1.batch_execute("SET ROLE events_consumer").await.unwrap();
+    denied_publish(
+        position::publish(&c1, "shared", Position::new(5, 5)).await,
+        "publishing as the group role",
+    );
+    c1.batch_execute("RESET ROLE").await.unwrap();
+    // A row the group role owns (as V4 let one be made): no member can move it now, as itself or
+    // as the group.
+    admin
+        .execute(
+            "INSERT INTO consumer_positions (consumer, tx_id, id, owner) VALUES ('shared', '9', 9, 'events_consumer')",
+            &[],
+        )
+        .await
+        .unwrap();
+    // V4's policy, `owner = current_user`, matched it for every member under SET ROLE.
+    let v4_would_match: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM consumer_positions WHERE owner = 'events_consumer'::name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v4_would_match, 1);
+    for client in [&c1, &c2] {
+        client
+            .batch_execute("SET ROLE events_consumer")
+            .await
+            .unwrap();
+        let moved = client
+            .execute("UPDATE consumer_positions SET id = 0", &[])
+            .await
+            .unwrap();
+        assert_eq!(moved, 0, "the group role moves nothing");
+        client.batch_execute("RESET ROLE").await.unwrap();
+        denied_publish(
+            position::publish(client, "shared", Position::new(10, 10)).await,
+            "publishing into the group's row",
+        );
+    }
+
+    // Without registered names, first come, first served (V4).
+    position::publish(&c2, "anything", Position::new(1, 1))
+        .await
+        .unwrap();
+    // Names registered: each login creates and claims only its own.
+    admin
+        .batch_execute(
+            "INSERT INTO consumer_names VALUES ('alpha', 'c1');
+             INSERT INTO consumer_positions (consumer, tx_id, id, owner) VALUES ('legacy', '1', 1, NULL);
+             INSERT INTO consumer_names VALUES ('legacy', 'c1');",
+        )
+        .await
+        .unwrap();
+    position::publish(&c1, "alpha", Position::new(3, 3))
+        .await
+        .unwrap();
+    denied_publish(
+        position::publish(&c2, "alpha", Position::new(4, 4)).await,
+        "another login's registered name",
+    );
+    denied_publish(
+        position::publish(&c1, "squat", Position::new(4, 4)).await,
+        "a name registered to nobody",
+    );
+    denied_publish(
+        position::publish(&c2, "legacy", Position::new(4, 4)).await,
+        "claiming another login's unowned legacy row",
+    );
+    position::publish(&c1, "legacy", Position::new(4, 4))
+        .await
+        .unwrap();
+    denied_publish(
+        position::publish(&c2, "anything", Position::new(2, 2)).await,
+        "a row whose name is not registered to its owner",
+    );
+    admin
+        .batch_execute("INSERT INTO consumer_names VALUES ('beta', 'c2'), ('anything', 'c2')")
+        .await
+        .unwrap();
+    position::publish(&c2, "beta", Position::new(2, 2))
+        .await
+        .unwrap();
+    position::publish(&c2, "anything", Position::new(2, 2))
+        .await
+        .unwrap();
+    // Nobody but the owner touches the registry.
+    assert_denied(
+        c1.execute("INSERT INTO consumer_names VALUES ('gamma', 'c1')", &[])
+            .await,
+        "registering a name as a consumer",
+    );
+    migrations::check(&c1, migrations::Role::Consumer)
+        .await
+        .unwrap();
+}

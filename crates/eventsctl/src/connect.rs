@@ -41,8 +41,9 @@ pub async fn mongo_required(cli: &Cli, why: &str) -> anyhow::Result<mongodb::Dat
 async fn mongo_database(uri: &str, database: &str) -> anyhow::Result<mongodb::Database> {
     let mut options = ClientOptions::parse(uri).await.map_err(|e| {
         crate::exit::usage(format!(
-            "MONGODB_URI is not a valid MongoDB connection string ({e}); expected e.g. \
-             mongodb://host:27017/?replicaSet=rs0"
+            "MONGODB_URI is not a valid MongoDB connection string ({}); expected e.g. \
+             mongodb://host:27017/?replicaSet=rs0",
+            event_store::redact::scrub(&e.to_string(), uri)
         ))
     })?;
     if options.app_name.is_none() {

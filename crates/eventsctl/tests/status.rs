@@ -5,8 +5,8 @@
 mod common;
 
 use common::{assert_exit, json, produce, setup_with, stdout};
-use consumer::sink::mongo::checkpoint_update;
 use event_store::position::{self, Position};
+use mongo_format::checkpoint::update as checkpoint_update;
 use mongodb::bson::{doc, DateTime, Document};
 
 #[tokio::test(flavor = "multi_thread")]

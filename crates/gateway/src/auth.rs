@@ -176,18 +176,49 @@ pub fn token_from<'a>(
 }
 
 /// A query string fit for logs: the value of every `access_token` parameter replaced by
-/// `REDACTED`.
+/// `REDACTED`. Names are compared as the handlers read them, after form decoding (`%5F` is `_`,
+/// `+` a space), so `?access%5Ftoken=…` is redacted too.
 pub fn redact_query(query: &str) -> String {
     query
         .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.eq_ignore_ascii_case("access_token") => {
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if form_decode(name).eq_ignore_ascii_case("access_token") && !value.is_empty() {
                 format!("{name}=REDACTED")
+            } else {
+                pair.to_string()
             }
-            _ => pair.to_string(),
         })
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// `application/x-www-form-urlencoded` decoding, as the query extractor does it.
+fn form_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                match (
+                    bytes.get(i + 1).and_then(|b| hex(*b)),
+                    bytes.get(i + 2).and_then(|b| hex(*b)),
+                ) {
+                    (Some(high), Some(low)) => {
+                        out.push((high * 16 + low) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -252,5 +283,11 @@ mod tests {
             redact_query("from=earliest&access_token=s3cret&key=k&ACCESS_TOKEN=x"),
             "from=earliest&access_token=REDACTED&key=k&ACCESS_TOKEN=REDACTED"
         );
+        // The handlers decode names: so must the redaction.
+        assert_eq!(
+            redact_query("access%5Ftoken=s3cret&access%5ftoken=t&%61ccess_token=u&access_token%3D=v"),
+            "access%5Ftoken=REDACTED&access%5ftoken=REDACTED&%61ccess_token=REDACTED&access_token%3D=v"
+        );
+        assert_eq!(form_decode("a+b%20c%zz%4"), "a b c%zz%4");
     }
 }

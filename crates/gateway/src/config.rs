@@ -39,14 +39,62 @@ pub struct Config {
     #[arg(long = "open", env = "GATEWAY_OPEN", conflicts_with = "tokens_file")]
     pub open: bool,
 
-    /// Origins whose pages may read the streams (CORS), comma-separated, e.g.
-    /// https://app.example.com,http://localhost:3000; `*` allows any. Default: same origin only.
+    /// Origins whose pages may read the streams (CORS) and open WebSockets, comma-separated, e.g.
+    /// https://app.example.com,http://localhost:3000. `*` lets any page read them without
+    /// credentials (answered `Access-Control-Allow-Origin: *`); the origin `null` is never
+    /// allowed. Default: same origin only. A WebSocket handshake from another origin gets 403.
     #[arg(
         long = "allowed-origins",
         env = "GATEWAY_ALLOWED_ORIGINS",
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+
+    /// Host names (the `Host` header, port ignored) the gateway answers, comma-separated, e.g.
+    /// events.example.com,localhost; `*` answers any. Other hosts get 403, so a DNS-rebinding page
+    /// cannot reach a gateway it was not meant to. Default: localhost, 127.0.0.1 and ::1 plus the
+    /// hosts of --allowed-origins when the gateway listens on loopback or runs --open; any host
+    /// otherwise (a token is then what protects the streams).
+    #[arg(
+        long = "allowed-hosts",
+        env = "GATEWAY_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
+    /// Most TCP connections open at once (streams, requests and idle ones together); past it new
+    /// connections are closed at once. At start-up the open-file limit (RLIMIT_NOFILE) is raised to
+    /// fit it, and this cap is lowered, with a warning, when the hard limit is too low.
+    #[arg(
+        long = "max-connections",
+        env = "GATEWAY_MAX_CONNECTIONS",
+        default_value_t = 12_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+
+    /// Most TCP connections open at once from one client IP address; past it that address's new
+    /// connections are closed at once. Behind a reverse proxy every client has the proxy's
+    /// address: raise it to --max-connections there.
+    #[arg(
+        long = "max-connections-per-address",
+        env = "GATEWAY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections_per_address: u32,
+
+    /// How long a connection may go without sending a complete request head: counted from the
+    /// connection's start and, on a keep-alive connection, from the end of each response, so it
+    /// is also the idle keep-alive timeout. A connection past it is closed (streams already
+    /// answered are not affected).
+    #[arg(
+        long = "header-read-timeout",
+        env = "GATEWAY_HEADER_READ_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub header_read_timeout: Duration,
 
     /// Most streams open at once; past it new streams get 503 with Retry-After.
     #[arg(
@@ -190,6 +238,7 @@ impl Config {
             ("--poll-interval", self.poll_interval),
             ("--max-stream-age", self.max_stream_age),
             ("--slow-client-timeout", self.slow_client_timeout),
+            ("--header-read-timeout", self.header_read_timeout),
         ] {
             if value.is_zero() {
                 return Err(Error::Config(format!("{what} must be greater than zero")));
@@ -208,7 +257,70 @@ impl Config {
                 )));
             }
         }
+        for host in self.hosts_listed() {
+            if host != "*"
+                && (host.contains('/')
+                    || host.contains('@')
+                    || host.contains(' ')
+                    || host.is_empty())
+            {
+                return Err(Error::Config(format!(
+                    "--allowed-hosts / GATEWAY_ALLOWED_HOSTS: {host:?} is not a host name \
+                     (expected e.g. events.example.com, 127.0.0.1, [::1], or *)"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    fn hosts_listed(&self) -> Vec<String> {
+        self.allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect()
+    }
+
+    /// The `Host` allow-list in force (see `--allowed-hosts`): `None` answers any host.
+    pub fn hosts(&self) -> Option<Vec<String>> {
+        let listed = self.hosts_listed();
+        if !listed.is_empty() {
+            if listed.iter().any(|h| h == "*") {
+                return None;
+            }
+            return Some(listed.iter().map(|h| host_name(h)).collect());
+        }
+        if !(self.http_addr.ip().is_loopback() || self.open) {
+            return None;
+        }
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for origin in self.origins() {
+            if let Some((_, authority)) = origin.split_once("://") {
+                hosts.push(host_name(authority));
+            }
+        }
+        Some(hosts)
+    }
+}
+
+/// The host of a `Host` header value or an origin's authority: lower case, without the port
+/// (`[::1]:8084` → `[::1]`, `Example.com:443` → `example.com`).
+pub fn host_name(authority: &str) -> String {
+    let authority = authority.trim().to_ascii_lowercase();
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => authority[..=end].to_string(),
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.contains(':') => {
+            host.to_string()
+        }
+        _ => authority,
     }
 }
 
@@ -258,5 +370,42 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.origins(), vec!["https://a.example"]);
         assert!(parse(&["--open", "--heartbeat-interval", "soon"]).is_err());
+        let err = parse(&["--open", "--allowed-hosts", "http://a.example/"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GATEWAY_ALLOWED_HOSTS"), "{err}");
+        assert!(parse(&["--open", "--max-connections", "0"]).is_err());
+    }
+
+    #[test]
+    fn hosts_default_to_loopback_names_on_loopback_or_open_and_to_any_otherwise() {
+        let loopback = parse(&["--open"]).unwrap().hosts().unwrap();
+        assert_eq!(loopback, vec!["localhost", "127.0.0.1", "[::1]"]);
+        let open_everywhere = parse(&["--open", "--http-addr", "0.0.0.0:8084"])
+            .unwrap()
+            .hosts()
+            .unwrap();
+        assert_eq!(open_everywhere, loopback);
+        let with_origin = parse(&["--open", "--allowed-origins", "https://App.example:8443"])
+            .unwrap()
+            .hosts()
+            .unwrap();
+        assert!(with_origin.contains(&"app.example".to_string()));
+        let tokens_public = parse(&["--tokens-file", "t", "--http-addr", "0.0.0.0:8084"]).unwrap();
+        assert_eq!(tokens_public.hosts(), None);
+        let listed = parse(&["--open", "--allowed-hosts", "Events.example.com, localhost"])
+            .unwrap()
+            .hosts()
+            .unwrap();
+        assert_eq!(listed, vec!["events.example.com", "localhost"]);
+        assert_eq!(
+            parse(&["--open", "--allowed-hosts", "*"]).unwrap().hosts(),
+            None
+        );
+        assert_eq!(host_name("[::1]:8084"), "[::1]");
+        assert_eq!(host_name("LOCALHOST:8084"), "localhost");
+        assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
     }
 }

@@ -1,6 +1,12 @@
 //! The HTTP side: routes, who may open a stream, where it starts, CORS, request logs, and the
 //! two transports (SSE and WebSocket) over a session's queue.
 //!
+//! Every request but `/healthz` first passes the `Host` check (403 for a host not in
+//! `--allowed-hosts`, so a DNS-rebinding page cannot talk to a loopback gateway). A WebSocket
+//! handshake then passes the `Origin` check (403 for a page of another origin that
+//! `--allowed-origins` does not list; browsers send `Origin` on every handshake and CORS does not
+//! apply to WebSockets, so this is what keeps other sites' pages out).
+//!
 //! Order of checks for a stream: topic names (400) → token (401) → topics granted (403) → start
 //! position (`?from=` that is not `earliest|latest|TX/ID` is 400; a malformed `Last-Event-ID` is
 //! not refused, see [`Start::Malformed`]) → shutting down or caps (503 with `Retry-After`).
@@ -25,6 +31,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use crate::auth::{self, Denied, Tokens};
+use crate::config::host_name;
+use crate::connections::Held;
 use crate::limits::{Full, Limits, Slot};
 use crate::session::{self, Shared, Start, Subscription};
 use crate::wire::{self, Frame};
@@ -41,6 +49,8 @@ pub struct App {
     pub tokens: Tokens,
     pub limits: Arc<Limits>,
     pub allowed_origins: Vec<String>,
+    /// `None`: any host.
+    pub allowed_hosts: Option<Vec<String>>,
     pub client_buffer: usize,
     pub tasks: TaskTracker,
 }
@@ -56,8 +66,9 @@ pub fn router(app: Arc<App>, health: Arc<Health>) -> Router {
         .route("/v1/topics/{topic}/ws", get(topic_ws).options(preflight))
         .route("/v1/events", get(multi_sse).options(preflight))
         .route_layer(middleware::from_fn_with_state(app.clone(), cors))
-        .with_state(app)
+        .with_state(app.clone())
         .merge(ops::router(health))
+        .layer(middleware::from_fn_with_state(app, check_host))
         .layer(middleware::from_fn(log_request))
 }
 
@@ -165,6 +176,17 @@ async fn topic_ws(
     request: Request,
 ) -> Response {
     let (mut parts, _) = request.into_parts();
+    if !ws_origin_allowed(&app.allowed_origins, &parts.headers) {
+        app.shared.metrics.refused(false);
+        return plain(
+            StatusCode::FORBIDDEN,
+            "this page's origin may not open the stream: add it to --allowed-origins \
+             (GATEWAY_ALLOWED_ORIGINS)"
+                .into(),
+        );
+    }
+    // The connection's place (see `connections`): an upgraded socket keeps it while it lives.
+    let place = parts.extensions.get::<Held>().cloned();
     let mut params = Params::parse(pairs);
     params.topics = vec![topic];
     let (sub, slot) = match admit(&app, params, &parts.headers) {
@@ -179,7 +201,10 @@ async fn topic_ws(
     upgrade.on_upgrade(move |socket| {
         let rx = app.open(sub, slot);
         let metrics = app.shared.metrics.clone();
-        tasks.track_future(ws_forward(socket, rx, metrics))
+        tasks.track_future(async move {
+            ws_forward(socket, rx, metrics).await;
+            drop(place);
+        })
     })
 }
 
@@ -334,24 +359,61 @@ fn unavailable(message: String) -> Response {
     response
 }
 
-/// CORS for the stream routes: an allowed `Origin` is echoed back (with `Vary: Origin`), and a
+/// What CORS answers a request's `Origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CorsAnswer {
+    /// A listed origin: echoed, with credentials.
+    Origin(String),
+    /// `--allowed-origins '*'`: any page may read, without credentials.
+    Any,
+}
+
+/// The CORS answer for `origin`. `null` (sandboxed frames, `file:` pages, some redirects) is
+/// never allowed, not even by `*`: any page can make its requests come from `null`.
+fn cors_answer(allowed: &[String], origin: Option<&str>) -> Option<CorsAnswer> {
+    let origin = origin.filter(|o| !o.eq_ignore_ascii_case("null"))?;
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        return Some(CorsAnswer::Origin(origin.to_string()));
+    }
+    allowed.iter().any(|a| a == "*").then_some(CorsAnswer::Any)
+}
+
+/// Whether a WebSocket handshake may go on: no `Origin` (not a browser), the same origin as the
+/// `Host` it was sent to, or an origin `--allowed-origins` lists (`*`: any but `null`).
+fn ws_origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if cors_answer(allowed, Some(origin)).is_some() {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin.split_once("://"), host) {
+        (Some((scheme, authority)), Some(host)) => {
+            matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https")
+                && authority.eq_ignore_ascii_case(host)
+        }
+        _ => false,
+    }
+}
+
+/// CORS for the stream routes: an allowed `Origin` is echoed back (with credentials and
+/// `Vary: Origin`), any origin but `null` gets `*` (without credentials) when `*` is allowed, and a
 /// preflight from one is answered here. Other origins get no CORS headers, so browsers keep their
 /// pages from reading the stream.
 async fn cors(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let origin = request
         .headers()
         .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-        .map(str::to_string);
-    let allowed = origin.as_deref().filter(|o| {
-        app.allowed_origins
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
-    });
+        .and_then(|o| o.to_str().ok());
+    let answer = cors_answer(&app.allowed_origins, origin);
     if request.method() == Method::OPTIONS {
         let mut response = StatusCode::NO_CONTENT.into_response();
-        if let Some(origin) = allowed {
-            add_cors(response.headers_mut(), origin);
+        if let Some(answer) = &answer {
+            add_cors(response.headers_mut(), answer);
             let h = response.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -365,23 +427,56 @@ async fn cors(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
         }
         return response;
     }
-    let allowed = allowed.map(str::to_string);
     let mut response = next.run(request).await;
-    if let Some(origin) = allowed {
-        add_cors(response.headers_mut(), &origin);
+    if let Some(answer) = &answer {
+        add_cors(response.headers_mut(), answer);
     }
     response
 }
 
-fn add_cors(headers: &mut HeaderMap, origin: &str) {
-    if let Ok(value) = HeaderValue::from_str(origin) {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
-        headers.append(header::VARY, HeaderValue::from_static("origin"));
+fn add_cors(headers: &mut HeaderMap, answer: &CorsAnswer) {
+    match answer {
+        CorsAnswer::Any => {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+        CorsAnswer::Origin(origin) => {
+            if let Ok(value) = HeaderValue::from_str(origin) {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+                headers.insert(
+                    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                    HeaderValue::from_static("true"),
+                );
+                headers.append(header::VARY, HeaderValue::from_static("origin"));
+            }
+        }
     }
+}
+
+/// The `Host` check (see `--allowed-hosts`): a request naming another host gets 403. `/healthz`
+/// is exempt, so probes that address the gateway by IP or service name keep working.
+async fn check_host(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if let Some(allowed) = &app.allowed_hosts {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.to_str().map(host_name).unwrap_or_default())
+            .or_else(|| request.uri().authority().map(|a| host_name(a.as_str())));
+        if let Some(host) = host {
+            if request.uri().path() != "/healthz" && !allowed.contains(&host) {
+                return plain(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "host {host:?} is not served here: add it to --allowed-hosts \
+                         (GATEWAY_ALLOWED_HOSTS)"
+                    ),
+                );
+            }
+        }
+    }
+    next.run(request).await
 }
 
 /// One log line per request, with `access_token` redacted from the query.
@@ -398,4 +493,74 @@ async fn log_request(request: Request, next: Next) -> Response {
         info!(%method, %path, %query, status, "Request.");
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn star_answers_star_without_credentials_and_null_is_never_allowed() {
+        let star = vec!["*".to_string()];
+        assert_eq!(
+            cors_answer(&star, Some("https://evil.example")),
+            Some(CorsAnswer::Any)
+        );
+        assert_eq!(cors_answer(&star, Some("null")), None);
+        let listed = vec!["https://app.example".to_string(), "*".to_string()];
+        assert_eq!(
+            cors_answer(&listed, Some("https://APP.example")),
+            Some(CorsAnswer::Origin("https://APP.example".into()))
+        );
+        assert_eq!(cors_answer(&[], Some("https://app.example")), None);
+        assert_eq!(cors_answer(&star, None), None);
+    }
+
+    #[test]
+    fn websocket_handshakes_need_the_same_origin_or_a_listed_one() {
+        let none: Vec<String> = Vec::new();
+        assert!(ws_origin_allowed(
+            &none,
+            &headers(&[("host", "127.0.0.1:8084")])
+        ));
+        assert!(ws_origin_allowed(
+            &none,
+            &headers(&[
+                ("host", "127.0.0.1:8084"),
+                ("origin", "http://127.0.0.1:8084")
+            ])
+        ));
+        assert!(!ws_origin_allowed(
+            &none,
+            &headers(&[
+                ("host", "127.0.0.1:8084"),
+                ("origin", "https://evil.example")
+            ])
+        ));
+        assert!(!ws_origin_allowed(
+            &none,
+            &headers(&[("host", "127.0.0.1:8084"), ("origin", "null")])
+        ));
+        let listed = vec!["https://app.example".to_string()];
+        assert!(ws_origin_allowed(
+            &listed,
+            &headers(&[
+                ("host", "events.example"),
+                ("origin", "https://app.example")
+            ])
+        ));
+        let star = vec!["*".to_string()];
+        assert!(!ws_origin_allowed(
+            &star,
+            &headers(&[("host", "events.example"), ("origin", "null")])
+        ));
+    }
 }

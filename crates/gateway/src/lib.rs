@@ -26,12 +26,15 @@
 //!   `Last-Event-ID`), catch up, join live, and every way to end — each with a `goodbye` naming
 //!   the position to resume from. A bounded queue per client; a client that lets it fill is
 //!   dropped, never waited for.
-//! - [`http`]: routes, auth ([`auth`]), caps ([`limits`]), CORS, the SSE and WebSocket framing
-//!   ([`wire`]), the demo page, `/healthz` and `/metrics` ([`metrics`]).
+//! - [`http`]: routes, auth ([`auth`]), caps ([`limits`]), CORS, `Origin` and `Host` checks, the
+//!   SSE and WebSocket framing ([`wire`]), the demo page, `/healthz` and `/metrics` ([`metrics`]).
+//! - [`connections`]: the accept loop, connection caps, the header-read timeout and the
+//!   open-file limit.
 
 pub mod auth;
 pub mod catch_up;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod http;
 pub mod hub;
@@ -103,11 +106,12 @@ impl Bound {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
         let pg = db::config(&config.postgres.database_url, "events-gateway")?;
+        let max_connections = connections::fit_file_limit(u64::from(config.max_connections)) as u32;
         let health = Health::new();
         let metrics = Metrics::new();
         health.failing(hub::POSTGRES, "not connected yet");
         info!(postgres = %db::describe(&pg), addr = %self.listener.local_addr()?,
-              open = config.open, "Starting the gateway.");
+              open = config.open, max_connections, "Starting the gateway.");
 
         let mut listen_pg = pg.clone();
         listen_pg.application_name("events-gateway:listen");
@@ -165,15 +169,25 @@ impl Bound {
                 metrics.clone(),
             ),
             allowed_origins: config.origins(),
+            allowed_hosts: config.hosts(),
             client_buffer: config.client_buffer as usize,
             tasks: tasks.clone(),
         });
         let router = http::router(app, health.clone());
-        let serve = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let caps = connections::Caps::new(
+            max_connections as usize,
+            config.max_connections_per_address as usize,
+        );
+        let serve = connections::serve(
+            self.listener,
+            router,
+            caps,
+            config.header_read_timeout,
+            shutdown.clone(),
+        );
         let grace = config.shutdown_grace;
         let served = tokio::select! {
-            served = std::future::IntoFuture::into_future(serve) => served.context("the HTTP server failed"),
+            () = serve => Ok(()),
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 warn!(grace = %humantime::format_duration(grace),
                       "Streams still open after the shutdown grace period; closing them.");

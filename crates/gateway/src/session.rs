@@ -129,6 +129,36 @@ struct State {
 }
 
 impl State {
+    /// Starts from now and says so first, naming the newest position of the client's topics (not
+    /// the hub's head, which would tell it how much happens on topics it cannot read). If that
+    /// position cannot be read the stream is closed without a word: the client comes back with
+    /// the same `Last-Event-ID` and is answered again.
+    async fn reset(
+        &mut self,
+        shared: &Shared,
+        sub: &Subscription,
+        tx: &mpsc::Sender<Frame>,
+        reason: &str,
+    ) -> Result<(), End> {
+        let (_, head) = shared.live.subscribe();
+        self.after = head;
+        let named = match &sub.topics {
+            None => head,
+            Some(topics) => match shared.catch_up.newest_of(topics, head).await {
+                Ok(position) => position,
+                Err(e) => {
+                    warn!(error = %e, "Cannot read where a reset stream starts; closing it.");
+                    return Err(End::Gone);
+                }
+            },
+        };
+        let reset = Control::reset(format!("{reason}; streaming from now on"), named);
+        if tx.send(Frame::Control(reset)).await.is_err() {
+            return Err(End::Gone);
+        }
+        Ok(())
+    }
+
     async fn stream(
         &mut self,
         shared: &Shared,
@@ -140,11 +170,8 @@ impl State {
         match &sub.start {
             Start::Latest => start_live = true,
             Start::Malformed(reason) => {
-                let (_, head) = live.subscribe();
-                self.after = head;
-                let reset = Control::reset(format!("{reason}; streaming from now on"), head);
-                if tx.send(Frame::Control(reset)).await.is_err() {
-                    return End::Gone;
+                if let Err(end) = self.reset(shared, sub, tx, reason).await {
+                    return end;
                 }
                 start_live = true;
             }
@@ -152,11 +179,8 @@ impl State {
             Start::After(position) => match shared.catch_up.ahead_of_cluster(*position).await {
                 Ok(None) => self.after = *position,
                 Ok(Some(reason)) => {
-                    let (_, head) = live.subscribe();
-                    self.after = head;
-                    let reset = Control::reset(format!("{reason}; streaming from now on"), head);
-                    if tx.send(Frame::Control(reset)).await.is_err() {
-                        return End::Gone;
+                    if let Err(end) = self.reset(shared, sub, tx, &reason).await {
+                        return end;
                     }
                     start_live = true;
                 }

@@ -257,3 +257,78 @@ async fn the_demo_page_resumes_after_a_gateway_restart_without_gaps_or_duplicate
     eprintln!("screenshot of the demo page: {}", shot.display());
     gw.stop().await;
 }
+
+/// Opens a WebSocket from the current page to `url`; the page records its events in `window.ws`
+/// and the socket's fate in `window.wsState` (`open`, `error`, `closed`).
+const OPEN_WS: &str = "window.ws = []; window.wsState = 'connecting';
+    const s = new WebSocket(arguments[0]);
+    s.onopen = () => { window.wsState = 'open'; };
+    s.onerror = () => { window.wsState = 'error'; };
+    s.onclose = () => { if (window.wsState !== 'error') window.wsState = 'closed'; };
+    s.onmessage = (m) => { const o = JSON.parse(m.data); if (o.position) window.ws.push(o.position); };
+    return true;";
+
+impl Browser {
+    async fn open_ws(&self, url: &str) {
+        let path = format!("/session/{}/execute/sync", self.session);
+        self.call("POST", &path, json!({"script": OPEN_WS, "args": [url]}))
+            .await;
+    }
+
+    /// Waits until `window.wsState` is no longer `connecting` (or has `count` events); returns it.
+    async fn ws_outcome(&self, count: usize) -> (String, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let state = self.eval("return window.wsState;").await;
+            let events: Vec<String> = self
+                .eval("return window.ws || [];")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            let state = state.as_str().unwrap_or("").to_string();
+            if (state == "open" && events.len() >= count) || state == "error" || state == "closed" {
+                return (state, events);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "state {state}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The Origin rule on WebSocket handshakes, as a browser meets it: a page of the gateway's own
+/// origin opens the stream; a page of another origin (`http://localhost:PORT` is another origin
+/// than `http://127.0.0.1:PORT`) is refused by an `--open` gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_origin_page_opens_a_websocket_and_another_origin_cannot() {
+    let env = setup().await;
+    let gw = start(env.config()).await;
+    let addr = gw.addr;
+    produce(&env.admin, "courses", 3, 1).await;
+    let browser = Browser::start().await;
+
+    browser.open(&format!("http://{addr}/healthz")).await;
+    browser
+        .open_ws(&format!("ws://{addr}/v1/topics/courses/ws?from=earliest"))
+        .await;
+    let (state, events) = browser.ws_outcome(3).await;
+    assert_eq!(state, "open");
+    assert_eq!(
+        events,
+        env.positions(""),
+        "the same-origin page reads the stream"
+    );
+
+    browser
+        .open(&format!("http://localhost:{}/healthz", addr.port()))
+        .await;
+    browser
+        .open_ws(&format!("ws://{addr}/v1/topics/courses/ws?from=earliest"))
+        .await;
+    let (state, events) = browser.ws_outcome(3).await;
+    assert_eq!(state, "error", "another origin's handshake is refused");
+    assert!(events.is_empty(), "{events:?}");
+    gw.stop().await;
+}

@@ -34,6 +34,13 @@ fn help_documents_every_option_with_its_environment_variable() {
         ("--allowed-origins", "GATEWAY_ALLOWED_ORIGINS"),
         ("--max-clients", "GATEWAY_MAX_CLIENTS"),
         ("--max-clients-per-token", "GATEWAY_MAX_CLIENTS_PER_TOKEN"),
+        ("--allowed-hosts", "GATEWAY_ALLOWED_HOSTS"),
+        ("--max-connections", "GATEWAY_MAX_CONNECTIONS"),
+        (
+            "--max-connections-per-address",
+            "GATEWAY_MAX_CONNECTIONS_PER_ADDRESS",
+        ),
+        ("--header-read-timeout", "GATEWAY_HEADER_READ_TIMEOUT"),
         ("--client-buffer", "GATEWAY_CLIENT_BUFFER"),
         ("--slow-client-timeout", "GATEWAY_SLOW_CLIENT_TIMEOUT"),
         ("--catch-up-concurrency", "GATEWAY_CATCH_UP_CONCURRENCY"),
@@ -134,6 +141,16 @@ async fn sigterm_closes_streams_with_their_resume_position_and_logs_no_token() {
     .await;
     assert_eq!(sse.status, 200);
     let events = sse.events(3).await;
+    // A percent-encoded parameter name is decoded by the handlers (the token is used: 403 for a
+    // topic it does not grant), so the log must redact it too.
+    let (status, _) = get(
+        addr,
+        &format!("/v1/topics/secrets/events?access%5Ftoken={TOKEN}"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403, "the encoded name is read as access_token");
     // Idle now: heartbeats keep the stream open.
     let idle = tokio::time::timeout(Duration::from_secs(2), sse.next()).await;
     assert!(idle.is_err(), "no message expected while idle: {idle:?}");
@@ -156,6 +173,7 @@ async fn sigterm_closes_streams_with_their_resume_position_and_logs_no_token() {
 
     let logged = std::fs::read_to_string(log.path()).unwrap();
     assert!(logged.contains("access_token=REDACTED"), "{logged}");
+    assert!(logged.contains("access%5Ftoken=REDACTED"), "{logged}");
     assert!(
         !logged.contains(TOKEN),
         "the token leaked into the log:\n{logged}"

@@ -64,7 +64,6 @@ pub async fn start(
     let db = db::config(&args.postgres.database_url, "producer")?;
     info!(
         database = %db::describe(&db),
-        url = %services::config::redact(&args.postgres.database_url),
         tls = %db.tls().describe(),
         mode = %args.notify_mode,
         rate = args.rate,

@@ -78,7 +78,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ops::spawn(config.http.http_addr, health.clone(), shutdown.clone()).await?;
     info!(
         database = %target,
-        url = %services::config::redact(&config.postgres.database_url),
         tls = %pg.tls().describe(),
         retention = %report::short(settings.retention),
         interval = %report::short(config.interval),

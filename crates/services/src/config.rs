@@ -44,51 +44,10 @@ pub struct HttpArgs {
     pub http_addr: Option<SocketAddr>,
 }
 
-/// A connection string fit to print: the password (in `user:password@`, or a `password` /
-/// `sslpassword` parameter, URL or key=value form) replaced by `***`. Works for `postgres://`,
-/// `mongodb://` and `mongodb+srv://` URLs alike. The one function that prints connection strings.
+/// A PostgreSQL connection string fit to print: where it points (`host:port/dbname as user`),
+/// as the connection's own parser reads it, never the password. See [`event_store::redact`].
 pub fn redact(url: &str) -> String {
-    const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
-    if let Some(scheme_end) = url.find("://") {
-        let (scheme, rest) = url.split_at(scheme_end + 3);
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let authority = match authority.rfind('@') {
-            Some(at) => {
-                let (userinfo, host) = authority.split_at(at);
-                match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:***{host}"),
-                    None => authority.to_string(),
-                }
-            }
-            None => authority.to_string(),
-        };
-        let tail = match tail.split_once('?') {
-            Some((path, query)) => {
-                let query: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((key, _)) if SECRET_KEYS.contains(&key) => format!("{key}=***"),
-                        _ => pair.to_string(),
-                    })
-                    .collect();
-                format!("{path}?{}", query.join("&"))
-            }
-            None => tail.to_string(),
-        };
-        return format!("{scheme}{authority}{tail}");
-    }
-    let mut out = String::with_capacity(url.len());
-    let mut kept_from = 0;
-    for (start, end, key, _) in event_store::tls::key_value_pairs(url) {
-        if SECRET_KEYS.contains(&key.as_str()) {
-            out.push_str(&url[kept_from..start]);
-            out.push_str(&format!("{key}=***"));
-            kept_from = end;
-        }
-    }
-    out.push_str(&url[kept_from..]);
-    out
+    event_store::redact::postgres(url)
 }
 
 /// Parses a byte size: `4194304`, `512KiB`, `4MiB` (also `KB`/`MB`, taken as powers of 1024).
@@ -142,20 +101,20 @@ mod tests {
         for (url, shown) in [
             (
                 "postgres://app:s3cr%40t@db:5432/events?sslmode=verify-full",
-                "postgres://app:***@db:5432/events?sslmode=verify-full",
+                "db:5432/events as app",
             ),
             (
-                "mongodb://consumer:p@ss:w0rd@m1,m2/?replicaSet=rs0&authSource=consumer",
-                "mongodb://consumer:***@m1,m2/?replicaSet=rs0&authSource=consumer",
+                "postgres://prod:Zm9v/YmFy+PgSecret6=@127.0.0.1:5432/db",
+                "127.0.0.1:5432/db as prod",
             ),
             (
                 "postgresql://db/events?user=app&password=s3cret",
-                "postgresql://db/events?user=app&password=***",
+                "db:5432/events as app",
             ),
-            ("postgres://app@db/events", "postgres://app@db/events"),
+            ("postgres://app@db/events", "db:5432/events as app"),
             (
                 "host=db user=app password='s3 cret' dbname=events",
-                "host=db user=app password=*** dbname=events",
+                "db:5432/events as app",
             ),
         ] {
             assert_eq!(redact(url), shown);

@@ -30,6 +30,7 @@ mod mongo;
 mod postgres;
 mod process;
 pub mod reference;
+pub mod secrets;
 
 pub use certs::Ca;
 pub use mongo::{Mongo, MongoKind};

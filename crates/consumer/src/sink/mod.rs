@@ -9,6 +9,7 @@
 //! A [`Sink`] is a trait with the two as its implementations; the delivery loop is generic over
 //! it, so a new sink is one module, its configuration and an `impl Sink`.
 
+mod error;
 pub mod mongo;
 pub mod null;
 mod observed;
@@ -21,7 +22,7 @@ use event_store::position::{Batch, Origin, Undecodable};
 use event_store::{Event, Position};
 use mongodb::bson::RawDocumentBuf;
 
-use crate::error::Result;
+pub use error::{SinkError, SinkResult};
 
 pub use mongo::MongoSink;
 pub use null::NullSink;
@@ -34,13 +35,13 @@ pub trait Sink: Send + 'static {
 
     /// Connects (when needed) and reads the stored checkpoint, `None` for a new consumer. Called
     /// at start and again after any failure: the checkpoint, not our memory, says where to go on.
-    fn open(&mut self) -> impl Future<Output = Result<Option<Checkpoint>>> + Send;
+    fn open(&mut self) -> impl Future<Output = SinkResult<Option<Checkpoint>>> + Send;
 
     /// Stores `delivery`: its events, its dead letters and its end position, atomically as far as
     /// anyone restarting from the checkpoint can tell. Fails with
-    /// [`Error::CheckpointMoved`](crate::Error::CheckpointMoved) when the stored checkpoint is not
+    /// [`SinkError::CheckpointMoved`] when the stored checkpoint is not
     /// `delivery.start` (the sink lost writes it had acknowledged, or an operator moved it).
-    fn write(&mut self, delivery: &Delivery) -> impl Future<Output = Result<Written>> + Send;
+    fn write(&mut self, delivery: &Delivery) -> impl Future<Output = SinkResult<Written>> + Send;
 
     /// How the fetcher prepares batches for this sink, ahead of the write.
     fn encoder(&self) -> Encoder;
@@ -64,7 +65,7 @@ pub struct Checkpoint {
 
 /// Reachability of a sink, for `/healthz`.
 pub trait Probe: Clone + Send + Sync + 'static {
-    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+    fn ping(&self) -> impl Future<Output = SinkResult<()>> + Send;
 }
 
 /// Prepares a fetched batch in a sink's format. A plain function, so the fetcher can run it while

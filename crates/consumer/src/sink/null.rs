@@ -4,7 +4,7 @@
 use event_store::Position;
 
 use super::{Checkpoint, Delivery, Encoder, Probe, Sink, Written};
-use crate::error::{Error, Result};
+use super::{SinkError, SinkResult};
 
 #[derive(Debug, Default)]
 pub struct NullSink {
@@ -20,14 +20,14 @@ impl NullSink {
 impl Sink for NullSink {
     type Probe = NullProbe;
 
-    async fn open(&mut self) -> Result<Option<Checkpoint>> {
+    async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
         Ok(self.checkpoint.clone())
     }
 
-    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+    async fn write(&mut self, delivery: &Delivery) -> SinkResult<Written> {
         let position = self.checkpoint.as_ref().map(|c| c.position);
         if position.unwrap_or(Position::START) != delivery.start {
-            return Err(Error::CheckpointMoved {
+            return Err(SinkError::CheckpointMoved {
                 expected: delivery.start,
                 found: position,
             });
@@ -57,7 +57,7 @@ impl Sink for NullSink {
 pub struct NullProbe;
 
 impl Probe for NullProbe {
-    async fn ping(&self) -> Result<()> {
+    async fn ping(&self) -> SinkResult<()> {
         Ok(())
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 use event_store::Position;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::SinkResult;
 use super::{Checkpoint, Delivery, Encoder, Sink, Written};
-use crate::error::Result;
 
 /// One batch as stored.
 #[derive(Debug, Clone)]
@@ -34,11 +34,11 @@ impl<S: Sink> Observed<S> {
 impl<S: Sink> Sink for Observed<S> {
     type Probe = S::Probe;
 
-    async fn open(&mut self) -> Result<Option<Checkpoint>> {
+    async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
         self.sink.open().await
     }
 
-    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+    async fn write(&mut self, delivery: &Delivery) -> SinkResult<Written> {
         let written = self.sink.write(delivery).await?;
         // A closed observer only means nobody is timing any more.
         let _ = self.observer.send(Delivered {

@@ -4,7 +4,7 @@
 //!
 //! Replay is for after the cause is fixed — a mapping in a new consumer release, or the row
 //! corrected in PostgreSQL: the event is read again from PostgreSQL with the consumer's reader
-//! and mapped with the consumer's own document code (`consumer::sink::mongo::document`), then
+//! and mapped with the consumer's own document code (`mongo_format::event`), then
 //! stored under its id as the consumer would have stored it, and its dead letter removed. Insert
 //! first, delete second: a replay interrupted in between is simply run again (the stored
 //! document is recognised as the same event). The consumer's checkpoint does not move, and a
@@ -12,10 +12,11 @@
 
 use std::collections::HashSet;
 
-use consumer::sink::mongo::{document, DEAD_LETTERS};
 use event_store::migrations::Role;
 use event_store::position::{Position, Reader};
 use futures_util::TryStreamExt;
+use mongo_format::dead_letter::DEAD_LETTERS;
+use mongo_format::event as document;
 use mongodb::bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use mongodb::Collection;
 use serde::Serialize;

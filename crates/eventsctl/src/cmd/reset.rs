@@ -83,11 +83,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     let client = connect::postgres(cli, Role::Consumer).await?;
     let mongo =
         connect::mongo_required(cli, "reset moves the consumer's MongoDB checkpoint").await?;
-    let checkpoints = mongo.collection::<Document>(consumer::sink::mongo::CHECKPOINTS);
+    let checkpoints = mongo.collection::<Document>(mongo_format::checkpoint::CHECKPOINTS);
     let name = args.consumer.as_str();
 
     let from = match checkpoints.find_one(doc! {"_id": name}).await? {
-        Some(d) => Some(consumer::sink::mongo::checkpoint_position(&d, name)?),
+        Some(d) => Some(mongo_format::checkpoint::position(&d, name)?),
         None => None,
     };
     let published = position::published_positions(&client)
@@ -167,7 +167,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             checkpoints
                 .update_one(
                     doc! {"_id": name},
-                    consumer::sink::mongo::checkpoint_update(to, DateTime::now()),
+                    mongo_format::checkpoint::update(to, DateTime::now()),
                 )
                 .upsert(true)
                 .await

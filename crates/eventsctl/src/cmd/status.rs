@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use consumer::sink::mongo::DEAD_LETTERS;
 use event_store::migrations::Role;
 use event_store::position::{self, Position};
+use mongo_format::dead_letter::DEAD_LETTERS;
 use mongodb::bson::{doc, Document};
 use serde::Serialize;
 use services::config::parse_duration;
@@ -212,7 +212,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
 async fn checkpoints(db: &mongodb::Database) -> anyhow::Result<Vec<(String, Position)>> {
     use futures_util::TryStreamExt;
     let docs: Vec<Document> = db
-        .collection::<Document>(consumer::sink::mongo::CHECKPOINTS)
+        .collection::<Document>(mongo_format::checkpoint::CHECKPOINTS)
         .find(doc! {})
         .await?
         .try_collect()
@@ -221,7 +221,7 @@ async fn checkpoints(db: &mongodb::Database) -> anyhow::Result<Vec<(String, Posi
         .iter()
         .filter_map(|d| {
             let name = d.get_str("_id").ok()?;
-            let position = consumer::sink::mongo::checkpoint_position(d, name).ok()?;
+            let position = mongo_format::checkpoint::position(d, name).ok()?;
             Some((name.to_string(), position))
         })
         .collect())

@@ -27,7 +27,7 @@
 //! follows: the update matches `{_id, tx_id, id}` of that position. When it matches nothing, the
 //! server no longer holds what we wrote last (it acknowledged writes and lost them in a crash or a
 //! failover rollback, or an operator moved the checkpoint), and the write fails with
-//! [`Error::CheckpointMoved`]: the consumer reads the checkpoint again and delivers from there.
+//! [`SinkError::CheckpointMoved`]: the consumer reads the checkpoint again and delivers from there.
 //! Writes use write concern `majority` with journaling unless the URI says otherwise (`w=`,
 //! `journal=`), so an acknowledged batch survives a crash of the server.
 //!
@@ -44,7 +44,9 @@
 //! event (`event_id`); if it holds another one, the collection is shared with a different event
 //! store, and the consumer stops rather than skip or overwrite an event.
 
-pub mod document;
+mod error;
+
+pub use error::{compact, failed};
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -55,20 +57,14 @@ use mongodb::bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, ClientSession, Collection};
-use sha2::{Digest, Sha256};
 
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
 use crate::config::{OnPoison, Transactions};
-use crate::error::{compact, Error, Result};
+use crate::sink::{SinkError, SinkResult};
 
-/// The checkpoints collection, next to the events collection.
-pub const CHECKPOINTS: &str = "checkpoints";
-/// The dead letters collection, next to the events collection.
-pub const DEAD_LETTERS: &str = "deadLetters";
-/// How much of a dead letter's payload is kept (its full length and hash are kept too).
-pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
-/// How much of a dead letter's key, type and detail is kept.
-const DEAD_LETTER_FIELD_BYTES: usize = 4 * 1024;
+pub use mongo_format::checkpoint::{self, CHECKPOINTS};
+pub use mongo_format::dead_letter::{self, DEAD_LETTERS};
+pub use mongo_format::event as document;
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Retries of a transaction the server asks us to retry (write conflicts), before backing off.
@@ -133,7 +129,7 @@ struct Part {
 impl MongoSink {
     /// Parses the URI (an unparseable one is a configuration error) and prepares a client; no
     /// connection is made until [`Sink::open`].
-    pub async fn new(config: MongoConfig) -> Result<MongoSink> {
+    pub async fn new(config: MongoConfig) -> SinkResult<MongoSink> {
         let MongoConfig {
             uri,
             database,
@@ -145,12 +141,12 @@ impl MongoSink {
         let mut options = ClientOptions::parse(&uri)
             .await
             .map_err(|e| match *e.kind {
-                ErrorKind::InvalidArgument { .. } => Error::Config(format!(
+                ErrorKind::InvalidArgument { .. } => SinkError::Config(format!(
                     "MONGODB_URI is not a valid MongoDB connection string ({}); expected e.g. \
                  mongodb://host:27017/?replicaSet=rs0",
-                    compact(&e)
+                    event_store::redact::scrub(&compact(&e), &uri)
                 )),
-                _ => Error::mongo("resolve MONGODB_URI", e),
+                _ => failed("resolve MONGODB_URI", e),
             })?;
         if options.app_name.is_none() {
             options.app_name = Some(format!("events-consumer:{name}"));
@@ -176,8 +172,12 @@ impl MongoSink {
             "MongoDB at {} (collection {database}.{collection})",
             hosts.join(",")
         );
-        let client = Client::with_options(options)
-            .map_err(|e| Error::Config(format!("MONGODB_URI cannot be used: {}", compact(&e))))?;
+        let client = Client::with_options(options).map_err(|e| {
+            SinkError::Config(format!(
+                "MONGODB_URI cannot be used: {}",
+                event_store::redact::scrub(&compact(&e), &uri)
+            ))
+        })?;
         let db = client.database(&database);
         Ok(MongoSink {
             events: db.collection(&collection),
@@ -217,7 +217,7 @@ impl MongoSink {
         }
     }
 
-    async fn detect(&mut self) -> Result<bool> {
+    async fn detect(&mut self) -> SinkResult<bool> {
         if let Some(known) = self.transactions {
             return Ok(known);
         }
@@ -248,7 +248,7 @@ impl MongoSink {
     }
 
     /// Writes a delivery, splitting it around events the server refuses as invalid.
-    async fn write_isolating(&mut self, delivery: &Delivery) -> Result<Written> {
+    async fn write_isolating(&mut self, delivery: &Delivery) -> SinkResult<Written> {
         let encoded;
         let docs: &[RawDocumentBuf] = if delivery.documents.len() == delivery.events.len() {
             &delivery.documents
@@ -260,7 +260,7 @@ impl MongoSink {
             encoded = encode(batch, delivery.start, delivery.end);
             if let Some(first) = encoded.dead_letters.first() {
                 // Only when the fetcher did not encode (it always does): keep the contract.
-                return Err(Error::Poison(Box::new(first.clone())));
+                return Err(SinkError::Poison(Box::new(first.clone())));
             }
             &encoded.documents
         };
@@ -312,14 +312,14 @@ impl MongoSink {
                     written.already_present += done.already_present;
                     written.dead_letters.extend(part.dead_letters);
                 }
-                Err(Error::Mongo { source, context }) if is_rejected(&source) => {
+                Err(e) if error::source(&e).is_some_and(is_rejected) => {
+                    let reason = error::source(&e).map(compact).unwrap_or_default();
                     if part.events.len() <= 1 {
                         let (Some(event), Some(doc)) = (part.events.first(), part.docs.first())
                         else {
-                            return Err(Error::Mongo { source, context });
+                            return Err(e);
                         };
-                        let mut letter =
-                            DeadLetter::of(event, "rejected_by_server", compact(&source));
+                        let mut letter = DeadLetter::of(event, "rejected_by_server", reason);
                         // The encoder kept only the document; the payload comes back from it.
                         letter.payload = doc
                             .get("payload")
@@ -328,7 +328,7 @@ impl MongoSink {
                             .and_then(|p| Bson::try_from(p).ok())
                             .map(|p| p.into_relaxed_extjson().to_string());
                         if self.on_poison == OnPoison::Stop {
-                            return Err(Error::Poison(Box::new(letter)));
+                            return Err(SinkError::Poison(Box::new(letter)));
                         }
                         let mut dead_letters = part.dead_letters;
                         dead_letters.push(letter);
@@ -339,7 +339,7 @@ impl MongoSink {
                             ..part
                         });
                     } else {
-                        tracing::debug!(events = part.events.len(), error = %compact(&source),
+                        tracing::debug!(events = part.events.len(), error = %reason,
                             "The server refused a batch as invalid; splitting it to find the event.");
                         let (left, right) = split(part);
                         parts.push(right);
@@ -350,13 +350,13 @@ impl MongoSink {
             }
         }
         match stop_at {
-            Some(poison) => Err(Error::Poison(Box::new(poison))),
+            Some(poison) => Err(SinkError::Poison(Box::new(poison))),
             None => Ok(written),
         }
     }
 
     /// Writes one part: documents, dead letters and the checkpoint move from `start` to `end`.
-    async fn write_part(&mut self, part: &Part) -> Result<Written> {
+    async fn write_part(&mut self, part: &Part) -> SinkResult<Written> {
         let transactions = self.detect().await?;
         if !transactions {
             let written = if part.docs.is_empty() {
@@ -510,7 +510,7 @@ impl MongoSink {
         what: impl std::fmt::Display,
         e: TxError,
         start: Position,
-    ) -> Error {
+    ) -> SinkError {
         match e {
             TxError::Mongo(e) => self.error(what, e),
             TxError::CheckpointMoved => self.checkpoint_moved(start).await,
@@ -523,7 +523,7 @@ impl MongoSink {
         &self,
         docs: &[RawDocumentBuf],
         events: &[Event],
-    ) -> Result<Written> {
+    ) -> SinkResult<Written> {
         let error = match self.raw_events.insert_many(docs).ordered(false).await {
             Ok(_) => {
                 return Ok(Written {
@@ -564,7 +564,7 @@ impl MongoSink {
 
     /// Which of `events` are already stored, checking that each stored document holds the same
     /// event (`event_id`); another event under one of our ids is an integrity error.
-    async fn already_present(&self, events: &[Event]) -> Result<HashSet<i64>> {
+    async fn already_present(&self, events: &[Event]) -> SinkResult<HashSet<i64>> {
         let ids: Vec<i64> = events.iter().map(|e| e.id()).collect();
         let mut cursor = self
             .events
@@ -582,7 +582,7 @@ impl MongoSink {
             let stored: Document = cursor
                 .deserialize_current()
                 .map_err(|e| self.error("read a stored event", e))?;
-            let Some(id) = stored.get("_id").and_then(bson_i64) else {
+            let Some(id) = stored.get("_id").and_then(checkpoint::bson_i64) else {
                 continue;
             };
             let Some(event) = expected.get(&id) else {
@@ -594,7 +594,7 @@ impl MongoSink {
                 _ => false,
             };
             if !same {
-                return Err(Error::Integrity(format!(
+                return Err(SinkError::Integrity(format!(
                     "{} already holds a document with _id {id} that is not event {} (its \
                      event_id is {:?}): the collection holds events from another event store. \
                      Give this consumer a collection of its own (MONGODB_COLLECTION) or remove the \
@@ -610,7 +610,7 @@ impl MongoSink {
     }
 
     /// Moves the checkpoint from `start` to `end` outside a transaction.
-    async fn move_checkpoint(&self, start: Position, to: &Checkpoint) -> Result<()> {
+    async fn move_checkpoint(&self, start: Position, to: &Checkpoint) -> SinkResult<()> {
         let (filter, update) = checkpoint_move(&self.name, start, to);
         let moved = self
             .checkpoints
@@ -625,18 +625,18 @@ impl MongoSink {
         }
     }
 
-    async fn checkpoint_moved(&self, expected: Position) -> Error {
-        Error::CheckpointMoved {
+    async fn checkpoint_moved(&self, expected: Position) -> SinkError {
+        SinkError::CheckpointMoved {
             expected,
             found: self.read_checkpoint().await.ok().flatten(),
         }
     }
 
-    async fn read_checkpoint(&self) -> Result<Option<Position>> {
+    async fn read_checkpoint(&self) -> SinkResult<Option<Position>> {
         Ok(self.read_full_checkpoint().await?.map(|c| c.position))
     }
 
-    async fn read_full_checkpoint(&self) -> Result<Option<Checkpoint>> {
+    async fn read_full_checkpoint(&self) -> SinkResult<Option<Checkpoint>> {
         let found = self
             .checkpoints
             .find_one(doc! {"_id": &self.name})
@@ -648,38 +648,24 @@ impl MongoSink {
     }
 
     fn dead_letter_update(&self, letter: &DeadLetter) -> Document {
-        let payload = letter.payload.as_deref().unwrap_or("");
-        let kept = prefix(payload, DEAD_LETTER_PAYLOAD_BYTES);
-        // Key, type and detail are bounded too: a dead letter must always fit in a document
-        // (PostgreSQL keys may be up to 1 GB).
-        let optional = |s: &Option<String>| {
-            s.as_ref().map_or(Bson::Null, |s| {
-                Bson::String(prefix(s, DEAD_LETTER_FIELD_BYTES))
-            })
-        };
-        let now = DateTime::now();
-        doc! {
-            "$set": {
-                "event_id": letter.event_id.map_or(Bson::Null, |id| Bson::String(id.to_string())),
-                "topic": optional(&letter.topic),
-                "key": optional(&letter.key),
-                "type": optional(&letter.event_type),
-                "position": letter.position.to_string(),
-                "consumer": &self.name,
-                "reason": letter.code,
-                "detail": prefix(&letter.detail, DEAD_LETTER_FIELD_BYTES),
-                "payload_truncated": kept.len() < payload.len(),
-                "payload_text": kept,
-                "payload_bytes": payload.len() as i64,
-                "payload_sha256": sha256_hex(payload.as_bytes()),
-                "last_seen_at": now,
+        dead_letter::upsert(
+            &dead_letter::Fields {
+                position: letter.position,
+                event_id: letter.event_id,
+                topic: letter.topic.as_deref(),
+                key: letter.key.as_deref(),
+                event_type: letter.event_type.as_deref(),
+                payload: letter.payload.as_deref().unwrap_or(""),
+                code: letter.code,
+                detail: &letter.detail,
             },
-            "$setOnInsert": {"first_seen_at": now},
-        }
+            &self.name,
+            DateTime::now(),
+        )
     }
 
-    fn error(&self, what: impl std::fmt::Display, e: mongodb::error::Error) -> Error {
-        Error::mongo(format!("{what} ({})", self.where_), e)
+    fn error(&self, what: impl std::fmt::Display, e: mongodb::error::Error) -> SinkError {
+        failed(format!("{what} ({})", self.where_), e)
     }
 }
 
@@ -687,7 +673,7 @@ impl Sink for MongoSink {
     type Probe = MongoProbe;
 
     /// Detects whether transactions are available and reads the checkpoint.
-    async fn open(&mut self) -> Result<Option<Checkpoint>> {
+    async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
         self.session = None;
         self.transactions = None;
         self.detect().await?;
@@ -703,10 +689,10 @@ impl Sink for MongoSink {
         checkpoint_from(&found, &self.name).map(Some)
     }
 
-    async fn write(&mut self, delivery: &Delivery) -> Result<Written> {
+    async fn write(&mut self, delivery: &Delivery) -> SinkResult<Written> {
         let result = self.write_isolating(delivery).await;
         match result {
-            Err(e @ Error::CheckpointMoved { .. }) => {
+            Err(e @ SinkError::CheckpointMoved { .. }) => {
                 self.session = None;
                 Err(e)
             }
@@ -761,12 +747,12 @@ pub struct MongoProbe {
 }
 
 impl Probe for MongoProbe {
-    async fn ping(&self) -> Result<()> {
+    async fn ping(&self) -> SinkResult<()> {
         self.client
             .database("admin")
             .run_command(doc! {"ping": 1})
             .await
-            .map_err(|e| Error::mongo(format!("ping {}", self.where_), e))?;
+            .map_err(|e| failed(format!("ping {}", self.where_), e))?;
         Ok(())
     }
 }
@@ -879,138 +865,18 @@ pub fn encode(batch: Batch, start: Position, end: Position) -> Delivery {
     delivery
 }
 
-/// The longest prefix of `text` within `max` bytes, on a character boundary.
-fn prefix(text: &str, max: usize) -> String {
-    let mut cut = text.len().min(max);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_string()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Reads a checkpoint document back with what it records about its origin (see
+/// [`event_store::divergence`]).
+pub fn checkpoint_from(doc: &Document, name: &str) -> SinkResult<Checkpoint> {
+    let stored = checkpoint::read(doc, name).map_err(|e| SinkError::Integrity(e.to_string()))?;
+    Ok(Checkpoint {
+        position: stored.position,
+        event_id: stored.event_id,
+        origin: stored.origin,
+    })
 }
 
 /// The filter and update that move a checkpoint from `start` to `to`.
 fn checkpoint_move(name: &str, start: Position, to: &Checkpoint) -> (Document, Document) {
-    // Either form of tx_id: an operator may have typed it as a decimal string.
-    let filter = doc! {
-        "_id": name,
-        "tx_id": {"$in": [tx_id_bson(start.tx_id), start.tx_id.to_string()]},
-        "id": start.id,
-    };
-    let mut update = checkpoint_update(to.position, DateTime::now());
-    if let Some(event_id) = to.event_id {
-        let set = update.get_document_mut("$set").expect("built with $set");
-        set.insert("event_id", event_id.to_string());
-        update.remove("$unset");
-    }
-    if let Some(origin) = &to.origin {
-        let set = update.get_document_mut("$set").expect("built with $set");
-        set.insert(
-            "origin",
-            doc! {"system_id": &origin.system_id, "database": &origin.database},
-        );
-    }
-    (filter, update)
-}
-
-fn tx_id_bson(tx_id: u64) -> Bson {
-    match i64::try_from(tx_id) {
-        Ok(tx) => Bson::Int64(tx),
-        Err(_) => Bson::String(tx_id.to_string()),
-    }
-}
-
-/// The update that stores `end` as a checkpoint (also used by `eventsctl reset`, so both write the
-/// same document shape).
-///
-/// The event id recorded for the previous position no longer applies, so it is removed: the
-/// divergence check skips a checkpoint without one.
-pub fn checkpoint_update(end: Position, now: DateTime) -> Document {
-    doc! {
-        "$set": {"tx_id": tx_id_bson(end.tx_id), "id": end.id, "updated_at": now},
-        "$unset": {"event_id": ""},
-    }
-}
-
-fn bson_i64(value: &Bson) -> Option<i64> {
-    match value {
-        Bson::Int64(v) => Some(*v),
-        Bson::Int32(v) => Some(i64::from(*v)),
-        _ => None,
-    }
-}
-
-/// Reads a checkpoint document back with what it records about its origin (see
-/// [`crate::divergence`]).
-pub fn checkpoint_from(doc: &Document, name: &str) -> Result<Checkpoint> {
-    let position = checkpoint_position(doc, name)?;
-    let event_id = doc
-        .get_str("event_id")
-        .ok()
-        .and_then(|id| uuid::Uuid::parse_str(id).ok());
-    let origin = doc.get_document("origin").ok().and_then(|o| {
-        Some(event_store::position::Origin {
-            system_id: o.get_str("system_id").ok()?.to_string(),
-            database: o.get_str("database").ok()?.to_string(),
-        })
-    });
-    Ok(Checkpoint {
-        position,
-        event_id,
-        origin,
-    })
-}
-
-/// Reads a checkpoint document back (accepting what an operator may have typed in a shell:
-/// Int32/Int64 numbers, or a decimal string for `tx_id`).
-pub fn checkpoint_position(doc: &Document, name: &str) -> Result<Position> {
-    let bad = || {
-        Error::Integrity(format!(
-            "the checkpoint of consumer {name:?} in {CHECKPOINTS} is malformed ({doc}): expected \
-             {{_id, tx_id: Int64 or decimal string, id: Int64}}"
-        ))
-    };
-    let tx_id = match doc.get("tx_id") {
-        Some(Bson::String(s)) => s.parse::<u64>().map_err(|_| bad())?,
-        Some(other) => bson_i64(other)
-            .and_then(|v| u64::try_from(v).ok())
-            .ok_or_else(bad)?,
-        None => return Err(bad()),
-    };
-    let id = doc.get("id").and_then(bson_i64).ok_or_else(bad)?;
-    Ok(Position::new(tx_id, id))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoints_round_trip_tx_ids_as_u64() {
-        for tx in [0, 3, 4_294_967_296, i64::MAX as u64, u64::MAX] {
-            let set = checkpoint_update(Position::new(tx, 7), DateTime::now());
-            let mut stored = set.get_document("$set").unwrap().clone();
-            stored.insert("_id", "c");
-            assert_eq!(
-                checkpoint_position(&stored, "c").unwrap(),
-                Position::new(tx, 7)
-            );
-        }
-        let typed = doc! {"_id": "c", "tx_id": 5_i32, "id": 9_i32};
-        assert_eq!(
-            checkpoint_position(&typed, "c").unwrap(),
-            Position::new(5, 9)
-        );
-        let bad = doc! {"_id": "c", "tx_id": -1_i64, "id": 9_i64};
-        assert!(matches!(
-            checkpoint_position(&bad, "c"),
-            Err(Error::Integrity(_))
-        ));
-    }
+    checkpoint::moved(name, start, to.position, to.event_id, to.origin.as_ref())
 }
