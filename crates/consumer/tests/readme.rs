@@ -1,6 +1,6 @@
-//! The README's configuration reference says exactly what `consumer --help` says.
+//! The configuration reference (docs/configuration.md) says exactly what `consumer --help` says.
 
 #[test]
-fn readme_configuration_matches_help() {
-    testbed::reference::assert_readme_matches_help("consumer", env!("CARGO_BIN_EXE_consumer"));
+fn configuration_reference_matches_help() {
+    testbed::reference::assert_reference_matches_help("consumer", env!("CARGO_BIN_EXE_consumer"));
 }

@@ -337,10 +337,10 @@ async fn a_checkpoint_from_another_cluster_is_refused() {
     assert_eq!(env.mongo_count(RECEIVED).await, 0, "nothing delivered");
 }
 
-/// The README's "Restoring into a new cluster" procedure, end to end: a dump of a cluster whose
-/// transaction ids are far ahead is restored into a fresh cluster; the consumer refuses to run
-/// there; after the re-base it delivers the undelivered restored events and the new ones, and
-/// nothing twice.
+/// The "Restoring into a new cluster" procedure of docs/consumer.md, end to end: a dump of a
+/// cluster whose transaction ids are far ahead is restored into a fresh cluster; the consumer
+/// refuses to run there; after the re-base it delivers the undelivered restored events and the new
+/// ones, and nothing twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_documented_rebase_after_a_restore_works() {
     let env = setup().await;

@@ -172,11 +172,11 @@ fn advice(e: &tokio_postgres::Error) -> Option<String> {
         } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
             if db.message().contains("for database") {
                 "the login may not connect to this database: grant it the database's group role \
-                 (see README, Security: `GRANT <prefix>_consumer TO <login>`)"
+                 (see docs/security.md: `GRANT <prefix>_consumer TO <login>`)"
                     .into()
             } else {
-                "the login lacks a privilege: grant it the database's group role (see README, \
-                 Security), or run `migrate` if the schema predates this binary"
+                "the login lacks a privilege: grant it the database's group role (see \
+                 docs/security.md), or run `migrate` if the schema predates this binary"
                     .into()
             }
         } else if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::UNDEFINED_FUNCTION {

@@ -34,7 +34,7 @@ pub async fn run(client: &mut Client) -> Result<Applied> {
 /// the database owner (it creates tables and roles), never as a service role.
 ///
 /// Fails when roles of that prefix already hold privileges in another database of the cluster:
-/// each database's stream needs roles of its own (see the README, Security).
+/// each database's stream needs roles of its own (see docs/security.md).
 pub async fn run_with(client: &mut Client, role_prefix: &str) -> Result<Applied> {
     // V5 and V6 hand functions to the role events_capture (ALTER FUNCTION … OWNER TO), which
     // PostgreSQL allows a migrator that is not a superuser only when the new owner may create in

@@ -83,7 +83,7 @@ async fn group_roles_belong_to_one_database() {
         "reading another database's stream",
     );
     drop(cross);
-    // With CONNECT revoked from PUBLIC (README, Security), the login cannot even connect, and the
+    // With CONNECT revoked from PUBLIC (docs/security.md), the login cannot even connect, and the
     // report says what to grant.
     pg.psql("REVOKE CONNECT ON DATABASE orders FROM PUBLIC");
     let config = db::config(&url_in(&pg, "main_reader", "orders"), "privileges-test").unwrap();

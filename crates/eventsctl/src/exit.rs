@@ -1,5 +1,5 @@
 //! Exit codes. Scripts and health checks branch on them, so they are part of the interface and
-//! documented in `eventsctl --help` ([`HELP`]) and the README.
+//! documented in `eventsctl --help` ([`HELP`]) and docs/eventsctl.md.
 
 use std::process::ExitCode;
 

@@ -12,7 +12,7 @@
 //!   `dead-letters`).
 //! - [`target`]: `earliest | latest | <tx_id>/<id> | <RFC 3339 time>`, shared by `reset --to` and
 //!   `tail --from`.
-//! - [`exit`]: the exit codes, documented in `--help` and the README.
+//! - [`exit`]: the exit codes, documented in `--help` and docs/eventsctl.md.
 //! - `consumers`: a consumer's standing (position, lag, heartbeat, running), for `status` and `lag`.
 //! - `connect` and `output`: connections configured like the services', tables, JSON and
 //!   progress bars.

@@ -120,9 +120,9 @@ impl Settings {
     }
 }
 
-/// Measured (README, "Performance"): with a producer appending beside it on 2 cores, batches of
-/// 1000 with a 3 ms pause purge 146k–172k events/s and raise the producer's p99 by 3–17%; bigger
-/// batches or no pause purge faster but stall appends for longer.
+/// Measured (docs/benchmarks.md, "Purger"): with a producer appending beside it on 2 cores,
+/// batches of 1000 with a 3 ms pause purge 146k–172k events/s and raise the producer's p99 by
+/// 3–17%; bigger batches or no pause purge faster but stall appends for longer.
 pub const DEFAULT_BATCH_SIZE: u32 = 1000;
 pub const DEFAULT_BATCH_PAUSE: Duration = Duration::from_millis(3);
 

@@ -1,6 +1,6 @@
-//! The README's configuration reference says exactly what `migrate --help` says.
+//! The configuration reference (docs/configuration.md) says exactly what `migrate --help` says.
 
 #[test]
-fn readme_configuration_matches_help() {
-    testbed::reference::assert_readme_matches_help("migrate", env!("CARGO_BIN_EXE_migrate"));
+fn configuration_reference_matches_help() {
+    testbed::reference::assert_reference_matches_help("migrate", env!("CARGO_BIN_EXE_migrate"));
 }

@@ -18,7 +18,8 @@
 //! data intact, which is what the outage tests need. Dropping a server kills it and removes its
 //! directories, also when the test panics.
 //!
-//! [`reference`] checks the README's configuration reference against each binary's `--help`.
+//! [`reference`] checks the configuration reference (`docs/configuration.md`) against each
+//! binary's `--help`.
 //!
 //! The calls block (they wait for the server to accept connections). From an async test, prefer the
 //! multi-threaded runtime (`#[tokio::test(flavor = "multi_thread")]`) so that code under test keeps

@@ -1,13 +1,13 @@
-//! The README's configuration reference, checked against each binary's `--help`.
+//! The configuration reference (`docs/configuration.md`), checked against each binary's `--help`.
 //!
-//! The README documents every option twice over — in its "Configuration" tables and, through the
-//! clap doc comments, in `--help` — and the two drift apart silently whenever an option, a
-//! default or a sentence changes on one side only. Each binary's crate has a test calling
-//! [`assert_readme_matches_help`], which runs the built binary with `--help` and compares every
-//! option (name, environment variable, default, meaning) with the README's rows for it, in both
+//! Every option is documented twice over — in the reference's tables and, through the clap doc
+//! comments, in `--help` — and the two drift apart silently whenever an option, a default or a
+//! sentence changes on one side only. Each binary's crate has a test calling
+//! [`assert_reference_matches_help`], which runs the built binary with `--help` and compares every
+//! option (name, environment variable, default, meaning) with the reference's rows for it, in both
 //! directions. The parsing lives here, once.
 //!
-//! The README's tables (inside `## Configuration`) are recognised by their header:
+//! The reference's tables are recognised by their header:
 //! - `| option | environment | default | taken by | meaning |`: options several binaries share;
 //!   `taken by` lists them, comma-separated;
 //! - `| service | option | environment | default | compose sets | meaning |`: one binary's own
@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-/// One option as `--help` prints it, or as the README documents it.
+/// One option as `--help` prints it, or as the reference documents it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionDoc {
     /// The long name, without dashes.
@@ -30,14 +30,17 @@ pub struct OptionDoc {
     pub default: Option<String>,
     /// `false` for a flag such as `--once`.
     pub takes_value: bool,
-    /// The help text (the README's "meaning"), whitespace normalised, with the possible values
+    /// The help text (the reference's "meaning"), whitespace normalised, with the possible values
     /// appended as `` (`a`, `b`) ``.
     pub meaning: String,
 }
 
-/// Runs `binary --help` and fails the test, listing every difference, when the README's
-/// configuration reference does not document `name`'s options exactly as `--help` does.
-pub fn assert_readme_matches_help(name: &str, binary: impl AsRef<Path>) {
+/// The file holding the configuration reference, relative to the workspace root.
+pub const REFERENCE: &str = "docs/configuration.md";
+
+/// Runs `binary --help` and fails the test, listing every difference, when the configuration
+/// reference ([`REFERENCE`]) does not document `name`'s options exactly as `--help` does.
+pub fn assert_reference_matches_help(name: &str, binary: impl AsRef<Path>) {
     let output = Command::new(binary.as_ref())
         .arg("--help")
         .env_clear()
@@ -49,33 +52,34 @@ pub fn assert_readme_matches_help(name: &str, binary: impl AsRef<Path>) {
         String::from_utf8_lossy(&output.stderr)
     );
     let help = parse_help(&String::from_utf8_lossy(&output.stdout));
-    let readme_path = crate::workspace_root().join("README.md");
-    let readme = std::fs::read_to_string(&readme_path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", readme_path.display()));
-    let documented = parse_readme(&readme, name);
+    let path = crate::workspace_root().join(REFERENCE);
+    let reference = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let documented = parse_reference(&reference, name);
     let problems = compare(&help, &documented);
     assert!(
         problems.is_empty(),
-        "README.md (## Configuration) disagrees with `{name} --help`:\n- {}\n\
-         Fix the README row (or the doc comment that --help prints) so that both say the same.",
+        "{REFERENCE} disagrees with `{name} --help`:\n- {}\n\
+         Fix the row in {REFERENCE} (or the doc comment that --help prints) so that both say \
+         the same.",
         problems.join("\n- ")
     );
 }
 
-/// Every difference between `--help` and the README rows, as sentences.
+/// Every difference between `--help` and the reference's rows, as sentences.
 pub fn compare(help: &[OptionDoc], documented: &[OptionDoc]) -> Vec<String> {
-    let readme: BTreeMap<&str, &OptionDoc> =
+    let reference: BTreeMap<&str, &OptionDoc> =
         documented.iter().map(|o| (o.long.as_str(), o)).collect();
     let mut problems = Vec::new();
     for option in help {
-        let Some(row) = readme.get(option.long.as_str()) else {
+        let Some(row) = reference.get(option.long.as_str()) else {
             problems.push(format!("--{} is not documented", option.long));
             continue;
         };
         let mut differs = |what: &str, ours: String, theirs: String| {
             if ours != theirs {
                 problems.push(format!(
-                    "--{} {what}: README says {ours:?}, --help says {theirs:?}",
+                    "--{} {what}: {REFERENCE} says {ours:?}, --help says {theirs:?}",
                     option.long
                 ));
             }
@@ -183,16 +187,12 @@ fn option_from_block(head: &str, lines: &[String]) -> Option<OptionDoc> {
     })
 }
 
-/// The README rows that document `binary`'s options.
-pub fn parse_readme(readme: &str, binary: &str) -> Vec<OptionDoc> {
-    let readme = format!("\n{readme}");
-    let section = readme
-        .split("\n## ")
-        .find(|s| s.starts_with("Configuration"))
-        .expect("README.md has a \"## Configuration\" section");
+/// The rows of the reference (the whole document: only tables with one of the headers above
+/// count) that document `binary`'s options.
+pub fn parse_reference(reference: &str, binary: &str) -> Vec<OptionDoc> {
     let mut rows = Vec::new();
     let mut header: Vec<String> = Vec::new();
-    for line in section.lines() {
+    for line in reference.lines() {
         let line = line.trim();
         if !line.starts_with('|') {
             header.clear();
@@ -342,8 +342,8 @@ Options:
     }
 
     #[test]
-    fn readme_rows_and_their_differences_are_reported() {
-        let readme = "\
+    fn reference_rows_and_their_differences_are_reported() {
+        let reference = "\
 ## Configuration
 
 | option | environment | default | taken by | meaning |
@@ -358,7 +358,7 @@ Options:
 
 ## Next
 ";
-        let rows = parse_readme(readme, "consumer");
+        let rows = parse_reference(reference, "consumer");
         assert_eq!(rows.len(), 3, "{rows:?}");
         let problems = compare(&parse_help(LONG), &rows);
         assert_eq!(problems.len(), 3, "{problems:#?}");
@@ -372,7 +372,7 @@ Options:
             "{problems:?}"
         );
 
-        let purger = parse_readme(readme, "purger");
+        let purger = parse_reference(reference, "purger");
         assert_eq!(purger[0].env.as_deref(), Some("ONCE"));
         assert!(!purger[0].takes_value);
         assert_eq!(purger[0].default, None);

@@ -158,10 +158,10 @@ impl fmt::Display for Position {
 }
 
 /// What an operator does when a stored position is ahead of the cluster's transaction counter
-/// (documented in the README).
+/// (documented in docs/consumer.md).
 pub const REBASE_HINT: &str = "a stored position is ahead of this cluster's transaction counter, \
      which happens after a dump/restore into a new cluster (transaction ids restart there); \
-     see the README section \"Restoring into a new cluster\" to re-base positions";
+     see \"Restoring into a new cluster\" in docs/consumer.md to re-base positions";
 
 impl std::str::FromStr for Position {
     type Err = BadPosition;
