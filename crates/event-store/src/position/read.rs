@@ -31,30 +31,55 @@ impl Event {
     /// gateway): `{position, id, event_id, topic, key, type, created_at, payload, headers}`, with
     /// payload and headers spliced in exactly as PostgreSQL printed them (no parse, no rounding).
     pub fn to_json(&self) -> String {
-        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
-        let optional = |s: &Option<String>| s.as_deref().map_or_else(|| "null".into(), text);
-        let created_at = humantime::format_rfc3339_micros(self.created_at).to_string();
-        format!(
-            r#"{{"position":{},"id":{},"event_id":"{}","topic":{},"key":{},"type":{},"created_at":"{}","payload":{},"headers":{}}}"#,
-            text(&self.position.to_string()),
-            self.position.id,
-            self.event_id,
-            text(&self.topic),
-            optional(&self.key),
-            optional(&self.event_type),
-            created_at,
-            self.payload.as_str(),
-            if self.headers.is_empty() {
-                "{}"
-            } else {
-                self.headers.as_str()
-            },
-        )
+        use std::fmt::Write;
+        // One buffer, written in place: readers print hundreds of thousands of these a second.
+        let mut out =
+            String::with_capacity(200 + self.payload.len() + self.headers.len() + self.topic.len());
+        let headers = if self.headers.is_empty() {
+            "{}"
+        } else {
+            self.headers.as_str()
+        };
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
+            r#"{{"position":"{}","id":{},"event_id":"{}","topic":"#,
+            self.position, self.position.id, self.event_id
+        );
+        json_string(&mut out, Some(&self.topic));
+        out.push_str(r#","key":"#);
+        json_string(&mut out, self.key.as_deref());
+        out.push_str(r#","type":"#);
+        json_string(&mut out, self.event_type.as_deref());
+        let _ = write!(
+            out,
+            r#","created_at":"{}","payload":"#,
+            humantime::format_rfc3339_micros(self.created_at)
+        );
+        out.push_str(self.payload.as_str());
+        out.push_str(r#","headers":"#);
+        out.push_str(headers);
+        out.push('}');
+        out
     }
 
     /// The event's `id` column (its place in the commit-independent sequence).
     pub fn id(&self) -> i64 {
         self.position.id
+    }
+}
+
+/// `text` as a JSON string (or `null`), escaped as serde_json escapes it.
+fn json_string(out: &mut String, text: Option<&str>) {
+    match text {
+        None => out.push_str("null"),
+        // Most keys, topics and types need no escaping.
+        Some(t) if !t.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) => {
+            out.push('"');
+            out.push_str(t);
+            out.push('"');
+        }
+        Some(t) => out.push_str(&serde_json::to_string(t).expect("a string serialises")),
     }
 }
 
@@ -539,6 +564,27 @@ pub async fn horizon(client: &Client) -> Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for text in [
+            "plain",
+            "",
+            "quo\"te",
+            "back\\slash",
+            "tab\tnew\nline",
+            "\u{1}",
+            "é €",
+            "\u{7f}",
+        ] {
+            let mut out = String::new();
+            json_string(&mut out, Some(text));
+            assert_eq!(out, serde_json::to_string(text).unwrap(), "{text:?}");
+        }
+        let mut out = String::new();
+        json_string(&mut out, None);
+        assert_eq!(out, "null");
+    }
 
     #[test]
     fn events_print_as_exact_json() {
