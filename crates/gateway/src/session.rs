@@ -334,13 +334,18 @@ impl State {
         tx: &mpsc::Sender<Frame>,
         batch: &LiveBatch,
     ) -> Result<(), End> {
-        if batch.end <= self.after {
+        let new_gap = batch.gap.filter(|w| *w > self.after);
+        // A gap comes even in an empty batch (a purge took every unread event).
+        if batch.end <= self.after && new_gap.is_none() {
             return Ok(());
         }
-        if let Some(up_to) = batch.gap.filter(|w| *w > self.after) {
+        if let Some(up_to) = new_gap {
             if self.gap_reported_to.is_none_or(|r| up_to > r) {
                 shared.metrics.gap();
-                let resumed_at = batch.events.first().map(|e| e.position).or(Some(batch.end));
+                let resumed_at = batch.events.first().map(|e| e.position).or(
+                    // Nothing stored past the gap yet: no position to name.
+                    (batch.end > batch.after).then_some(batch.end),
+                );
                 let gap = Control::gap(self.after, up_to, resumed_at);
                 self.gap_reported_to = Some(up_to);
                 queue(tx, Frame::Control(gap), shared.slow_client_timeout).await?;
