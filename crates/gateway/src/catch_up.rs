@@ -135,35 +135,9 @@ impl CatchUp {
     pub async fn newest_of(&self, topics: &[String], head: Position) -> Result<Position> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
-        let row = conn
-            .client
-            .query_opt(
-                "SELECT e.tx_id::text, e.id FROM events e
-                  WHERE (e.tx_id, e.id) <= ($1::text::xid8, $2::bigint)
-                    AND e.topic = ANY($3::text[])
-                  ORDER BY e.tx_id DESC, e.id DESC
-                  LIMIT 1",
-                &[&head.tx_id.to_string(), &head.id, &topics],
-            )
-            .await;
-        let row = match row {
-            Ok(row) => row,
-            Err(e) => {
-                return Err(event_store::Error::database(
-                    "read the newest position of a reset stream's topics",
-                    e,
-                )
-                .into())
-            }
-        };
+        let newest = event_store::position::newest_of_topics(&conn.client, topics, head).await?;
         self.give_back(conn);
-        Ok(match row {
-            Some(row) => Position {
-                tx_id: row.get::<_, String>(0).parse().unwrap_or(0),
-                id: row.get(1),
-            },
-            None => Position::START,
-        })
+        Ok(newest.unwrap_or(Position::START))
     }
 
     /// Why `position` cannot be resumed from, if it cannot: it is ahead of this cluster's

@@ -76,6 +76,29 @@ pub async fn oldest(client: &Client) -> Result<Option<(Position, SystemTime)>> {
         .transpose()
 }
 
+/// The newest position of `topics` at or before `head` (`None` when they have none): what the
+/// gateway names in a `reset`, so a client learns nothing of topics it did not ask for. One
+/// backward index scan.
+pub async fn newest_of_topics(
+    client: &Client,
+    topics: &[String],
+    head: Position,
+) -> Result<Option<Position>> {
+    let row = client
+        .query_opt(
+            "SELECT e.tx_id::text, e.id FROM events e
+              WHERE (e.tx_id, e.id) <= ($1::text::xid8, $2::bigint)
+                AND e.topic = ANY($3::text[])
+              ORDER BY e.tx_id DESC, e.id DESC
+              LIMIT 1",
+            &[&head.tx_id.to_string(), &head.id, &topics],
+        )
+        .await
+        .map_err(|e| Error::database("read the newest position of a reset stream's topics", e))?;
+    row.map(|row| Position::from_text(row.get(0), row.get(1)))
+        .transpose()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Where to start reading, and how much lies between two positions (operator tools: `eventsctl
 // reset --to …`, `tail --from …`, `status`).

@@ -83,7 +83,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use lookup::{before_time, count_between, ends, event_at, oldest, origin, Ends, Origin};
+pub use lookup::{
+    before_time, count_between, ends, event_at, newest_of_topics, oldest, origin, Ends, Origin,
+};
 pub use published::{publish, published_positions, register, PublishedPosition};
 pub use purge::{
     kept, purge_batch, purge_step, purgeable, purgeable_past, Kept, PurgeStep, Purged,
