@@ -8,6 +8,7 @@ use event_store::event::{validate_name, Topic};
 use services::config::{parse_bytes, parse_duration, ChannelArgs, HttpArgs, LogArgs, PostgresArgs};
 
 use crate::error::{Error, Result};
+pub use crate::sink::http::HttpConfig;
 pub use crate::sink::mongo::{MongoConfig, Transactions};
 pub use crate::sink::OnPoison;
 
@@ -143,10 +144,48 @@ pub struct Config {
     )]
     pub monitor_interval: Duration,
 
-    /// Where events go: `mongodb`, or `null` to discard them and keep the position in memory only
-    /// (for benchmarks and for measuring the PostgreSQL side alone).
+    /// Where events go: `mongodb`; `http` to POST them to a webhook (--http-*; checkpoint and dead
+    /// letters in PostgreSQL); or `null` to discard them and keep the position in memory only (for
+    /// benchmarks and for measuring the PostgreSQL side alone).
     #[arg(long = "sink", env = "CONSUMER_SINK", value_enum, default_value_t = SinkKind::Mongodb)]
     pub sink: SinkKind,
+
+    /// --sink http: the receiver's URL (http:// or https://); each batch is POSTed to it as JSON,
+    /// signed with --http-secret-file. Credentials and query strings are never logged.
+    #[arg(long = "http-url", env = "CONSUMER_HTTP_URL", hide_env_values = true)]
+    pub http_url: Option<String>,
+
+    /// --sink http: events per request at most (a batch of --batch-size is sent as several
+    /// requests, in position order).
+    #[arg(
+        long = "http-batch",
+        env = "CONSUMER_HTTP_BATCH",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub http_batch: u32,
+
+    /// --sink http: how long one request may take, connecting included; a request that takes
+    /// longer is retried (same idempotency key).
+    #[arg(
+        long = "http-timeout",
+        env = "CONSUMER_HTTP_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub http_timeout: Duration,
+
+    /// --sink http: file holding the secret that signs every request (header
+    /// Pgevents-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">). Required;
+    /// surrounding whitespace is ignored.
+    #[arg(long = "http-secret-file", env = "CONSUMER_HTTP_SECRET_FILE")]
+    pub http_secret_file: Option<std::path::PathBuf>,
+
+    /// --sink http: PEM file of the CA that signed the receiver's certificate, for an https://
+    /// receiver with a private CA. Default: the public web roots. Certificates are always
+    /// verified.
+    #[arg(long = "http-tls-ca", env = "CONSUMER_HTTP_TLS_CA")]
+    pub http_tls_ca: Option<std::path::PathBuf>,
 
     /// Go on when the database no longer matches the checkpoint (the event recorded at the
     /// checkpoint is gone or replaced, e.g. after a failover that lost commits; or DATABASE_URL
@@ -166,6 +205,8 @@ pub struct Config {
 pub enum SinkKind {
     /// MongoDB (the product).
     Mongodb,
+    /// An HTTP webhook.
+    Http,
     /// Discard events (benchmarks).
     Null,
 }
@@ -213,6 +254,27 @@ impl Config {
                 }
             }
         }
+        if self.sink == SinkKind::Http {
+            if self.http_url.is_none() {
+                return Err(Error::Config(
+                    "--http-url / CONSUMER_HTTP_URL is required with --sink http, e.g. \
+                     https://hooks.example.com/events"
+                        .into(),
+                ));
+            }
+            if self.http_secret_file.is_none() {
+                return Err(Error::Config(
+                    "--http-secret-file / CONSUMER_HTTP_SECRET_FILE is required with --sink http: \
+                     a file holding the secret that signs every request"
+                        .into(),
+                ));
+            }
+            if self.http_timeout.is_zero() {
+                return Err(Error::Config(
+                    "--http-timeout must be greater than zero".into(),
+                ));
+            }
+        }
         if self.poll_interval.is_zero()
             || self.monitor_interval.is_zero()
             || self.heartbeat_interval.is_zero()
@@ -243,6 +305,51 @@ impl Config {
             transactions: self.mongodb_transactions,
             on_poison: self.on_poison,
         }
+    }
+}
+
+impl Config {
+    /// The webhook sink's settings: the URL checked, the secret read (a missing or empty file is
+    /// a start-up error naming the file, never the secret).
+    pub fn webhook(&self) -> Result<HttpConfig> {
+        let text = self.http_url.as_deref().unwrap_or_default();
+        let url = reqwest::Url::parse(text).map_err(|e| {
+            Error::Config(format!(
+                "--http-url / CONSUMER_HTTP_URL is not a URL ({e}); expected e.g. \
+                 https://hooks.example.com/events"
+            ))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(Error::Config(format!(
+                "--http-url / CONSUMER_HTTP_URL must be an http:// or https:// URL with a host, \
+                 not {}",
+                crate::sink::http::describe_url(&url)
+            )));
+        }
+        let path = self.http_secret_file.clone().unwrap_or_default();
+        let secret = std::fs::read(&path).map_err(|e| {
+            Error::Config(format!(
+                "--http-secret-file {}: cannot read it ({e}); write the signing secret to that \
+                 file",
+                path.display()
+            ))
+        })?;
+        let secret = secret.trim_ascii();
+        if secret.is_empty() {
+            return Err(Error::Config(format!(
+                "--http-secret-file {} is empty: write the signing secret to it",
+                path.display()
+            )));
+        }
+        Ok(HttpConfig {
+            url,
+            batch: self.http_batch as usize,
+            timeout: self.http_timeout,
+            secret: secret.into(),
+            tls_ca: self.http_tls_ca.clone(),
+            name: self.name.clone(),
+            on_poison: self.on_poison,
+        })
     }
 }
 

@@ -15,7 +15,6 @@ use crate::sink::{DeadLetter, Encoder};
 
 /// Health check names.
 pub const POSTGRES: &str = "postgres";
-pub const MONGODB: &str = "mongodb";
 pub const DELIVERY: &str = "delivery";
 pub const GAP: &str = "gap";
 pub const DEAD_LETTERS: &str = "dead_letters";

@@ -54,9 +54,9 @@ use tracing::info;
 
 pub use config::{Config, OnPoison, SinkKind, Transactions};
 pub use error::{Error, Result};
-use sink::{Checkpoint, MongoSink, NullSink, Sink};
+use sink::{Checkpoint, HttpSink, MongoSink, NullSink, Sink};
 
-use crate::health::{Context, Status, MONGODB, POSTGRES};
+use crate::health::{Context, Status, POSTGRES};
 use crate::metrics::Metrics;
 use crate::writer::{Committed, Writer};
 use event_store::divergence::{self, Expected};
@@ -72,6 +72,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         SinkKind::Null => run_with(config, NullSink::new(), shutdown).await,
         SinkKind::Mongodb => {
             let sink = MongoSink::new(config.mongo()).await?;
+            run_with(config, sink, shutdown).await
+        }
+        SinkKind::Http => {
+            let app = format!("events-consumer:{}", config.name);
+            let pool = db::pool(db::config(&config.postgres.database_url, &app)?, 2)?;
+            let sink = HttpSink::new(config.webhook()?, pool)?;
             run_with(config, sink, shutdown).await
         }
     }
@@ -96,7 +102,7 @@ pub async fn run_with<S: Sink>(
         .await
         .map_err(|e| Error::Config(format!("{e:#}")))?;
     health.failing(POSTGRES, "not connected yet");
-    health.failing(MONGODB, "not connected yet");
+    health.failing(S::KIND, "not connected yet");
     info!(consumer = %name, postgres = %db::describe(&pg), sink = %sink.describe(),
           topics = ?config.topic_filter(), "Starting the consumer.");
 
@@ -114,7 +120,10 @@ pub async fn run_with<S: Sink>(
         channel: config.channel.notify_channel.to_string(),
         topics: config.topic_filter(),
         limits: Limits {
-            rows: config.batch_size as usize,
+            rows: sink
+                .batch_rows()
+                .unwrap_or(usize::MAX)
+                .min(config.batch_size as usize),
             bytes: config.batch_max_bytes,
         },
         poll_interval: config.poll_interval,
@@ -122,7 +131,7 @@ pub async fn run_with<S: Sink>(
         metrics: metrics.clone(),
         status: Status::default(),
         wake: Arc::new(Notify::new()),
-        sink_check: MONGODB,
+        sink_check: S::KIND,
         encoder: sink.encoder(),
         accept_divergence: config.accept_divergence,
         dead_letters: Default::default(),
@@ -160,15 +169,16 @@ pub async fn run_with<S: Sink>(
             Ok(checkpoint) => break checkpoint,
             Err(e) if e.decision() != Decision::Soon => return Err(e.into()),
             Err(e) => {
-                let pause = retry.failed("Cannot reach MongoDB at start-up", &e, false);
-                health.failing(MONGODB, e.to_string());
+                let what = format!("Cannot reach the sink ({}) at start-up", S::KIND);
+                let pause = retry.failed(&what, &e, false);
+                health.failing(S::KIND, e.to_string());
                 if sleep_or_stop(pause, &stop).await {
                     return Ok(());
                 }
             }
         }
     };
-    health.ok(MONGODB);
+    health.ok(S::KIND);
     let checkpoint = match checkpoint {
         Some(checkpoint) => {
             info!(position = %checkpoint.position, "Resuming after the stored checkpoint.");

@@ -67,7 +67,13 @@ impl<S: Sink> Writer<S> {
             rewinds,
             committed,
             shutdown,
-            retry: Retry::new(Policy::default()),
+            // A stored batch is progress, not a reconnect that may fail again at once: the count
+            // starts again after each one, so a receiver failing one request in three slows
+            // delivery by a retry, not by the policy's cap.
+            retry: Retry::new(Policy {
+                healthy_after: Duration::ZERO,
+                ..Policy::default()
+            }),
             generation: 0,
         }
     }
@@ -133,9 +139,10 @@ impl<S: Sink> Writer<S> {
             } else {
                 // Credentials or privileges are not fixed by waiting, but an operator can fix them
                 // while we keep trying, at the slowest pace.
-                let pause =
-                    self.retry
-                        .failed("Writing a batch failed", &error, error.decision().is_slow());
+                let pause = self
+                    .retry
+                    .failed("Writing a batch failed", &error, error.decision().is_slow())
+                    .max(error.retry_after().unwrap_or_default());
                 self.ctx.sink_failing(error.to_string(), true);
                 if sleep_or_stop(pause, &self.shutdown).await {
                     return Ok(ControlFlow::Break(()));
@@ -147,7 +154,7 @@ impl<S: Sink> Writer<S> {
                 ControlFlow::Break(()) => return Ok(ControlFlow::Break(())),
             };
             if checkpoint.as_ref().map_or(Position::START, |c| c.position) != delivery.start {
-                self.rewind(delivery.start, checkpoint);
+                self.rewind(delivery, checkpoint);
                 return Ok(ControlFlow::Continue(None));
             }
             if matches!(error, SinkError::CheckpointMoved { .. }) {
@@ -180,22 +187,34 @@ impl<S: Sink> Writer<S> {
         }
     }
 
-    fn rewind(&mut self, expected: Position, checkpoint: Option<Checkpoint>) {
+    fn rewind(&mut self, delivery: &Delivery, checkpoint: Option<Checkpoint>) {
         let checkpoint = checkpoint.unwrap_or_default();
         let position = checkpoint.position;
-        warn!(
-            expected = %expected,
-            checkpoint = %position,
-            "The sink's checkpoint is not where this consumer's last write left it (the sink lost \
-             acknowledged writes, or an operator moved it); delivering again from the checkpoint."
-        );
+        let partly = position > delivery.start && position <= delivery.end;
+        if partly {
+            // A sink that stores a batch in several steps (webhook requests) got this far before
+            // failing: progress, and nothing is delivered twice by going on from there.
+            info!(stored_up_to = %position, end = %delivery.end,
+                  "The sink stored part of the batch before failing; going on after that part.");
+            self.retry.succeeded();
+        } else {
+            warn!(
+                expected = %delivery.start,
+                checkpoint = %position,
+                "The sink's checkpoint is not where this consumer's last write left it (the sink \
+                 lost acknowledged writes, or an operator moved it); delivering again from the \
+                 checkpoint."
+            );
+            self.ctx.metrics.rewinds.increment(1);
+        }
         self.generation += 1;
-        self.ctx.metrics.rewinds.increment(1);
         self.rewinds.send_replace(Rewind {
             generation: self.generation,
             position,
         });
-        let rewinds = self.committed.borrow().rewinds + 1;
+        // Only a move back lets the published position move back (the purger must keep what
+        // will be delivered again).
+        let rewinds = self.committed.borrow().rewinds + u64::from(!partly);
         self.committed.send_replace(Committed {
             position,
             event_id: checkpoint.event_id,

@@ -42,6 +42,7 @@ pub mod migrations;
 pub mod position;
 pub mod redact;
 pub mod retry;
+pub mod sink_state;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

@@ -25,6 +25,13 @@ pub enum SinkError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The sink asked to be called again no sooner than `after` (HTTP 429 or 503 with
+    /// `Retry-After`); retried soon, but not sooner.
+    #[error("{message} (asked to retry in {}s)", after.as_secs())]
+    Throttled {
+        message: String,
+        after: std::time::Duration,
+    },
     /// Carrying on would lose or corrupt events (a collection holding other events under our
     /// ids, an unreadable checkpoint). Needs an operator.
     #[error("{0}")]
@@ -64,13 +71,21 @@ impl SinkError {
         }
     }
 
+    /// The least the sink asked to wait before the next attempt.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            SinkError::Throttled { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
+
     /// Retry soon, slowly, or never.
     pub fn decision(&self) -> Decision {
         match self {
             SinkError::Config(_) | SinkError::Integrity(_) | SinkError::Poison(_) => {
                 Decision::Never
             }
-            SinkError::CheckpointMoved { .. } => Decision::Soon,
+            SinkError::CheckpointMoved { .. } | SinkError::Throttled { .. } => Decision::Soon,
             SinkError::Failed { decision, .. } => *decision,
         }
     }

@@ -2,7 +2,9 @@
 //! the position they bring the consumer to, all or nothing; and gives that position back: the
 //! sink's own checkpoint is the truth about where delivery resumes.
 //!
-//! - [`mongo`]: the product — MongoDB, the only module that talks to it.
+//! - [`mongo`]: MongoDB, the only module that talks to it; events, dead letters and checkpoint in
+//!   one transaction.
+//! - [`http`]: webhooks — a signed POST per batch, checkpoint and dead letters in PostgreSQL.
 //! - [`null`]: discards events and keeps the position in memory (benchmarks).
 //! - [`Observed`]: wraps either and reports each stored batch (benchmarks time delivery with it).
 //!
@@ -10,6 +12,7 @@
 //! it, so a new sink is one module, its configuration and an `impl Sink`.
 
 mod error;
+pub mod http;
 pub mod mongo;
 pub mod null;
 mod observed;
@@ -24,6 +27,7 @@ use mongodb::bson::RawDocumentBuf;
 
 pub use error::{SinkError, SinkResult};
 
+pub use http::HttpSink;
 pub use mongo::MongoSink;
 pub use null::NullSink;
 pub use observed::{Delivered, Observed};
@@ -42,6 +46,9 @@ pub trait Sink: Send + 'static {
     /// A cheap handle for `/healthz` probes, usable while a write is in progress.
     type Probe: Probe;
 
+    /// What kind of sink this is (`mongodb`, `http`, …): the `/healthz` check and log wording.
+    const KIND: &'static str;
+
     /// Connects (when needed) and reads the stored checkpoint, `None` for a new consumer. Called
     /// at start and again after any failure: the checkpoint, not our memory, says where to go on.
     fn open(&mut self) -> impl Future<Output = SinkResult<Option<Checkpoint>>> + Send;
@@ -56,6 +63,12 @@ pub trait Sink: Send + 'static {
     fn encoder(&self) -> Encoder;
 
     fn probe(&self) -> Self::Probe;
+
+    /// The most events this sink takes in one write, when it is smaller than `--batch-size`
+    /// (a webhook's `--http-batch`: one write is one request).
+    fn batch_rows(&self) -> Option<usize> {
+        None
+    }
 
     /// Where events go, for logs (never with credentials).
     fn describe(&self) -> String;

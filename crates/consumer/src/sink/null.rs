@@ -19,6 +19,7 @@ impl NullSink {
 
 impl Sink for NullSink {
     type Probe = NullProbe;
+    const KIND: &'static str = "null";
 
     async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
         Ok(self.checkpoint.clone())

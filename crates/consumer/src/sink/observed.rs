@@ -33,6 +33,7 @@ impl<S: Sink> Observed<S> {
 
 impl<S: Sink> Sink for Observed<S> {
     type Probe = S::Probe;
+    const KIND: &'static str = S::KIND;
 
     async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
         self.sink.open().await
@@ -51,6 +52,10 @@ impl<S: Sink> Sink for Observed<S> {
 
     fn encoder(&self) -> Encoder {
         self.sink.encoder()
+    }
+
+    fn batch_rows(&self) -> Option<usize> {
+        self.sink.batch_rows()
     }
 
     fn probe(&self) -> S::Probe {

@@ -2,6 +2,8 @@
 //! checks through psql and a separate MongoDB client (never through the consumer's own code).
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -665,6 +665,7 @@ impl MongoSink {
 
 impl Sink for MongoSink {
     type Probe = MongoProbe;
+    const KIND: &'static str = "mongodb";
 
     /// Detects whether transactions are available and reads the checkpoint.
     async fn open(&mut self) -> SinkResult<Option<Checkpoint>> {
