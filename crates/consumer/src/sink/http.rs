@@ -194,7 +194,7 @@ impl HttpSink {
             .map_err(store_error)?;
         match begun {
             Ok(()) => {
-                let stored = self.stored.get_or_insert_with(|| SinkCheckpoint {
+                let stored = self.stored.get_or_insert(SinkCheckpoint {
                     position: from,
                     event_id: None,
                     origin: None,
