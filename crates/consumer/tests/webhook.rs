@@ -345,7 +345,9 @@ async fn bad_webhook_settings_stop_start_up_with_one_clear_line() {
     std::fs::write(env.dir.path().join("empty"), "\n").unwrap();
     let missing = env.dir.path().join("no-such-secret");
     let empty = env.dir.path().join("empty");
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    // (settings, what the error says, what it names)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec![("CONSUMER_HTTP_SECRET_FILE", missing.to_str().unwrap())],
             "--http-secret-file",
