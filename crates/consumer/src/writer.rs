@@ -79,10 +79,17 @@ impl<S: Sink> Writer<S> {
     }
 
     pub async fn run(mut self) -> Result<()> {
+        // Between batches and while the stream is idle, the sink gets to do its own work.
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let fetched = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = housekeeping.tick() => {
+                    self.housekeeping().await;
+                    continue;
+                }
                 next = self.input.recv() => match next {
                     Some(Step::Batch(fetched)) => fetched,
                     Some(Step::CaughtUp { .. }) => continue,
@@ -164,6 +171,17 @@ impl<S: Sink> Writer<S> {
                     return Ok(ControlFlow::Break(()));
                 }
             }
+        }
+    }
+
+    async fn housekeeping(&mut self) {
+        let work = self.sink.housekeeping();
+        let result = tokio::select! {
+            result = work => result,
+            _ = self.shutdown.cancelled() => Ok(()),
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "The sink's housekeeping failed; trying again later.");
         }
     }
 

@@ -394,3 +394,74 @@ async fn bad_webhook_settings_stop_start_up_with_one_clear_line() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--http-secret-file"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_on_request_is_sent_again_by_the_consumer() {
+    let env = setup().await;
+    let receiver = Receiver::start(
+        SECRET,
+        Faults {
+            refuse_marked: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    env.db
+        .admin
+        .execute(
+            "INSERT INTO events (topic, payload)
+             SELECT 'orders', jsonb_build_object('n', g, 'refuse', g = 3) FROM generate_series(1, 5) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let refused = env.psql("SELECT id FROM events WHERE (payload->>'refuse')::bool");
+    let mut consumer = env.spawn("replays", &receiver.url("http"));
+    let last = env.last_position();
+    wait_until("delivered", Duration::from_secs(60), || async {
+        env.checkpoint("replays") == last
+    })
+    .await;
+    let delivered: Vec<i64> = receiver
+        .accepted()
+        .iter()
+        .flat_map(|r| r.ids.clone())
+        .collect();
+    assert_eq!(delivered.len(), 4, "{delivered:?}");
+
+    // Asked again while the receiver still refuses: the refusal is recorded anew, the request
+    // cleared, the row kept.
+    let request = format!(
+        "UPDATE sink_dead_letters SET replay_requested_at = now() WHERE consumer = 'replays' AND id = {refused}"
+    );
+    env.psql(&request);
+    wait_until("the replay was tried", Duration::from_secs(30), || async {
+        env.psql(&format!(
+            "SELECT replay_requested_at IS NULL AND detail LIKE 'replay refused%' FROM sink_dead_letters WHERE id = {refused}"
+        )) == "t"
+    })
+    .await;
+
+    // Fixed on the receiver's side, asked again: sent, taken, the dead letter gone.
+    receiver.set_faults(Faults::default());
+    env.psql(&request);
+    wait_until(
+        "the replayed event was taken",
+        Duration::from_secs(30),
+        || async { env.psql("SELECT count(*) FROM sink_dead_letters") == "0" },
+    )
+    .await;
+    let replayed: Vec<_> = receiver
+        .accepted()
+        .into_iter()
+        .filter(|r| r.ids == [refused.parse::<i64>().unwrap()])
+        .collect();
+    assert_eq!(replayed.len(), 1, "sent once, alone");
+    assert_eq!(
+        env.checkpoint("replays"),
+        last,
+        "the checkpoint did not move"
+    );
+    kill(Pid::from_raw(consumer.id() as i32), Signal::SIGTERM).unwrap();
+    consumer.wait().unwrap();
+}

@@ -204,3 +204,83 @@ async fn dead_letters_are_listed_replayed_once_fixed_and_discarded() {
         "neither ids nor --all",
     );
 }
+
+/// Dead letters of a webhook consumer live in PostgreSQL: without MONGODB_URI, `dead-letters`
+/// lists and shows them, `replay` asks the consumer to send them again (it holds the receiver's
+/// secret), `discard` removes them. Rows are visible to the consumer's own login only.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_of_a_webhook_consumer_are_managed_in_postgres() {
+    use event_store::sink_state::{record_dead_letter, DeadLetterRow};
+    let env = setup(false).await;
+    produce(&env.admin, "orders", 3).await;
+    let ids: Vec<i64> = env.pg_ids().await;
+    let as_consumer = common::connect(&env.pg.url_for("ops", None)).await;
+    let at = position::latest(&env.admin).await.unwrap();
+    for (i, id) in ids.iter().take(2).enumerate() {
+        let position = event_store::Position::new(at.tx_id, *id);
+        let detail = format!("the receiver answered 422 Unprocessable Entity: nope {i}");
+        record_dead_letter(
+            &as_consumer,
+            "hooks",
+            &DeadLetterRow {
+                position,
+                event_id: None,
+                topic: Some("orders"),
+                key: Some("k"),
+                event_type: None,
+                payload: "{\"n\": 1}",
+                reason: "refused_by_receiver",
+                detail: &detail,
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    let out = env.ctl(&["--json", "dead-letters", "list"]).await;
+    assert_exit(&out, 0, "list");
+    let listed = json(&out);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed[0]["consumer"], "hooks");
+    assert_eq!(listed[0]["reason"], "refused_by_receiver");
+
+    let first = ids[0].to_string();
+    let out = env.ctl(&["dead-letters", "show", &first]).await;
+    assert_exit(&out, 0, "show");
+    assert!(stdout(&out).contains("nope 0") && stdout(&out).contains("{\"n\": 1}"));
+
+    let out = env.ctl(&["dead-letters", "replay", &first]).await;
+    assert_exit(&out, 0, "replay");
+    assert!(
+        stdout(&out).contains("replay requested"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        env.pg.psql(&format!(
+            "SELECT replay_requested_at IS NOT NULL FROM sink_dead_letters WHERE id = {first}"
+        )),
+        "t"
+    );
+    // Nobody sends it (no consumer runs): --wait says so and fails.
+    let out = env
+        .ctl(&["dead-letters", "replay", &first, "--wait", "1s"])
+        .await;
+    assert!(!out.status.success(), "no answer is a failure");
+    assert!(stdout(&out).contains("no answer yet"), "{}", stdout(&out));
+
+    let out = env.ctl(&["dead-letters", "replay", "999999"]).await;
+    assert_exit(&out, 2, "an unknown id");
+    assert!(stderr(&out).contains("999999"), "{}", stderr(&out));
+
+    let out = env
+        .ctl(&["dead-letters", "discard", "--all", "--consumer", "hooks"])
+        .await;
+    assert_exit(&out, 0, "discard");
+    assert_eq!(env.pg.psql("SELECT count(*) FROM sink_dead_letters"), "0");
+    // Another login sees none of a consumer's rows (row-level security).
+    assert_eq!(
+        stdout(&env.ctl_as("ops2", &["dead-letters", "list"], None).await).trim(),
+        "no dead letters in PostgreSQL (set MONGODB_URI for the MongoDB sink's)"
+    );
+}

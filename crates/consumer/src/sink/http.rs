@@ -84,7 +84,12 @@ pub struct HttpSink {
     stored: Option<SinkCheckpoint>,
     origin: Option<Origin>,
     metrics: SinkMetrics,
+    /// When the replay requests were last looked for.
+    replays_checked: std::time::Instant,
 }
+
+/// How often the sink looks for dead letters an operator asked to replay.
+const REPLAY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl HttpSink {
     /// Builds the client (reading the CA file now: a bad file is a start-up error). `pool`
@@ -108,6 +113,7 @@ impl HttpSink {
             stored: None,
             origin: None,
             metrics,
+            replays_checked: std::time::Instant::now(),
         })
     }
 
@@ -260,10 +266,21 @@ impl HttpSink {
 
     /// One POST of `events` as the request (from, to].
     async fn post(&self, from: Position, to: Position, events: &[Event]) -> SinkResult<Answer> {
+        self.post_as(&self.config.name, from, to, events).await
+    }
+
+    /// [`HttpSink::post`] with the idempotency key made from `key_name`.
+    async fn post_as(
+        &self,
+        key_name: &str,
+        from: Position,
+        to: Position,
+        events: &[Event],
+    ) -> SinkResult<Answer> {
         let body = body(events);
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let key = idempotency_key(&self.config.name, from, to);
+        let key = idempotency_key(key_name, from, to);
         headers.insert(IDEMPOTENCY_HEADER, header_value(&key));
         let signature = sign(&self.config.secret, unix_now(), &body);
         headers.insert(SIGNATURE_HEADER, header_value(&signature));
@@ -341,6 +358,90 @@ impl HttpSink {
     }
 }
 
+impl HttpSink {
+    /// Sends the events whose dead letters an operator asked to replay (`eventsctl dead-letters
+    /// replay`), each alone, read anew from PostgreSQL: taken → the dead letter goes; refused →
+    /// the new answer is recorded (and the request cleared); a retryable failure → next time.
+    async fn replay_requested(&mut self) -> SinkResult<()> {
+        let client = self.db().await?;
+        let letters = sink_state::dead_letters(
+            &**client,
+            &sink_state::DeadLetterFilter {
+                consumer: Some(&self.config.name),
+                replay_requested: true,
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(store_error)?;
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let reader = event_store::position::Reader::prepare(&client)
+            .await
+            .map_err(store_error)?;
+        for letter in letters {
+            let position = letter.position;
+            let before = Position::new(position.tx_id, position.id - 1);
+            let batch = reader
+                .fetch(&client, before, 1, None)
+                .await
+                .map_err(store_error)?;
+            let event = batch.events.into_iter().find(|e| e.position == position);
+            let (reason, detail) = match event {
+                None => (
+                    letter.reason.clone(),
+                    "replay failed: the event is no longer in PostgreSQL (purged) or cannot be \
+                     read; its payload text is kept here"
+                        .to_string(),
+                ),
+                Some(event) => {
+                    let key_name = format!("{}/replay", self.config.name);
+                    match self.post_as(&key_name, before, position, &[event]).await? {
+                        Answer::Delivered => {
+                            sink_state::remove_dead_letter(
+                                &**client,
+                                &self.config.name,
+                                position.id,
+                            )
+                            .await
+                            .map_err(store_error)?;
+                            info!(
+                                id = position.id,
+                                "Replayed a dead letter; the receiver took it."
+                            );
+                            continue;
+                        }
+                        Answer::Refused { status, answer } => (
+                            "refused_by_receiver".to_string(),
+                            format!(
+                                "replay refused: the receiver answered {status}: {}",
+                                answer.trim().escape_debug()
+                            ),
+                        ),
+                    }
+                }
+            };
+            warn!(id = position.id, detail = %detail, "A replayed dead letter was not taken.");
+            let row = DeadLetterRow {
+                position,
+                event_id: letter.event_id,
+                topic: letter.topic.as_deref(),
+                key: letter.key.as_deref(),
+                event_type: letter.event_type.as_deref(),
+                payload: &letter.payload_text,
+                reason: &reason,
+                detail: &detail,
+            };
+            sink_state::record_dead_letter(&**client, &self.config.name, &row)
+                .await
+                .map_err(store_error)?;
+        }
+        Ok(())
+    }
+}
+
 impl Sink for HttpSink {
     type Probe = HttpProbe;
     const KIND: &'static str = "http";
@@ -406,6 +507,14 @@ impl Sink for HttpSink {
 
     fn encoder(&self) -> Encoder {
         Delivery::plain
+    }
+
+    async fn housekeeping(&mut self) -> SinkResult<()> {
+        if self.replays_checked.elapsed() < REPLAY_CHECK_INTERVAL {
+            return Ok(());
+        }
+        self.replays_checked = std::time::Instant::now();
+        self.replay_requested().await
     }
 
     fn batch_rows(&self) -> Option<usize> {

@@ -64,6 +64,13 @@ pub trait Sink: Send + 'static {
 
     fn probe(&self) -> Self::Probe;
 
+    /// Work the sink does between batches and while the stream is idle (a webhook sends the
+    /// dead letters an operator asked to replay). Called often: the sink paces itself. A failure
+    /// is logged and tried again later; it never stops delivery.
+    fn housekeeping(&mut self) -> impl Future<Output = SinkResult<()>> + Send {
+        async { Ok(()) }
+    }
+
     /// The most events this sink takes in one write, when it is smaller than `--batch-size`
     /// (a webhook's `--http-batch`: one write is one request).
     fn batch_rows(&self) -> Option<usize> {

@@ -54,6 +54,10 @@ impl<S: Sink> Sink for Observed<S> {
         self.sink.encoder()
     }
 
+    async fn housekeeping(&mut self) -> SinkResult<()> {
+        self.sink.housekeeping().await
+    }
+
     fn batch_rows(&self) -> Option<usize> {
         self.sink.batch_rows()
     }

@@ -2,6 +2,9 @@
 //! MongoDB `deadLetters` collection, `_id` = the event's id), listed, shown, replayed or
 //! discarded.
 //!
+//! Where the consumer's sink has no store of its own (webhooks), its dead letters are rows of
+//! the PostgreSQL table `sink_dead_letters` ([`in_postgres`]): used when MONGODB_URI is not set.
+//!
 //! Replay is for after the cause is fixed — a mapping in a new consumer release, or the row
 //! corrected in PostgreSQL: the event is read again from PostgreSQL with the consumer's reader
 //! and mapped with the consumer's own document code (`mongo_format::event`), then
@@ -24,6 +27,8 @@ use serde::Serialize;
 use crate::cli::Cli;
 use crate::exit::{self, Code};
 use crate::{connect, output};
+
+mod in_postgres;
 
 /// List, show, replay or discard the events consumers set aside (the `deadLetters` collection).
 #[derive(Debug, Clone, clap::Args)]
@@ -95,6 +100,12 @@ pub struct Selection {
     /// Say what would happen; change nothing
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+
+    /// With replay of dead letters kept in PostgreSQL (webhook consumers, which send the events
+    /// again themselves): wait up to this long for the consumer to report each outcome (e.g.
+    /// 30s). Default: only request the replay.
+    #[arg(long = "wait", value_parser = services::config::parse_duration)]
+    pub wait: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,7 +130,11 @@ struct Outcome {
 }
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
-    let db = connect::mongo_required(cli, "dead letters live in MongoDB").await?;
+    // Sinks without a store of their own (webhooks) keep their dead letters in PostgreSQL; the
+    // MongoDB sink keeps them in MongoDB. Without MONGODB_URI only the former are at hand.
+    let Some(db) = connect::mongo(cli).await? else {
+        return in_postgres::run(cli, &args.action).await;
+    };
     let letters = db.collection::<Document>(DEAD_LETTERS);
     match &args.action {
         Action::List(filter) => list(cli, &letters, filter).await,
@@ -367,7 +382,7 @@ fn report(cli: &Cli, outcomes: &[Outcome]) -> anyhow::Result<Code> {
         .filter(|o| {
             matches!(
                 o.result.as_str(),
-                "still refused" | "not in PostgreSQL" | "no dead letter"
+                "still refused" | "not in PostgreSQL" | "no dead letter" | "no answer yet"
             )
         })
         .count();
