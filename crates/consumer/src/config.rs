@@ -10,6 +10,7 @@ use services::config::{parse_bytes, parse_duration, ChannelArgs, HttpArgs, LogAr
 use crate::error::{Error, Result};
 pub use crate::sink::http::HttpConfig;
 pub use crate::sink::mongo::{MongoConfig, Transactions};
+pub use crate::sink::nats::NatsConfig;
 pub use crate::sink::OnPoison;
 
 /// Copies every committed event from the PostgreSQL outbox into MongoDB, in commit order, exactly
@@ -144,11 +145,62 @@ pub struct Config {
     )]
     pub monitor_interval: Duration,
 
-    /// Where events go: `mongodb`; `http` to POST them to a webhook (--http-*; checkpoint and dead
+    /// Where events go: `mongodb`; `nats` to publish them to a JetStream stream (--nats-*);
+    /// `http` to POST them to a webhook (--http-*; checkpoint and dead
     /// letters in PostgreSQL); or `null` to discard them and keep the position in memory only (for
     /// benchmarks and for measuring the PostgreSQL side alone).
     #[arg(long = "sink", env = "CONSUMER_SINK", value_enum, default_value_t = SinkKind::Mongodb)]
     pub sink: SinkKind,
+
+    /// --sink nats: NATS server URLs, comma-separated (nats://h1:4222,nats://h2:4222; tls://
+    /// for TLS). User and password in a URL are never logged.
+    #[arg(long = "nats-url", env = "CONSUMER_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+
+    /// --sink nats: the JetStream stream. Created when missing (subjects <prefix>.>, file
+    /// storage, 3 replicas on a cluster of 3 or more nodes, else 1; a 2-minute duplicate
+    /// window); checked when present.
+    #[arg(long = "nats-stream", env = "CONSUMER_NATS_STREAM")]
+    pub nats_stream: Option<String>,
+
+    /// --sink nats: events go to subject <prefix>.<topic>.
+    #[arg(
+        long = "nats-subject-prefix",
+        env = "CONSUMER_NATS_SUBJECT_PREFIX",
+        default_value = "events"
+    )]
+    pub nats_subject_prefix: String,
+
+    /// --sink nats: a NATS credentials file (JWT and NKey seed).
+    #[arg(long = "nats-creds", env = "CONSUMER_NATS_CREDS", conflicts_with = "nats_token_file")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// --sink nats: a file holding the server's authentication token.
+    #[arg(long = "nats-token-file", env = "CONSUMER_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<std::path::PathBuf>,
+
+    /// --sink nats: PEM file of the CA that signed the servers' certificates; makes TLS
+    /// required.
+    #[arg(long = "nats-tls-ca", env = "CONSUMER_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// --sink nats: replicas of a stream the consumer creates. Default: 3 on a cluster of 3
+    /// nodes or more, else 1.
+    #[arg(
+        long = "nats-replicas",
+        env = "CONSUMER_NATS_REPLICAS",
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub nats_replicas: Option<u8>,
+
+    /// --sink nats: publishes awaiting JetStream's acknowledgement at most.
+    #[arg(
+        long = "nats-max-in-flight",
+        env = "CONSUMER_NATS_MAX_IN_FLIGHT",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..=65_536)
+    )]
+    pub nats_max_in_flight: u32,
 
     /// --sink http: the receiver's URL (http:// or https://); each batch is POSTed to it as JSON,
     /// signed with --http-secret-file. Credentials and query strings are never logged.
@@ -207,6 +259,8 @@ pub enum SinkKind {
     Mongodb,
     /// An HTTP webhook.
     Http,
+    /// A NATS JetStream stream.
+    Nats,
     /// Discard events (benchmarks).
     Null,
 }
@@ -252,6 +306,38 @@ impl Config {
                         "{what} {name:?} is not a usable MongoDB name"
                     )));
                 }
+            }
+        }
+        if self.sink == SinkKind::Nats {
+            if self.nats_url.as_deref().unwrap_or("").trim().is_empty() {
+                return Err(Error::Config(
+                    "--nats-url / CONSUMER_NATS_URL is required with --sink nats, e.g. \
+                     nats://127.0.0.1:4222"
+                        .into(),
+                ));
+            }
+            let stream = self.nats_stream.as_deref().unwrap_or("");
+            if stream.is_empty()
+                || !stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(Error::Config(format!(
+                    "--nats-stream / CONSUMER_NATS_STREAM {stream:?}: required with --sink nats; \
+                     letters, digits, '_' and '-'"
+                )));
+            }
+            let prefix = &self.nats_subject_prefix;
+            if prefix.split('.').any(|t| {
+                t.is_empty()
+                    || !t
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            }) {
+                return Err(Error::Config(format!(
+                    "--nats-subject-prefix {prefix:?}: tokens of letters, digits, '_' and '-' \
+                     separated by dots, e.g. events or app.events"
+                )));
             }
         }
         if self.sink == SinkKind::Http {
@@ -309,6 +395,42 @@ impl Config {
 }
 
 impl Config {
+    /// The JetStream sink's settings, the token file read (a missing or empty file is a start-up
+    /// error naming the file, never the token).
+    pub fn nats(&self) -> Result<NatsConfig> {
+        let token = match &self.nats_token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Error::Config(format!(
+                        "--nats-token-file {}: cannot read it ({e})",
+                        path.display()
+                    ))
+                })?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(Error::Config(format!(
+                        "--nats-token-file {} is empty",
+                        path.display()
+                    )));
+                }
+                Some(token)
+            }
+        };
+        Ok(NatsConfig {
+            urls: self.nats_url.clone().unwrap_or_default(),
+            stream: self.nats_stream.clone().unwrap_or_default(),
+            subject_prefix: self.nats_subject_prefix.clone(),
+            creds: self.nats_creds.clone(),
+            token,
+            tls_ca: self.nats_tls_ca.clone(),
+            replicas: self.nats_replicas.map(usize::from),
+            max_in_flight: self.nats_max_in_flight as usize,
+            name: self.name.clone(),
+            on_poison: self.on_poison,
+        })
+    }
+
     /// The webhook sink's settings: the URL checked, the secret read (a missing or empty file is
     /// a start-up error naming the file, never the secret).
     pub fn webhook(&self) -> Result<HttpConfig> {

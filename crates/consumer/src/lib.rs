@@ -54,7 +54,7 @@ use tracing::info;
 
 pub use config::{Config, OnPoison, SinkKind, Transactions};
 pub use error::{Error, Result};
-use sink::{Checkpoint, HttpSink, MongoSink, NullSink, Sink};
+use sink::{Checkpoint, HttpSink, MongoSink, NatsSink, NullSink, Sink};
 
 use crate::health::{Context, Status, POSTGRES};
 use crate::metrics::Metrics;
@@ -72,6 +72,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         SinkKind::Null => run_with(config, NullSink::new(), shutdown).await,
         SinkKind::Mongodb => {
             let sink = MongoSink::new(config.mongo()).await?;
+            run_with(config, sink, shutdown).await
+        }
+        SinkKind::Nats => {
+            let app = format!("events-consumer:{}", config.name);
+            let pool = db::pool(db::config(&config.postgres.database_url, &app)?, 2)?;
+            let sink = NatsSink::new(config.nats()?, pool);
             run_with(config, sink, shutdown).await
         }
         SinkKind::Http => {

@@ -18,6 +18,8 @@
 //! data intact, which is what the outage tests need. Dropping a server kills it and removes its
 //! directories, also when the test panics.
 //!
+//! - [`Nats`]: `nats-server` with JetStream, one node or a three-node cluster on loopback.
+//!
 //! [`reference`] checks the configuration reference (`docs/configuration.md`) against each
 //! binary's `--help`.
 //!
@@ -27,6 +29,7 @@
 
 mod certs;
 mod mongo;
+mod nats;
 mod postgres;
 mod process;
 pub mod reference;
@@ -34,6 +37,7 @@ pub mod secrets;
 
 pub use certs::Ca;
 pub use mongo::{Mongo, MongoKind};
+pub use nats::Nats;
 pub use postgres::Postgres;
 
 /// The workspace root, where `.venv` and `.tools` live.

@@ -660,7 +660,7 @@ fn store_error(e: event_store::Error) -> SinkError {
     SinkError::failed(e.to_string(), decision, e)
 }
 
-fn row<'a>(letter: &'a DeadLetter) -> DeadLetterRow<'a> {
+pub(super) fn row<'a>(letter: &'a DeadLetter) -> DeadLetterRow<'a> {
     DeadLetterRow {
         position: letter.position,
         event_id: letter.event_id,

@@ -4,6 +4,8 @@
 //!
 //! - [`mongo`]: MongoDB, the only module that talks to it; events, dead letters and checkpoint in
 //!   one transaction.
+//! - [`nats`]: NATS JetStream — pipelined publishes, exactly once in the stream (checkpoint in
+//!   PostgreSQL after the acknowledgements, and what the stream itself holds past it).
 //! - [`http`]: webhooks — a signed POST per batch, checkpoint and dead letters in PostgreSQL.
 //! - [`null`]: discards events and keeps the position in memory (benchmarks).
 //! - [`Observed`]: wraps either and reports each stored batch (benchmarks time delivery with it).
@@ -14,6 +16,7 @@
 mod error;
 pub mod http;
 pub mod mongo;
+pub mod nats;
 pub mod null;
 mod observed;
 
@@ -29,6 +32,7 @@ pub use error::{SinkError, SinkResult};
 
 pub use http::HttpSink;
 pub use mongo::MongoSink;
+pub use nats::NatsSink;
 pub use null::NullSink;
 pub use observed::{Delivered, Observed};
 
