@@ -172,7 +172,11 @@ pub struct Config {
     pub nats_subject_prefix: String,
 
     /// --sink nats: a NATS credentials file (JWT and NKey seed).
-    #[arg(long = "nats-creds", env = "CONSUMER_NATS_CREDS", conflicts_with = "nats_token_file")]
+    #[arg(
+        long = "nats-creds",
+        env = "CONSUMER_NATS_CREDS",
+        conflicts_with = "nats_token_file"
+    )]
     pub nats_creds: Option<std::path::PathBuf>,
 
     /// --sink nats: a file holding the server's authentication token.
@@ -207,8 +211,8 @@ pub struct Config {
     #[arg(long = "http-url", env = "CONSUMER_HTTP_URL", hide_env_values = true)]
     pub http_url: Option<String>,
 
-    /// --sink http: events per request at most (a batch of --batch-size is sent as several
-    /// requests, in position order).
+    /// --sink http: events per request at most; one request is one batch (at most
+    /// --batch-size), its checkpoint written after the receiver's 2xx.
     #[arg(
         long = "http-batch",
         env = "CONSUMER_HTTP_BATCH",

@@ -101,7 +101,9 @@ fn parse(position: &str) -> (u64, i64) {
 
 /// Every message of the stream: (subject, Nats-Msg-Id, Pgevents-Position), in stream order.
 async fn messages(urls: &str) -> Vec<(String, String, String)> {
-    let client = async_nats::connect(urls.split(',').next().unwrap()).await.unwrap();
+    let client = async_nats::connect(urls.split(',').next().unwrap())
+        .await
+        .unwrap();
     let js = jetstream::new(client);
     let mut stream = js.get_stream(STREAM).await.unwrap();
     let state = stream.info().await.unwrap().state.clone();
@@ -232,7 +234,9 @@ async fn every_event_once_in_an_r3_stream_through_node_and_consumer_kills() {
     let letter = env.psql("SELECT reason FROM sink_dead_letters WHERE topic = 'bad..topic'");
     assert_eq!(letter, "subject_refused");
     let replicas = {
-        let client = async_nats::connect(urls.split(',').next().unwrap()).await.unwrap();
+        let client = async_nats::connect(urls.split(',').next().unwrap())
+            .await
+            .unwrap();
         let mut stream = jetstream::new(client).get_stream(STREAM).await.unwrap();
         stream.info().await.unwrap().config.num_replicas
     };
@@ -304,8 +308,14 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{log}");
-    assert!(log.contains("cannot connect to NATS") && log.contains("--nats-creds"), "{log}");
-    assert!(!log.contains("wrong-password"), "the password leaked: {log}");
+    assert!(
+        log.contains("cannot connect to NATS") && log.contains("--nats-creds"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("wrong-password"),
+        "the password leaked: {log}"
+    );
 
     // A stream that exists with other settings.
     let nats = Nats::start();
@@ -328,7 +338,10 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{log}");
-    assert!(log.contains("\"EVENTS\" exists") && log.contains("events.>"), "{log}");
+    assert!(
+        log.contains("\"EVENTS\" exists") && log.contains("events.>"),
+        "{log}"
+    );
 
     // Unreachable: retried (the servers may be starting), with the address in the log.
     let closed = testbed::secrets::closed_port();
@@ -338,11 +351,19 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(waiting.try_wait().unwrap().is_none(), "an unreachable server is waited for");
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "an unreachable server is waited for"
+    );
     kill(Pid::from_raw(waiting.id() as i32), Signal::SIGTERM).unwrap();
     let output = waiting.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
-    assert!(log.contains(&format!("cannot connect to NATS at nats://127.0.0.1:{closed}")), "{log}");
+    assert!(
+        log.contains(&format!(
+            "cannot connect to NATS at nats://127.0.0.1:{closed}"
+        )),
+        "{log}"
+    );
 
     // Missing stream name, an empty token file.
     let output = env

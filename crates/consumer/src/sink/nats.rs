@@ -180,7 +180,10 @@ impl NatsSink {
         let wanted = format!("{}.>", self.config.subject_prefix);
         match js.get_stream(name).await {
             Ok(mut stream) => {
-                let info = stream.info().await.map_err(|e| soon("read the stream", e))?;
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(|e| soon("read the stream", e))?;
                 let config = &info.config;
                 let covers = config.subjects.iter().any(|s| s == &wanted || s == ">");
                 if !covers || config.storage != stream::StorageType::File {
@@ -279,8 +282,11 @@ impl NatsSink {
             seq -= 1;
         }
         if walked >= WALK_LIMIT {
-            warn!(walked, "The stream walk stopped at its limit; events past the checkpoint \
-                           further back are published again (de-duplicated within the window).");
+            warn!(
+                walked,
+                "The stream walk stopped at its limit; events past the checkpoint \
+                           further back are published again (de-duplicated within the window)."
+            );
         }
         if !found.is_empty() {
             info!(found = found.len(), after = %after,
@@ -438,7 +444,9 @@ impl Sink for NatsSink {
             origin: self.origin.clone(),
             pending: None,
         });
-        self.in_stream = self.in_stream.split_off(&Position::new(to.tx_id, to.id + 1));
+        self.in_stream = self
+            .in_stream
+            .split_off(&Position::new(to.tx_id, to.id + 1));
         written.dead_letters = letters;
         Ok(written)
     }
@@ -502,7 +510,10 @@ fn publish_error(event: &Event, e: jetstream::context::PublishError) -> SinkErro
         _ => Decision::Soon,
     };
     SinkError::Failed {
-        message: format!("publishing event {} to JetStream failed: {e}", event.position),
+        message: format!(
+            "publishing event {} to JetStream failed: {e}",
+            event.position
+        ),
         decision,
         source: None,
     }
