@@ -3,15 +3,13 @@
 
 use event_store::Position;
 use mongodb::bson::{doc, Bson, DateTime, Document};
-use sha2::{Digest, Sha256};
 
 /// The dead letters collection, next to the events collection.
 pub const DEAD_LETTERS: &str = "deadLetters";
-/// How much of a dead letter's payload is kept (its full length and hash are kept too).
-pub const PAYLOAD_BYTES: usize = 64 * 1024;
-/// How much of a dead letter's key, type and detail is kept: a dead letter must always fit in a
-/// document (PostgreSQL keys may be up to 1 GB).
-pub const FIELD_BYTES: usize = 4 * 1024;
+// The same bounds and cuts as the dead letters kept in PostgreSQL: one definition of what a
+// dead letter keeps, whichever store holds it.
+use event_store::sink_state::{prefix, sha256_hex};
+pub use event_store::sink_state::{FIELD_BYTES, PAYLOAD_BYTES};
 
 /// What a dead letter records about the event.
 #[derive(Debug, Clone, Copy)]
@@ -51,22 +49,6 @@ pub fn upsert(letter: &Fields, consumer: &str, now: DateTime) -> Document {
         },
         "$setOnInsert": {"first_seen_at": now},
     }
-}
-
-/// The longest prefix of `text` within `max` bytes, on a character boundary.
-fn prefix(text: &str, max: usize) -> String {
-    let mut cut = text.len().min(max);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_string()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[cfg(test)]

@@ -655,7 +655,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn store_error(e: event_store::Error) -> SinkError {
+/// A PostgreSQL failure of a sink that keeps its state there, with the store's decision.
+pub(super) fn store_error(e: event_store::Error) -> SinkError {
     let decision = e.decision();
     SinkError::failed(e.to_string(), decision, e)
 }

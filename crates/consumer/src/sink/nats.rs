@@ -35,7 +35,7 @@ use event_store::{Event, Position};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tracing::{info, warn};
 
-use super::http::SinkMetrics;
+use super::http::{store_error, SinkMetrics};
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, OnPoison, Probe, Sink, Written};
 use super::{SinkError, SinkResult};
 
@@ -534,11 +534,6 @@ fn soon(what: &str, e: impl std::fmt::Display) -> SinkError {
         decision: Decision::Soon,
         source: None,
     }
-}
-
-fn store_error(e: event_store::Error) -> SinkError {
-    let decision = e.decision();
-    SinkError::failed(e.to_string(), decision, e)
 }
 
 /// The bytes headers take on the wire (`NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`).
