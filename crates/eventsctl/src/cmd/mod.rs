@@ -3,6 +3,7 @@
 //! one in [`run`].
 
 pub mod append;
+pub mod backfill;
 pub mod capture;
 pub mod dead_letters;
 pub mod lag;
