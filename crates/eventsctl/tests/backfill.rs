@@ -388,8 +388,10 @@ async fn reads_are_causal_per_key_while_writers_run() {
             while !stop.is_cancelled() {
                 let id = next() % 3200 + 1;
                 let sql = match next() % 10 {
-                    // Writes something unrelated first: its own transaction id is old by then.
-                    0..=4 => format!("BEGIN; INSERT INTO shop.side VALUES (1); UPDATE shop.hot SET v = v + 1 WHERE id = {id}; COMMIT"),
+                    // Writes something unrelated first (its own transaction id is old by then),
+                    // and stays open a moment after the change: a chunk that did not wait for it
+                    // would read the value from before.
+                    0..=4 => format!("BEGIN; INSERT INTO shop.side VALUES (1); UPDATE shop.hot SET v = v + 1 WHERE id = {id}; SELECT pg_sleep(0.002); COMMIT"),
                     5 => format!("BEGIN; INSERT INTO shop.side VALUES (1); UPDATE shop.hot SET id = id + 10000 WHERE id = {id}; COMMIT"),
                     6 => format!("DELETE FROM shop.hot WHERE id = {id}"),
                     7 => format!("INSERT INTO shop.hot VALUES ({id}, 100, 1) ON CONFLICT DO NOTHING"),
@@ -464,4 +466,69 @@ async fn reads_are_causal_per_key_while_writers_run() {
     // Rows that existed before capture and were never read nor changed cannot be in the replay;
     // the backfill reads every row, so there are none.
     assert_eq!(state, table, "replaying the stream gives the table");
+}
+
+/// The two interleavings the row lock exists for, made to happen: a chunk that meets a row an
+/// open transaction changed waits and reads the committed value (never the one before, after the
+/// change in the stream), and a change to a row the open chunk read waits for the chunk and
+/// follows its `read`.
+#[tokio::test]
+async fn a_chunk_waits_for_writers_of_its_rows_and_they_wait_for_it() {
+    let (pg, admin) = setup().await;
+    pg.psql(
+        "SET ROLE shop_owner;
+         CREATE TABLE shop.hot (id int PRIMARY KEY, v int NOT NULL);
+         CREATE TABLE shop.side (n int);
+         INSERT INTO shop.hot SELECT i, 0 FROM generate_series(1, 10) i;
+         SELECT capture_add('shop.hot', 'hot');",
+    );
+    let owner = pg.url_for("shop_owner", None);
+    let writer = connect(&owner).await;
+    let mut runner = connect(&owner).await;
+
+    // 1. The writer's transaction got its id first and changes row 5 (a non-key UPDATE) but
+    //    has not committed when the chunk reads.
+    writer
+        .batch_execute("BEGIN; INSERT INTO shop.side VALUES (1); UPDATE shop.hot SET v = 1 WHERE id = 5")
+        .await
+        .unwrap();
+    let id = event_store::backfill::start(
+        &runner,
+        &event_store::backfill::BackfillSpec::new("shop.hot").chunk_rows(6).unwrap(),
+    )
+    .await
+    .unwrap();
+    let chunk = tokio::spawn(async move {
+        let c = event_store::backfill::chunk(&mut runner, id).await.unwrap();
+        (runner, c)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!chunk.is_finished(), "the chunk must wait for the open writer of row 5");
+    writer.batch_execute("COMMIT").await.unwrap();
+    let (runner, first) = chunk.await.unwrap();
+    assert_eq!((first.rows_read, first.finished), (6, false));
+
+    // 2. The next chunk (rows 7..10) stays open; a change to row 8 waits for it.
+    runner
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT * FROM capture_backfill_chunk({id})"
+        ))
+        .await
+        .unwrap();
+    let late = tokio::spawn(async move {
+        writer
+            .batch_execute("UPDATE shop.hot SET v = 2 WHERE id = 8")
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!late.is_finished(), "the change to row 8 must wait for the open chunk");
+    runner.batch_execute("COMMIT").await.unwrap();
+    late.await.unwrap();
+
+    let order = pg.psql(
+        "SELECT string_agg(type || ' ' || (key::jsonb->>'id') || ' v=' || (payload->'new'->>'v'), ', ' ORDER BY tx_id, id)
+           FROM events WHERE key::jsonb->>'id' IN ('5', '8')",
+    );
+    assert_eq!(order, "update 5 v=1, read 5 v=1, read 8 v=0, update 8 v=2");
 }
