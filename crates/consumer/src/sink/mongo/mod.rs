@@ -45,8 +45,10 @@
 //! store, and the consumer stops rather than skip or overwrite an event.
 
 mod error;
+pub mod mirror;
 
 pub use error::{compact, failed};
+pub use mirror::Mirror;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -79,6 +81,8 @@ pub struct MongoConfig {
     pub name: String,
     pub transactions: Transactions,
     pub on_poison: OnPoison,
+    /// Collections kept equal to captured tables, by topic ([`mirror`]).
+    pub mirrors: Vec<Mirror>,
 }
 
 /// The `--mongodb-transactions` choices.
@@ -97,6 +101,8 @@ pub struct MongoSink {
     raw_events: Collection<RawDocumentBuf>,
     checkpoints: Collection<Document>,
     dead_letters: Collection<Document>,
+    database: String,
+    mirrors: Vec<Mirror>,
     name: String,
     where_: String,
     on_poison: OnPoison,
@@ -131,6 +137,7 @@ impl MongoSink {
             name,
             transactions,
             on_poison,
+            mirrors,
         } = config;
         let mut options = ClientOptions::parse(&uri)
             .await
@@ -178,6 +185,8 @@ impl MongoSink {
             raw_events: db.collection(&collection),
             checkpoints: db.collection(CHECKPOINTS),
             dead_letters: db.collection(DEAD_LETTERS),
+            database: database.clone(),
+            mirrors,
             client,
             name,
             where_,
@@ -358,6 +367,15 @@ impl MongoSink {
             } else {
                 self.insert_idempotently(&part.docs, &part.events).await?
             };
+            // Before the checkpoint: a crash in between applies the same events again, to the
+            // same state.
+            let mirrored = mirror::operations(&self.database, &self.mirrors, &part.events);
+            if !mirrored.is_empty() {
+                self.client
+                    .bulk_write(mirrored)
+                    .await
+                    .map_err(|e| self.error("apply events to the mirrors", e))?;
+            }
             for letter in &part.dead_letters {
                 self.dead_letters
                     .update_one(doc! {"_id": letter.id()}, self.dead_letter_update(letter))
@@ -377,17 +395,17 @@ impl MongoSink {
                 // A re-delivery (the previous commit's acknowledgement was lost, or another
                 // consumer writes the same collection): store only what is missing.
                 let present = self.already_present(&part.events).await?;
+                // All of the part's events stay: the transaction applies them to the mirrors.
                 let mut rest = Part {
                     start: part.start,
                     to: part.to.clone(),
-                    events: Vec::new(),
+                    events: part.events.clone(),
                     docs: Vec::new(),
                     dead_letters: part.dead_letters.clone(),
                 };
                 for (doc, event) in part.docs.iter().zip(&part.events) {
                     if !present.contains(&event.id()) {
                         rest.docs.push(doc.clone());
-                        rest.events.push(event.clone());
                     }
                 }
                 if let Err(e) = self.transaction(&rest).await {
@@ -440,12 +458,22 @@ impl MongoSink {
             .iter()
             .map(|l| (l.id(), self.dead_letter_update(l)))
             .collect();
+        // From all of the part's events, also when a re-delivery stores only the missing ones in
+        // the change log: each operation sets a key to the state the stream gives it, so applying
+        // one again is harmless, while skipping one could leave a state the checkpoint passed.
+        let mirrored = mirror::operations(&self.database, &self.mirrors, &part.events);
         let session = self.session.as_mut().expect("just set");
         session.start_transaction().await?;
         let writes = async {
             if !part.docs.is_empty() {
                 self.raw_events
                     .insert_many(&part.docs)
+                    .session(&mut *session)
+                    .await?;
+            }
+            if !mirrored.is_empty() {
+                self.client
+                    .bulk_write(mirrored)
                     .session(&mut *session)
                     .await?;
             }
