@@ -28,7 +28,7 @@ use std::str::FromStr;
 
 use event_store::event::Topic;
 use event_store::Event;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::options::{DeleteManyModel, DeleteOneModel, ReplaceOneModel, WriteModel};
 use mongodb::Namespace;
 
@@ -65,18 +65,25 @@ impl FromStr for Mirror {
     }
 }
 
-/// The write operations that apply `events` to the mirrors of `database`, in stream order.
-pub fn operations(database: &str, mirrors: &[Mirror], events: &[Event]) -> Vec<WriteModel> {
+/// The write operations that apply a batch's events to the mirrors of `database`, in stream
+/// order. `docs` are the events' stored documents (the encoder keeps the payload only there, as
+/// BSON already converted the change log's way).
+pub fn operations(
+    database: &str,
+    mirrors: &[Mirror],
+    events: &[Event],
+    docs: &[RawDocumentBuf],
+) -> Vec<WriteModel> {
     let mut ops = Vec::new();
     if mirrors.is_empty() {
         return ops;
     }
-    for event in events {
+    for (event, stored) in events.iter().zip(docs) {
         let Some(mirror) = mirrors.iter().find(|m| m.topic == event.topic) else {
             continue;
         };
         let namespace = Namespace::new(database, &mirror.collection);
-        match operation(namespace, event) {
+        match operation(namespace, event, stored) {
             Ok(op) => ops.push(op),
             Err(why) => tracing::warn!(
                 id = event.id(),
@@ -90,7 +97,7 @@ pub fn operations(database: &str, mirrors: &[Mirror], events: &[Event]) -> Vec<W
     ops
 }
 
-fn operation(namespace: Namespace, event: &Event) -> Result<WriteModel, String> {
+fn operation(namespace: Namespace, event: &Event, stored: &RawDocumentBuf) -> Result<WriteModel, String> {
     let kind = event.event_type.as_deref().unwrap_or("");
     if kind == "truncate" {
         return Ok(DeleteManyModel::builder()
@@ -111,19 +118,17 @@ fn operation(namespace: Namespace, event: &Event) -> Result<WriteModel, String> 
     };
     match kind {
         "insert" | "read" | "update" => {
-            // The payload is level 0, so `new` is the mirror document itself (level 1).
-            let Bson::Document(mut payload) =
-                json_text_to_bson(event.payload.as_str(), 0).map_err(|p| format!("payload: {p}"))?
-            else {
-                return Err("the payload is not a JSON object".into());
-            };
-            let Some(Bson::Document(new)) = payload.remove("new") else {
-                return Err(format!("a captured {kind} carries the row under \"new\""));
-            };
+            let new = stored
+                .get_document("payload")
+                .ok()
+                .and_then(|p| p.get_document("new").ok())
+                .ok_or_else(|| format!("a captured {kind} carries the row under \"new\""))?;
             let mut replacement = Document::new();
             replacement.insert("_id", id.clone());
-            for (column, value) in new {
+            for field in new {
+                let (column, value) = field.map_err(|e| format!("payload: {e}"))?;
                 if column != "_id" {
+                    let value = Bson::try_from(value.to_raw_bson()).map_err(|e| format!("payload: {e}"))?;
                     replacement.insert(column, value);
                 }
             }

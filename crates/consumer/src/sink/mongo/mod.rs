@@ -57,7 +57,7 @@ use event_store::position::Batch;
 use event_store::{Event, Position};
 use mongodb::bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
-use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern, WriteModel};
 use mongodb::{Client, ClientSession, Collection};
 
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
@@ -369,7 +369,8 @@ impl MongoSink {
             };
             // Before the checkpoint: a crash in between applies the same events again, to the
             // same state.
-            let mirrored = mirror::operations(&self.database, &self.mirrors, &part.events);
+            let mirrored =
+                mirror::operations(&self.database, &self.mirrors, &part.events, &part.docs);
             if !mirrored.is_empty() {
                 self.client
                     .bulk_write(mirrored)
@@ -386,7 +387,8 @@ impl MongoSink {
             self.move_checkpoint(part.start, &part.to).await?;
             return Ok(written);
         }
-        match self.transaction(part).await {
+        let mirrored = mirror::operations(&self.database, &self.mirrors, &part.events, &part.docs);
+        match self.transaction(part, &mirrored).await {
             Ok(()) => Ok(Written {
                 inserted: part.docs.len(),
                 ..Written::default()
@@ -395,20 +397,24 @@ impl MongoSink {
                 // A re-delivery (the previous commit's acknowledgement was lost, or another
                 // consumer writes the same collection): store only what is missing.
                 let present = self.already_present(&part.events).await?;
-                // All of the part's events stay: the transaction applies them to the mirrors.
                 let mut rest = Part {
                     start: part.start,
                     to: part.to.clone(),
-                    events: part.events.clone(),
+                    events: Vec::new(),
                     docs: Vec::new(),
                     dead_letters: part.dead_letters.clone(),
                 };
                 for (doc, event) in part.docs.iter().zip(&part.events) {
                     if !present.contains(&event.id()) {
                         rest.docs.push(doc.clone());
+                        rest.events.push(event.clone());
                     }
                 }
-                if let Err(e) = self.transaction(&rest).await {
+                // The mirrors get all of the part's events, also those the change log already
+                // holds: each operation sets a key to the state the stream gives it, so applying
+                // one again is harmless, while skipping one could leave a state the checkpoint
+                // has passed.
+                if let Err(e) = self.transaction(&rest, &mirrored).await {
                     return Err(self
                         .transaction_error("write the rest of a re-delivered batch", e, part.start)
                         .await);
@@ -431,11 +437,15 @@ impl MongoSink {
 
     /// The documents, dead letters and the checkpoint in one transaction, retried when the server
     /// labels the failure transient (a write conflict).
-    async fn transaction(&mut self, part: &Part) -> std::result::Result<(), TxError> {
+    async fn transaction(
+        &mut self,
+        part: &Part,
+        mirrored: &[WriteModel],
+    ) -> std::result::Result<(), TxError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.transaction_once(part).await {
+            match self.transaction_once(part, mirrored).await {
                 Err(TxError::Mongo(e))
                     if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
                         && !is_duplicate_key(&e)
@@ -449,7 +459,12 @@ impl MongoSink {
         }
     }
 
-    async fn transaction_once(&mut self, part: &Part) -> std::result::Result<(), TxError> {
+    /// `mirrored`: the part's events as operations on the mirrors ([`mirror::operations`]).
+    async fn transaction_once(
+        &mut self,
+        part: &Part,
+        mirrored: &[WriteModel],
+    ) -> std::result::Result<(), TxError> {
         if self.session.is_none() {
             self.session = Some(self.client.start_session().await?);
         }
@@ -458,10 +473,6 @@ impl MongoSink {
             .iter()
             .map(|l| (l.id(), self.dead_letter_update(l)))
             .collect();
-        // From all of the part's events, also when a re-delivery stores only the missing ones in
-        // the change log: each operation sets a key to the state the stream gives it, so applying
-        // one again is harmless, while skipping one could leave a state the checkpoint passed.
-        let mirrored = mirror::operations(&self.database, &self.mirrors, &part.events);
         let session = self.session.as_mut().expect("just set");
         session.start_transaction().await?;
         let writes = async {
@@ -473,7 +484,7 @@ impl MongoSink {
             }
             if !mirrored.is_empty() {
                 self.client
-                    .bulk_write(mirrored)
+                    .bulk_write(mirrored.iter().cloned())
                     .session(&mut *session)
                     .await?;
             }
