@@ -1,5 +1,6 @@
-//! `eventsctl capture`: turn a table's row changes into events (add, list, remove), and run the
-//! change watcher that wakes consumers for them.
+//! `eventsctl capture`: turn a table's row changes into events (add, list, remove), read the
+//! rows it already holds into the stream (backfill), compare it with its MongoDB mirror (verify),
+//! and run the change watcher that wakes consumers for them.
 //!
 //! add/list/remove call the SQL functions of migrations V5–V7 through `event_store::capture` (the
 //! same ones you can call from your own migrations). Run them as the table's owner, a member of
@@ -32,6 +33,7 @@ pub enum CaptureCommand {
     /// backfills (running and finished, rows done and remaining) (--json for scripts)
     List,
     Backfill(crate::cmd::backfill::BackfillArgs),
+    Verify(crate::cmd::verify::VerifyArgs),
     Remove(RemoveArgs),
     Watch(WatchArgs),
 }
@@ -113,6 +115,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         CaptureCommand::Remove(remove) => run_remove(cli, remove).await,
         CaptureCommand::Watch(watch) => run_watch(cli, watch).await,
         CaptureCommand::Backfill(b) => crate::cmd::backfill::run(cli, b).await,
+        CaptureCommand::Verify(v) => crate::cmd::verify::run(cli, v).await,
     }
 }
 

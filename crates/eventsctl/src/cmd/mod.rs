@@ -10,6 +10,7 @@ pub mod lag;
 pub mod reset;
 pub mod status;
 pub mod tail;
+pub mod verify;
 
 use crate::cli::{Cli, Command};
 use crate::exit::Code;
