@@ -71,6 +71,9 @@ DECLARE
                 WHERE c.oid = 'events'::regclass);
     capture_owner name := (SELECT p.proowner::regrole::name FROM pg_catalog.pg_proc p
                             WHERE p.oid = 'capture_insert()'::regprocedure);
+    -- Read before search_path is pinned below.
+    admin_role name := COALESCE((SELECT r.role FROM event_stream_roles r WHERE r.job = 'capture_admin'),
+                                'events_capture_admin');
     body text;
     caller_path text := pg_catalog.current_setting('search_path');
 BEGIN
@@ -394,6 +397,18 @@ REVOKE ALL ON FUNCTION @s@.capture_settings(regclass), @s@.capture_backfill_writ
     @s@.capture_backfill_chunk(bigint), @s@.capture_backfill_cancel(regclass), @s@.capture_backfill_cancel(text),
     @s@.capture_backfill(text, integer, text)
     FROM PUBLIC;
+$body$;
+    EXECUTE pg_catalog.replace(body, '@s@', s);
+    -- Executable by this database's capture admins from the start (events_grant_roles, run by
+    -- migrate next, grants the same): capture_check() expects exactly that.
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION %1$s.capture_backfill_write(regclass, anyarray), %1$s.capture_backfill_start(regclass, integer, text),
+             %1$s.capture_backfill_start(text, integer, text), %1$s.capture_backfill_chunk(bigint), %1$s.capture_backfill_cancel(regclass),
+             %1$s.capture_backfill_cancel(text), %1$s.capture_backfill(text, integer, text), %1$s.capture_backfill_key(regclass, text),
+             %1$s.capture_backfill_literal(text[], text[]), %1$s.capture_settings(regclass) TO %2$I',
+        s, admin_role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s.capture_settings(regclass) TO %I', s, capture_owner);
+    body := $body$
 INSERT INTO @s@.capture_functions (signature, owned_by, secdef, config, executors, source_md5)
 SELECT 'capture_backfill_write(regclass,anyarray)', 'capture', true, p.proconfig, 'capture_admin', pg_catalog.md5(p.prosrc)
   FROM pg_catalog.pg_proc p WHERE p.oid = '@s@.capture_backfill_write(regclass, anyarray)'::pg_catalog.regprocedure;
@@ -419,32 +434,50 @@ DECLARE
     v_schema  name := (SELECT n.nspname FROM pg_catalog.pg_class c
                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                         WHERE c.oid = 'events'::regclass);
-    v_admin_fns text := 'capture_backfill_write(regclass, anyarray), capture_backfill_start(regclass, integer, text), '
+    v_admin_fns text := 'capture_backfill_start(regclass, integer, text), '
                         'capture_backfill_start(text, integer, text), capture_backfill_chunk(bigint), '
                         'capture_backfill_cancel(regclass), capture_backfill_cancel(text), capture_backfill(text, integer, text), '
                         'capture_backfill_key(regclass, text), capture_backfill_literal(text[], text[])';
     v_helpers text := 'capture_settings(regclass)';
     v_member name;
     v_fn text;
-    v_granted boolean := false;
+    v_owner name;
 BEGIN
-    PERFORM events_grant_roles_before_backfill(prefix); -- validates the prefix, creates the roles
-
-    IF NOT pg_catalog.pg_has_role(current_user, v_capture, 'MEMBER') THEN
-        EXECUTE pg_catalog.format('GRANT %I TO %I', v_capture, current_user);
-        v_granted := true;
+    -- The writer goes to this prefix's capture role first: handing it over needs membership in
+    -- its current owner and in the new one (and the new one's CREATE on the schema), which the
+    -- previous function takes back at its end from everyone, as it does for the trigger functions.
+    v_owner := (SELECT p.proowner::regrole::name FROM pg_catalog.pg_proc p
+                 WHERE p.oid = 'capture_backfill_write(regclass, anyarray)'::regprocedure);
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = v_capture) THEN
+        EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', v_capture);
     END IF;
-    EXECUTE pg_catalog.format('GRANT CREATE ON SCHEMA %I TO %I', v_schema, v_capture);
-    EXECUTE pg_catalog.format('ALTER FUNCTION capture_backfill_write(regclass, anyarray) OWNER TO %I', v_capture);
-    EXECUTE pg_catalog.format('REVOKE CREATE ON SCHEMA %I FROM %I', v_schema, v_capture);
-    IF v_granted THEN
-        EXECUTE pg_catalog.format('REVOKE %I FROM %I', v_capture, current_user);
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = v_admin) THEN
+        EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', v_admin);
     END IF;
+    FOREACH v_member IN ARRAY ARRAY[v_owner, v_capture] LOOP
+        IF NOT pg_catalog.pg_has_role(current_user, v_member, 'MEMBER') THEN
+            EXECUTE pg_catalog.format('GRANT %I TO %I', v_member, current_user);
+        END IF;
+    END LOOP;
+    IF v_owner <> v_capture THEN
+        EXECUTE pg_catalog.format('GRANT CREATE ON SCHEMA %I TO %I', v_schema, v_capture);
+        EXECUTE pg_catalog.format('ALTER FUNCTION capture_backfill_write(regclass, anyarray) OWNER TO %I', v_capture);
+        EXECUTE pg_catalog.format('REVOKE CREATE ON SCHEMA %I FROM %I', v_schema, v_capture);
+    END IF;
+    -- Exactly this prefix's admins may execute it (only its owner may grant that).
+    FOR v_member IN SELECT a.grantee::regrole::name
+                      FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+                     WHERE p.oid = 'capture_backfill_write(regclass, anyarray)'::regprocedure
+                       AND a.grantee <> p.proowner AND a.grantee <> 0 LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION capture_backfill_write(regclass, anyarray) FROM %I', v_member);
+    END LOOP;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION capture_backfill_write(regclass, anyarray) TO %I', v_admin);
+    PERFORM events_grant_roles_before_backfill(prefix); -- validates the prefix; takes the memberships back
 
     -- Exactly: whoever held something here before (a previous prefix's roles) loses it.
     FOR v_fn, v_member IN SELECT p.oid::regprocedure::text, a.grantee::regrole::name
                       FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
-                     WHERE p.proname IN ('capture_settings', 'capture_backfill_write', 'capture_backfill_start',
+                     WHERE p.proname IN ('capture_settings', 'capture_backfill_start',
                                          'capture_backfill_chunk', 'capture_backfill_cancel', 'capture_backfill',
                                          'capture_backfill_key', 'capture_backfill_literal')
                        AND p.pronamespace = (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid = 'events'::regclass)
