@@ -234,7 +234,9 @@ impl Config {
                 mongo_format::dead_letter::DEAD_LETTERS,
             ]
             .contains(&m.collection.as_str())
-                || mirrors[..i].iter().any(|o| o.collection == m.collection || o.topic == m.topic)
+                || mirrors[..i]
+                    .iter()
+                    .any(|o| o.collection == m.collection || o.topic == m.topic)
             {
                 return Err(Error::Config(format!(
                     "--mirror / CONSUMER_MIRROR {}={}: each mirror needs a topic and a collection                      of its own (not the change log's, checkpoints or deadLetters)",

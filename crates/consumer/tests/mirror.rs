@@ -202,7 +202,10 @@ async fn the_mirror_equals_the_table_after_a_backfill_under_load_and_a_kill() {
     for w in writers {
         w.await.unwrap();
     }
-    assert!(truncated.load(Ordering::SeqCst), "the table was truncated once");
+    assert!(
+        truncated.load(Ordering::SeqCst),
+        "the table was truncated once"
+    );
     // One more row on the second mirrored topic's neighbour: events of other topics never reach
     // this mirror.
     env.admin
@@ -225,7 +228,11 @@ async fn the_mirror_equals_the_table_after_a_backfill_under_load_and_a_kill() {
         .map(|(k, d)| (k, d, mirror.get(k)))
         .take(3)
         .collect();
-    let extra: Vec<_> = mirror.keys().filter(|k| !table.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = mirror
+        .keys()
+        .filter(|k| !table.contains_key(*k))
+        .take(5)
+        .collect();
     assert!(
         differ.is_empty() && extra.is_empty(),
         "mirror ≠ table: {} rows vs {} documents; differing e.g. {differ:?}; extra {extra:?}",
@@ -239,7 +246,10 @@ async fn the_mirror_equals_the_table_after_a_backfill_under_load_and_a_kill() {
         }
         _ => None,
     });
-    assert!(exact.is_some(), "some row carries the 30-digit number exactly");
+    assert!(
+        exact.is_some(),
+        "some row carries the 30-digit number exactly"
+    );
     assert!(mirror.values().all(|d| !d.contains_key("secret")));
     assert_eq!(env.mongo_count("other").await, 1);
 
@@ -288,5 +298,8 @@ async fn the_mirror_equals_the_table_after_a_backfill_under_load_and_a_kill() {
             other => panic!("unexpected {other}"),
         }
     }
-    assert!(reads > 1000 && checked > 20, "{reads} reads, {checked} after a change");
+    assert!(
+        reads > 1000 && checked > 20,
+        "{reads} reads, {checked} after a change"
+    );
 }

@@ -197,7 +197,9 @@ pub async fn cancel(client: &impl GenericClient, table: &str) -> Result<bool, Ca
     let row = client
         .query_one("SELECT capture_backfill_cancel($1::text)", &[&table])
         .await
-        .map_err(|e| CaptureError::from_db(&format!("cancel the backfill of {table}"), e, &admin))?;
+        .map_err(|e| {
+            CaptureError::from_db(&format!("cancel the backfill of {table}"), e, &admin)
+        })?;
     Ok(row.get(0))
 }
 

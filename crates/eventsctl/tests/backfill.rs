@@ -96,8 +96,15 @@ async fn read_events_carry_what_an_insert_carries_in_key_order() {
     let added = eventsctl(
         &owner,
         &[
-            "capture", "add", table, "--topic", "items", "--key-columns", "tenant id,line;--",
-            "--exclude-columns", "secret",
+            "capture",
+            "add",
+            table,
+            "--topic",
+            "items",
+            "--key-columns",
+            "tenant id,line;--",
+            "--exclude-columns",
+            "secret",
         ],
     );
     assert_eq!(added.status.code(), Some(0), "{}", text(&added));
@@ -150,7 +157,10 @@ async fn read_events_carry_what_an_insert_carries_in_key_order() {
         )
         .await
         .unwrap();
-    assert_eq!((compared.get::<_, i64>(0), compared.get::<_, i64>(1)), (11, 11));
+    assert_eq!(
+        (compared.get::<_, i64>(0), compared.get::<_, i64>(1)),
+        (11, 11)
+    );
     let facts = admin
         .query_one(
             r#"SELECT length(payload->'new'->>'Big'), payload->'new'->>'mood', payload->'new'->'doc'->'deep'->>0
@@ -160,8 +170,15 @@ async fn read_events_carry_what_an_insert_carries_in_key_order() {
         .await
         .unwrap();
     assert_eq!(facts.get::<_, i32>(0), 32 * 32768);
-    assert_eq!(facts.get::<_, String>(1), "ok", "the owner's type as its text output");
-    assert!(facts.get::<_, String>(2).starts_with("1000000000"), "1e400, every digit");
+    assert_eq!(
+        facts.get::<_, String>(1),
+        "ok",
+        "the owner's type as its text output"
+    );
+    assert!(
+        facts.get::<_, String>(2).starts_with("1000000000"),
+        "1e400, every digit"
+    );
     // Finished: listed with its counts, and a second run is a new backfill.
     let listed = eventsctl(&owner, &["capture", "list", "--json"]);
     let json: Value = serde_json::from_slice(&listed.stdout).unwrap();
@@ -184,7 +201,12 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
     let owner = pg.url_for("shop_owner", None);
 
     let not_captured = eventsctl(&owner, &["capture", "backfill", "shop.plain"]);
-    assert_eq!(not_captured.status.code(), Some(2), "{}", text(&not_captured));
+    assert_eq!(
+        not_captured.status.code(),
+        Some(2),
+        "{}",
+        text(&not_captured)
+    );
     assert!(
         text(&not_captured).contains("is not captured"),
         "{}",
@@ -193,7 +215,15 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
 
     let added = eventsctl(
         &owner,
-        &["capture", "add", "shop.audit", "--topic", "audit", "--key-columns", "tenant,seq"],
+        &[
+            "capture",
+            "add",
+            "shop.audit",
+            "--topic",
+            "audit",
+            "--key-columns",
+            "tenant,seq",
+        ],
     );
     assert_eq!(added.status.code(), Some(0), "{}", text(&added));
     let nulls = eventsctl(&owner, &["capture", "backfill", "shop.audit"]);
@@ -207,7 +237,13 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
     // A condition that leaves them out works.
     let some = eventsctl(
         &owner,
-        &["capture", "backfill", "shop.audit", "--where", "seq IS NOT NULL"],
+        &[
+            "capture",
+            "backfill",
+            "shop.audit",
+            "--where",
+            "seq IS NOT NULL",
+        ],
     );
     assert_eq!(some.status.code(), Some(0), "{}", text(&some));
     assert_eq!(
@@ -216,7 +252,13 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
     );
     let bad_where = eventsctl(
         &owner,
-        &["capture", "backfill", "shop.audit", "--where", "no_such_column > 1"],
+        &[
+            "capture",
+            "backfill",
+            "shop.audit",
+            "--where",
+            "no_such_column > 1",
+        ],
     );
     assert_eq!(bad_where.status.code(), Some(2), "{}", text(&bad_where));
 
@@ -225,7 +267,13 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
     let stranger_url = pg.url_for("stranger", None);
     let stranger = eventsctl(
         &stranger_url,
-        &["capture", "backfill", "shop.audit", "--where", "seq IS NOT NULL"],
+        &[
+            "capture",
+            "backfill",
+            "shop.audit",
+            "--where",
+            "seq IS NOT NULL",
+        ],
     );
     assert_eq!(stranger.status.code(), Some(3), "{}", text(&stranger));
     let stranger_client = connect(&stranger_url).await;
@@ -237,7 +285,8 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
         .await
         .unwrap_err();
     assert!(
-        forged.to_string().contains("must be the owner") || format!("{forged:?}").contains("must be the owner"),
+        forged.to_string().contains("must be the owner")
+            || format!("{forged:?}").contains("must be the owner"),
         "{forged:?}"
     );
     let owner_client = connect(&owner).await;
@@ -248,7 +297,10 @@ async fn null_keys_missing_capture_and_strangers_are_refused_clearly() {
         )
         .await
         .unwrap_err();
-    assert!(format!("{wrong_type:?}").contains("array of rows of table"), "{wrong_type:?}");
+    assert!(
+        format!("{wrong_type:?}").contains("array of rows of table"),
+        "{wrong_type:?}"
+    );
     // And nobody outside the capture admin role may call it at all.
     pg.psql("CREATE ROLE nobody LOGIN");
     let nobody = connect(&pg.url_for("nobody", None)).await;
@@ -312,7 +364,10 @@ async fn a_killed_backfill_resumes_after_its_last_finished_chunk() {
         .unwrap();
     let (done_at_kill, unfinished, events_at_kill): (i64, bool, i64) =
         (row.get(0), row.get(1), row.get(2));
-    assert!(unfinished && done_at_kill < rows, "killed mid-run: {done_at_kill}");
+    assert!(
+        unfinished && done_at_kill < rows,
+        "killed mid-run: {done_at_kill}"
+    );
     assert_eq!(
         events_at_kill, done_at_kill,
         "a chunk's events and its progress commit together"
@@ -325,7 +380,10 @@ async fn a_killed_backfill_resumes_after_its_last_finished_chunk() {
     );
 
     // Resumed by running the same command: every row exactly once.
-    let resumed = eventsctl(&owner, &["capture", "backfill", "shop.orders", "--chunk-rows", "5000"]);
+    let resumed = eventsctl(
+        &owner,
+        &["capture", "backfill", "shop.orders", "--chunk-rows", "5000"],
+    );
     assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed));
     assert!(
         text(&resumed).contains(&format!("({} in this run", rows - done_at_kill)),
@@ -355,7 +413,10 @@ async fn a_killed_backfill_resumes_after_its_last_finished_chunk() {
         )
         .await
         .unwrap();
-    assert!(ids_in_order.get::<_, bool>(0), "key order across the resume");
+    assert!(
+        ids_in_order.get::<_, bool>(0),
+        "key order across the resume"
+    );
 }
 
 /// Writers keep inserting, updating (also keys), deleting and rolling back while the backfill
@@ -409,7 +470,10 @@ async fn reads_are_causal_per_key_while_writers_run() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let out = eventsctl(&owner, &["capture", "backfill", "shop.hot", "--chunk-rows", "50"]);
+    let out = eventsctl(
+        &owner,
+        &["capture", "backfill", "shop.hot", "--chunk-rows", "50"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
@@ -438,7 +502,10 @@ async fn reads_are_causal_per_key_while_writers_run() {
             }
             "update" => {
                 if let Some(read) = read_pending.remove(&key) {
-                    assert_eq!(p["old"], read, "the change after the read of {key} did not start from it");
+                    assert_eq!(
+                        p["old"], read,
+                        "the change after the read of {key} did not start from it"
+                    );
                 }
                 state.insert(key, p["new"].clone());
             }
@@ -452,7 +519,10 @@ async fn reads_are_causal_per_key_while_writers_run() {
         }
     }
     assert!(reads > 2000, "{reads} reads");
-    assert!(checked > 50, "only {checked} reads had a change before them");
+    assert!(
+        checked > 50,
+        "only {checked} reads had a change before them"
+    );
     let table: BTreeMap<String, Value> = admin
         .query(
             "SELECT format('{\"id\":%s}', id), to_jsonb(h) FROM shop.hot h",
@@ -489,12 +559,16 @@ async fn a_chunk_waits_for_writers_of_its_rows_and_they_wait_for_it() {
     // 1. The writer's transaction got its id first and changes row 5 (a non-key UPDATE) but
     //    has not committed when the chunk reads.
     writer
-        .batch_execute("BEGIN; INSERT INTO shop.side VALUES (1); UPDATE shop.hot SET v = 1 WHERE id = 5")
+        .batch_execute(
+            "BEGIN; INSERT INTO shop.side VALUES (1); UPDATE shop.hot SET v = 1 WHERE id = 5",
+        )
         .await
         .unwrap();
     let id = event_store::backfill::start(
         &runner,
-        &event_store::backfill::BackfillSpec::new("shop.hot").chunk_rows(6).unwrap(),
+        &event_store::backfill::BackfillSpec::new("shop.hot")
+            .chunk_rows(6)
+            .unwrap(),
     )
     .await
     .unwrap();
@@ -503,7 +577,10 @@ async fn a_chunk_waits_for_writers_of_its_rows_and_they_wait_for_it() {
         (runner, c)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!chunk.is_finished(), "the chunk must wait for the open writer of row 5");
+    assert!(
+        !chunk.is_finished(),
+        "the chunk must wait for the open writer of row 5"
+    );
     writer.batch_execute("COMMIT").await.unwrap();
     let (runner, first) = chunk.await.unwrap();
     assert_eq!((first.rows_read, first.finished), (6, false));
@@ -522,7 +599,10 @@ async fn a_chunk_waits_for_writers_of_its_rows_and_they_wait_for_it() {
             .unwrap();
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!late.is_finished(), "the change to row 8 must wait for the open chunk");
+    assert!(
+        !late.is_finished(),
+        "the change to row 8 must wait for the open chunk"
+    );
     runner.batch_execute("COMMIT").await.unwrap();
     late.await.unwrap();
 
@@ -531,4 +611,32 @@ async fn a_chunk_waits_for_writers_of_its_rows_and_they_wait_for_it() {
            FROM events WHERE key::jsonb->>'id' IN ('5', '8')",
     );
     assert_eq!(order, "update 5 v=1, read 5 v=1, read 8 v=0, update 8 v=2");
+}
+
+/// From a migration: `capture_backfill` runs every chunk in the caller's transaction, and rolls
+/// back with it.
+#[tokio::test]
+async fn the_sql_function_backfills_inside_a_migration_transaction() {
+    let (pg, _admin) = setup().await;
+    pg.psql(
+        "SET ROLE shop_owner;
+         CREATE TABLE shop.small (id int PRIMARY KEY, v text);
+         INSERT INTO shop.small SELECT i, 'v' || i FROM generate_series(1, 25) i;
+         SELECT capture_add('shop.small', 'small');
+         BEGIN; SELECT capture_backfill('shop.small', 10); ROLLBACK;",
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM events"),
+        "0",
+        "rolled back with it"
+    );
+    pg.psql("SET ROLE shop_owner; BEGIN; SELECT capture_backfill('shop.small', 10); COMMIT;");
+    assert_eq!(
+        pg.psql("SELECT count(*), count(DISTINCT key) FROM events WHERE type = 'read'"),
+        "25|25"
+    );
+    assert_eq!(
+        pg.psql("SELECT chunks_done, finished_at IS NOT NULL FROM capture_backfills"),
+        "3|t"
+    );
 }

@@ -37,7 +37,11 @@ async fn verify_passes_on_an_equal_mirror_and_names_what_differs() {
     let consumer = spawn(config);
 
     let backfill = env
-        .ctl_as("shop_owner", &["capture", "backfill", table, "--chunk-rows", "70"], None)
+        .ctl_as(
+            "shop_owner",
+            &["capture", "backfill", table, "--chunk-rows", "70"],
+            None,
+        )
         .await;
     assert_exit(&backfill, 0, "backfill");
     env.admin
@@ -51,15 +55,22 @@ async fn verify_passes_on_an_equal_mirror_and_names_what_differs() {
         .unwrap();
     let last: i64 = env
         .admin
-        .query_one("SELECT id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1", &[])
+        .query_one(
+            "SELECT id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    wait_until("the mirror consumer caught up", Duration::from_secs(60), || async {
-        env.checkpoint("mirror")
-            .await
-            .is_some_and(|c| c.get_i64("id") == Ok(last))
-    })
+    wait_until(
+        "the mirror consumer caught up",
+        Duration::from_secs(60),
+        || async {
+            env.checkpoint("mirror")
+                .await
+                .is_some_and(|c| c.get_i64("id") == Ok(last))
+        },
+    )
     .await;
     consumer.stop().await;
 
@@ -74,10 +85,26 @@ async fn verify_passes_on_an_equal_mirror_and_names_what_differs() {
         stdout(&equal)
     );
     let sampled = env
-        .ctl_as("shop_owner", &["capture", "verify", table, "--collection", "lines", "--sample", "25"], None)
+        .ctl_as(
+            "shop_owner",
+            &[
+                "capture",
+                "verify",
+                table,
+                "--collection",
+                "lines",
+                "--sample",
+                "25",
+            ],
+            None,
+        )
         .await;
     assert_exit(&sampled, 0, "verify a sample");
-    assert!(stdout(&sampled).contains("a sample of 25 rows"), "{}", stdout(&sampled));
+    assert!(
+        stdout(&sampled).contains("a sample of 25 rows"),
+        "{}",
+        stdout(&sampled)
+    );
 
     let lines = env.mongo_db().await.collection::<Document>("lines");
     let moved = lines
@@ -95,15 +122,21 @@ async fn verify_passes_on_an_equal_mirror_and_names_what_differs() {
         matches!(big.get("qty"), Some(Bson::Decimal128(d)) if d.to_string().starts_with("99999999999999999999999999.5")),
         "{big:?}"
     );
-    assert!(lines
-        .find_one(doc! {"_id": {"tenant": 3, "line no": "l11"}})
-        .await
-        .unwrap()
-        .is_none(), "the old key of a moved row is gone");
+    assert!(
+        lines
+            .find_one(doc! {"_id": {"tenant": 3, "line no": "l11"}})
+            .await
+            .unwrap()
+            .is_none(),
+        "the old key of a moved row is gone"
+    );
 
     // Three kinds of difference, each named.
     lines
-        .update_one(doc! {"_id": {"tenant": 1, "line no": "l1"}}, doc! {"$set": {"qty": 0}})
+        .update_one(
+            doc! {"_id": {"tenant": 1, "line no": "l1"}},
+            doc! {"$set": {"qty": 0}},
+        )
         .await
         .unwrap();
     lines
@@ -120,5 +153,8 @@ async fn verify_passes_on_an_equal_mirror_and_names_what_differs() {
     assert!(out.contains("different values"), "{out}");
     assert!(out.contains("missing in the mirror"), "{out}");
     assert!(out.contains("not in the table"), "{out}");
-    assert!(!out.contains("counts differ"), "one missing, one extra: {out}");
+    assert!(
+        !out.contains("counts differ"),
+        "one missing, one extra: {out}"
+    );
 }

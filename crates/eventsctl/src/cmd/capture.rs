@@ -322,7 +322,16 @@ async fn run_list(cli: &Cli) -> anyhow::Result<Code> {
         print!(
             "{}",
             output::table(
-                &["BACKFILL OF", "ID", "STATE", "ROWS DONE", "REMAINING", "CHUNKS", "UPDATED", "WHERE"],
+                &[
+                    "BACKFILL OF",
+                    "ID",
+                    "STATE",
+                    "ROWS DONE",
+                    "REMAINING",
+                    "CHUNKS",
+                    "UPDATED",
+                    "WHERE"
+                ],
                 &backfill_rows
             )
         );

@@ -125,10 +125,7 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Code> {
     } else {
         doc! {}
     };
-    let mut cursor = collection
-        .find(filter)
-        .await
-        .context("read the mirror")?;
+    let mut cursor = collection.find(filter).await.context("read the mirror")?;
     while cursor.advance().await.context("read the mirror")? {
         let doc: Document = cursor.deserialize_current()?;
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
@@ -249,7 +246,10 @@ mod tests {
             hash(&doc! {"_id": 1, "a": 2, "b": 3}),
             hash(&doc! {"b": 3, "_id": 1, "a": 2})
         );
-        assert_ne!(hash(&doc! {"_id": 1, "a": 2}), hash(&doc! {"_id": 1, "a": 3}));
+        assert_ne!(
+            hash(&doc! {"_id": 1, "a": 2}),
+            hash(&doc! {"_id": 1, "a": 3})
+        );
         assert_ne!(
             hash(&doc! {"_id": 1, "a": 2}),
             hash(&doc! {"_id": 1, "a": 2_i64}),

@@ -97,7 +97,11 @@ pub fn operations(
     ops
 }
 
-fn operation(namespace: Namespace, event: &Event, stored: &RawDocumentBuf) -> Result<WriteModel, String> {
+fn operation(
+    namespace: Namespace,
+    event: &Event,
+    stored: &RawDocumentBuf,
+) -> Result<WriteModel, String> {
     let kind = event.event_type.as_deref().unwrap_or("");
     if kind == "truncate" {
         return Ok(DeleteManyModel::builder()
@@ -128,7 +132,8 @@ fn operation(namespace: Namespace, event: &Event, stored: &RawDocumentBuf) -> Re
             for field in new {
                 let (column, value) = field.map_err(|e| format!("payload: {e}"))?;
                 if column != "_id" {
-                    let value = Bson::try_from(value.to_raw_bson()).map_err(|e| format!("payload: {e}"))?;
+                    let value =
+                        Bson::try_from(value.to_raw_bson()).map_err(|e| format!("payload: {e}"))?;
                     replacement.insert(column, value);
                 }
             }
