@@ -52,7 +52,7 @@ CREATE INDEX sink_dead_letters_replay_idx ON sink_dead_letters (consumer) WHERE 
 ALTER TABLE sink_checkpoints ENABLE ROW LEVEL SECURITY;
 ALTER TABLE sink_dead_letters ENABLE ROW LEVEL SECURITY;
 
--- events_grant_roles as in V9, then the consumer role's rights on these tables.
+-- events_grant_roles as before (V9, then V10), then the consumer role's rights on these tables.
 ALTER FUNCTION events_grant_roles(text) RENAME TO events_grant_roles_before_sinks;
 REVOKE ALL ON FUNCTION events_grant_roles_before_sinks(text) FROM PUBLIC;
 

@@ -9,7 +9,7 @@ use services::config::{parse_bytes, parse_duration, ChannelArgs, HttpArgs, LogAr
 
 use crate::error::{Error, Result};
 pub use crate::sink::http::HttpConfig;
-pub use crate::sink::mongo::{MongoConfig, Transactions};
+pub use crate::sink::mongo::{Mirror, MongoConfig, Transactions};
 pub use crate::sink::nats::NatsConfig;
 pub use crate::sink::OnPoison;
 
@@ -74,6 +74,19 @@ pub struct Config {
     /// events of other topics.
     #[arg(long = "topics", env = "CONSUMER_TOPICS", value_delimiter = ',')]
     pub topics: Vec<String>,
+
+    /// Keep a MongoDB collection equal to a captured table: captured events of TOPIC are applied
+    /// by key to COLLECTION (default: the topic's name) — insert, read, update replace the
+    /// document `_id` = key with the row, delete removes it, truncate removes all — in the same
+    /// transaction as the batch and the checkpoint. Repeatable, or comma-separated. The change
+    /// log (--mongodb-collection) is kept as well.
+    #[arg(
+        long = "mirror",
+        env = "CONSUMER_MIRROR",
+        value_delimiter = ',',
+        value_name = "TOPIC[=COLLECTION]"
+    )]
+    pub mirror: Vec<String>,
 
     /// Events fetched from PostgreSQL and written to MongoDB per batch (one MongoDB transaction).
     #[arg(
@@ -269,6 +282,18 @@ pub enum SinkKind {
     Null,
 }
 
+impl SinkKind {
+    /// The name `--sink` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Mongodb => "mongodb",
+            SinkKind::Http => "http",
+            SinkKind::Nats => "nats",
+            SinkKind::Null => "null",
+        }
+    }
+}
+
 impl Config {
     /// A configuration with every default, for tests and benchmarks (the binary parses its own).
     pub fn new(database_url: impl Into<String>, mongodb_uri: Option<String>) -> Config {
@@ -365,6 +390,40 @@ impl Config {
                 ));
             }
         }
+        let mirrors = self.mirrors()?;
+        if !mirrors.is_empty() && self.sink != SinkKind::Mongodb {
+            return Err(Error::Config(format!(
+                "--mirror / CONSUMER_MIRROR applies captured tables to MongoDB collections, so it \
+                 needs --sink mongodb (this consumer uses --sink {}); run a second consumer for \
+                 the mirror",
+                self.sink.as_str()
+            )));
+        }
+        for (i, m) in mirrors.iter().enumerate() {
+            if [
+                self.mongodb_collection.as_str(),
+                mongo_format::checkpoint::CHECKPOINTS,
+                mongo_format::dead_letter::DEAD_LETTERS,
+            ]
+            .contains(&m.collection.as_str())
+                || mirrors[..i]
+                    .iter()
+                    .any(|o| o.collection == m.collection || o.topic == m.topic)
+            {
+                return Err(Error::Config(format!(
+                    "--mirror / CONSUMER_MIRROR {}={}: each mirror needs a topic and a collection \
+                     of its own (not the change log's, checkpoints or deadLetters)",
+                    m.topic, m.collection
+                )));
+            }
+            if !self.topics.is_empty() && !self.topics.contains(&m.topic) {
+                return Err(Error::Config(format!(
+                    "--mirror {}: the topic is not among --topics / CONSUMER_TOPICS, so nothing \
+                     would reach the mirror; add it there",
+                    m.topic
+                )));
+            }
+        }
         if self.poll_interval.is_zero()
             || self.monitor_interval.is_zero()
             || self.heartbeat_interval.is_zero()
@@ -376,6 +435,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The `--mirror` settings, parsed.
+    pub fn mirrors(&self) -> Result<Vec<Mirror>> {
+        self.mirror
+            .iter()
+            .map(|m| m.parse::<Mirror>().map_err(Error::Config))
+            .collect()
     }
 
     /// The topic filter as the position SQL takes it: `None` for all topics.
@@ -394,6 +461,8 @@ impl Config {
             name: self.name.clone(),
             transactions: self.mongodb_transactions,
             on_poison: self.on_poison,
+            // Checked by validate(), which runs before any sink is made.
+            mirrors: self.mirrors().unwrap_or_default(),
         }
     }
 }

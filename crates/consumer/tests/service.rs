@@ -97,6 +97,21 @@ fn bad_configuration_exits_non_zero_with_a_clear_message() {
     ]);
     assert_refused(&out, "expected a duration");
 
+    let out = run_binary(&[
+        ("DATABASE_URL", pg_nowhere),
+        ("CONSUMER_SINK", "null"),
+        ("CONSUMER_MIRROR", "public.orders"),
+    ]);
+    assert_refused(&out, "needs --sink mongodb (this consumer uses --sink null)");
+
+    let out = run_binary(&[
+        ("DATABASE_URL", pg_nowhere),
+        ("MONGODB_URI", mongo),
+        ("CONSUMER_TOPICS", "billing"),
+        ("CONSUMER_MIRROR", "public.orders=orders"),
+    ]);
+    assert_refused(&out, "the topic is not among --topics");
+
     // A real server: schema missing, then a role without the consumer's grants.
     let pg = Postgres::start();
     let out = run_binary(&[("DATABASE_URL", &pg.url()), ("MONGODB_URI", mongo)]);

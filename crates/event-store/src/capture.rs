@@ -195,7 +195,7 @@ fn column_list<S: Into<String>>(
 
 /// A table name as SQL text: non-empty, no NUL, not absurdly long (schema + table, quoted).
 /// PostgreSQL does the real parsing (`to_regclass`), from a bound parameter.
-fn validate_table_name(table: &str) -> Result<(), CaptureError> {
+pub(crate) fn validate_table_name(table: &str) -> Result<(), CaptureError> {
     if table.trim().is_empty() {
         return Err(CaptureError::Invalid("the table name is empty".into()));
     }
@@ -273,7 +273,7 @@ impl CaptureError {
     }
 
     /// `admin`: this database's capture admin role, for hints.
-    fn from_db(what: &str, error: tokio_postgres::Error, admin: &str) -> CaptureError {
+    pub(crate) fn from_db(what: &str, error: tokio_postgres::Error, admin: &str) -> CaptureError {
         let Some(db) = error.as_db_error() else {
             return crate::Error::database(what, error).into();
         };
@@ -304,6 +304,15 @@ impl CaptureError {
             SqlState::WRONG_OBJECT_TYPE,
             SqlState::INVALID_NAME,
             SqlState::SYNTAX_ERROR,
+            // Backfills: NULL keys, an unfinished backfill with another condition, a table that
+            // is not captured, a bad --where.
+            SqlState::NULL_VALUE_NOT_ALLOWED,
+            SqlState::OBJECT_IN_USE,
+            SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::DATATYPE_MISMATCH,
+            SqlState::INVALID_TEXT_REPRESENTATION,
+            SqlState::NO_DATA_FOUND,
         ];
         if fixable.contains(&code) {
             CaptureError::Refused {
@@ -323,7 +332,7 @@ impl CaptureError {
 /// This database's capture admin role (`<prefix>_capture_admin`, recorded by `migrate`), for
 /// hints; `events_capture_admin` (the default prefix's) when it cannot be read. Looked up before
 /// the capture call, because a failed call aborts the caller's transaction.
-async fn capture_admin(client: &impl GenericClient) -> String {
+pub(crate) async fn capture_admin(client: &impl GenericClient) -> String {
     client
         .query_one(
             "SELECT CASE WHEN to_regclass('event_stream_roles') IS NOT NULL

@@ -19,6 +19,7 @@
 //!   service runs at start-up that the schema is there and its role may do its job.
 //! - [`capture`]: table-change capture (row changes of your own tables become events in the same
 //!   transaction); the work is done by triggers from migrations V5–V9, this module manages them.
+//!   [`backfill`]: the rows a captured table already holds, as `read` events (V10), resumable.
 //! - [`tls`]: TLS on every connection, with libpq's `sslmode` and `sslrootcert`.
 //! - [`error`]: the one error report (server message, SQLSTATE, detail, hint, what to do) and the
 //!   transient/permanent classification; [`retry`]: the one retry policy.
@@ -28,6 +29,7 @@
 //! endpoint, SIGTERM handling, the `migrate` binary) is in the `service` crate, so an application
 //! that appends events through this crate does not build an HTTP server or an argument parser.
 
+pub mod backfill;
 pub mod capture;
 mod certificate;
 pub mod channel;

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 pub enum Code {
     /// Done; or `lag`: every consumer within the thresholds.
     Ok = 0,
-    /// `lag`: a consumer is over `--fail-above-events` or `--fail-above-seconds`.
+    /// `lag`: a consumer is over `--fail-above-events` or `--fail-above-seconds`; `capture
+    /// verify`: the mirror differs from its table.
     OverThreshold = 1,
     /// Bad usage or input: an unknown option, a malformed `--to`/`--from`, an unknown consumer.
     Usage = 2,
@@ -30,10 +31,12 @@ impl From<Code> for ExitCode {
 pub const HELP: &str = "\
 Exit codes:
   0  done; `lag`: every consumer within the thresholds
-  1  `lag`: a consumer is over --fail-above-events or --fail-above-seconds
+  1  `lag`: a consumer is over --fail-above-events or --fail-above-seconds; `capture verify`:
+     the mirror differs from its table
   2  bad usage or input (unknown option, malformed --to/--from, unknown consumer)
-  3  refused: `reset --yes` while the consumer is running (its lease is held); `capture add/remove`
-     of a table that is captured already, missing, or not owned by the caller
+  3  refused: `reset --yes` while the consumer is running (its lease is held); `capture add/remove/
+     backfill` of a table that is captured already, missing, or not owned by the caller, or that
+     has an unfinished backfill with another --where
   4  failed: a database unreachable, the schema or a privilege missing, a write failed,
      a dead letter that could not be replayed";
 

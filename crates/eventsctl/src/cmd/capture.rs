@@ -1,5 +1,6 @@
-//! `eventsctl capture`: turn a table's row changes into events (add, list, remove), and run the
-//! change watcher that wakes consumers for them.
+//! `eventsctl capture`: turn a table's row changes into events (add, list, remove), read the
+//! rows it already holds into the stream (backfill), compare it with its MongoDB mirror (verify),
+//! and run the change watcher that wakes consumers for them.
 //!
 //! add/list/remove call the SQL functions of migrations V5–V7 through `event_store::capture` (the
 //! same ones you can call from your own migrations). Run them as the table's owner, a member of
@@ -7,6 +8,7 @@
 
 use std::time::Duration;
 
+use event_store::backfill::{self, Backfill};
 use event_store::capture::{self, CaptureError, CaptureSpec, Captured, Op};
 use event_store::{db, Topic};
 use producer::Notifier;
@@ -27,9 +29,11 @@ pub struct Args {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CaptureCommand {
     Add(AddArgs),
-    /// Every captured table with its topic, operations, key and excluded columns (--json for
-    /// scripts)
+    /// Every captured table with its topic, operations, key and excluded columns, and the
+    /// backfills (running and finished, rows done and remaining) (--json for scripts)
     List,
+    Backfill(crate::cmd::backfill::BackfillArgs),
+    Verify(crate::cmd::verify::VerifyArgs),
     Remove(RemoveArgs),
     Watch(WatchArgs),
 }
@@ -110,6 +114,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         CaptureCommand::List => run_list(cli).await,
         CaptureCommand::Remove(remove) => run_remove(cli, remove).await,
         CaptureCommand::Watch(watch) => run_watch(cli, watch).await,
+        CaptureCommand::Backfill(b) => crate::cmd::backfill::run(cli, b).await,
+        CaptureCommand::Verify(v) => crate::cmd::verify::run(cli, v).await,
     }
 }
 
@@ -130,14 +136,17 @@ fn spec(args: &AddArgs) -> anyhow::Result<CaptureSpec> {
         .map_err(coded)
 }
 
-/// Bad input (a missing table or column, no key) exits 2; a refusal (not the owner or not a
-/// capture admin, already captured) 3; the rest 4.
-fn coded(error: CaptureError) -> anyhow::Error {
+/// Bad input (a missing table or column, no key, NULL keys, a bad --where) exits 2; a refusal
+/// (not the owner or not a capture admin, already captured, an unfinished backfill with another
+/// condition) 3; the rest 4.
+pub(crate) fn coded(error: CaptureError) -> anyhow::Error {
     use tokio_postgres::error::SqlState;
     match error {
         CaptureError::Invalid(message) => exit::usage(message),
         CaptureError::Refused { ref code, .. }
-            if *code == SqlState::INSUFFICIENT_PRIVILEGE || *code == SqlState::DUPLICATE_OBJECT =>
+            if *code == SqlState::INSUFFICIENT_PRIVILEGE
+                || *code == SqlState::DUPLICATE_OBJECT
+                || *code == SqlState::OBJECT_IN_USE =>
         {
             exit::refused(error.to_string())
         }
@@ -181,6 +190,48 @@ struct Listed {
     key_columns: Vec<String>,
     exclude_columns: Vec<String>,
     full_old: bool,
+    /// This table's backfills, running first (omitted when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    backfills: Vec<ListedBackfill>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListedBackfill {
+    id: i64,
+    state: &'static str,
+    condition: Option<String>,
+    rows_done: i64,
+    rows_remaining: i64,
+    rows_total: i64,
+    chunks_done: i64,
+    chunk_rows: i32,
+    started_by: String,
+    started_at: String,
+    updated_at: String,
+    finished_at: Option<String>,
+}
+
+impl From<&Backfill> for ListedBackfill {
+    fn from(b: &Backfill) -> ListedBackfill {
+        ListedBackfill {
+            id: b.id,
+            state: if b.finished_at.is_some() {
+                "finished"
+            } else {
+                "running"
+            },
+            condition: b.condition.clone(),
+            rows_done: b.rows_done,
+            rows_remaining: b.remaining(),
+            rows_total: b.rows_total,
+            chunks_done: b.chunks_done,
+            chunk_rows: b.chunk_rows,
+            started_by: b.started_by.clone(),
+            started_at: output::time(b.started_at),
+            updated_at: output::time(b.updated_at),
+            finished_at: b.finished_at.map(output::time),
+        }
+    }
 }
 
 impl From<&Captured> for Listed {
@@ -192,18 +243,29 @@ impl From<&Captured> for Listed {
             key_columns: c.key_columns.clone(),
             exclude_columns: c.exclude_columns.clone(),
             full_old: c.full_old,
+            backfills: Vec::new(),
         }
     }
 }
 
 async fn run_list(cli: &Cli) -> anyhow::Result<Code> {
     let client = connect(cli).await?;
-    let listed: Vec<Listed> = capture::list(&client)
+    let backfills = backfill::list(&client).await.map_err(coded)?;
+    let mut listed: Vec<Listed> = capture::list(&client)
         .await
         .map_err(coded)?
         .iter()
         .map(Listed::from)
         .collect();
+    // Backfills of tables no longer captured are shown in the table view only.
+    let mut orphans: Vec<(String, ListedBackfill)> = Vec::new();
+    for b in &backfills {
+        let name = b.qualified_name();
+        match listed.iter_mut().find(|l| l.table == name) {
+            Some(l) => l.backfills.push(ListedBackfill::from(b)),
+            None => orphans.push((name, ListedBackfill::from(b))),
+        }
+    }
     if cli.json {
         output::json(&listed)?;
         return Ok(Code::Ok);
@@ -232,6 +294,48 @@ async fn run_list(cli: &Cli) -> anyhow::Result<Code> {
             &rows
         )
     );
+    let now = std::time::SystemTime::now();
+    let backfill_rows: Vec<Vec<String>> = listed
+        .iter()
+        .flat_map(|l| l.backfills.iter().map(|b| (l.table.as_str(), b)))
+        .chain(orphans.iter().map(|(table, b)| (table.as_str(), b)))
+        .map(|(table, b)| {
+            let updated = backfills
+                .iter()
+                .find(|x| x.id == b.id)
+                .map(|x| output::age(output::elapsed(x.updated_at, now)) + " ago")
+                .unwrap_or_default();
+            vec![
+                table.to_string(),
+                b.id.to_string(),
+                b.state.to_string(),
+                b.rows_done.to_string(),
+                b.rows_remaining.to_string(),
+                b.chunks_done.to_string(),
+                updated,
+                b.condition.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    if !backfill_rows.is_empty() {
+        println!();
+        print!(
+            "{}",
+            output::table(
+                &[
+                    "BACKFILL OF",
+                    "ID",
+                    "STATE",
+                    "ROWS DONE",
+                    "REMAINING",
+                    "CHUNKS",
+                    "UPDATED",
+                    "WHERE"
+                ],
+                &backfill_rows
+            )
+        );
+    }
     Ok(Code::Ok)
 }
 

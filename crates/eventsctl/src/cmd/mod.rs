@@ -3,12 +3,14 @@
 //! one in [`run`].
 
 pub mod append;
+pub mod backfill;
 pub mod capture;
 pub mod dead_letters;
 pub mod lag;
 pub mod reset;
 pub mod status;
 pub mod tail;
+pub mod verify;
 
 use crate::cli::{Cli, Command};
 use crate::exit::Code;

@@ -45,8 +45,10 @@
 //! store, and the consumer stops rather than skip or overwrite an event.
 
 mod error;
+pub mod mirror;
 
 pub use error::{compact, failed};
+pub use mirror::Mirror;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -55,7 +57,7 @@ use event_store::position::Batch;
 use event_store::{Event, Position};
 use mongodb::bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
-use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern, WriteModel};
 use mongodb::{Client, ClientSession, Collection};
 
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, Probe, Sink, Written};
@@ -79,6 +81,8 @@ pub struct MongoConfig {
     pub name: String,
     pub transactions: Transactions,
     pub on_poison: OnPoison,
+    /// Collections kept equal to captured tables, by topic ([`mirror`]).
+    pub mirrors: Vec<Mirror>,
 }
 
 /// The `--mongodb-transactions` choices.
@@ -97,6 +101,8 @@ pub struct MongoSink {
     raw_events: Collection<RawDocumentBuf>,
     checkpoints: Collection<Document>,
     dead_letters: Collection<Document>,
+    database: String,
+    mirrors: Vec<Mirror>,
     name: String,
     where_: String,
     on_poison: OnPoison,
@@ -131,6 +137,7 @@ impl MongoSink {
             name,
             transactions,
             on_poison,
+            mirrors,
         } = config;
         let mut options = ClientOptions::parse(&uri)
             .await
@@ -178,6 +185,8 @@ impl MongoSink {
             raw_events: db.collection(&collection),
             checkpoints: db.collection(CHECKPOINTS),
             dead_letters: db.collection(DEAD_LETTERS),
+            database: database.clone(),
+            mirrors,
             client,
             name,
             where_,
@@ -358,6 +367,16 @@ impl MongoSink {
             } else {
                 self.insert_idempotently(&part.docs, &part.events).await?
             };
+            // Before the checkpoint: a crash in between applies the same events again, to the
+            // same state.
+            let mirrored =
+                mirror::operations(&self.database, &self.mirrors, &part.events, &part.docs);
+            if !mirrored.is_empty() {
+                self.client
+                    .bulk_write(mirrored)
+                    .await
+                    .map_err(|e| self.error("apply events to the mirrors", e))?;
+            }
             for letter in &part.dead_letters {
                 self.dead_letters
                     .update_one(doc! {"_id": letter.id()}, self.dead_letter_update(letter))
@@ -368,7 +387,8 @@ impl MongoSink {
             self.move_checkpoint(part.start, &part.to).await?;
             return Ok(written);
         }
-        match self.transaction(part).await {
+        let mirrored = mirror::operations(&self.database, &self.mirrors, &part.events, &part.docs);
+        match self.transaction(part, &mirrored).await {
             Ok(()) => Ok(Written {
                 inserted: part.docs.len(),
                 ..Written::default()
@@ -390,7 +410,11 @@ impl MongoSink {
                         rest.events.push(event.clone());
                     }
                 }
-                if let Err(e) = self.transaction(&rest).await {
+                // The mirrors get all of the part's events, also those the change log already
+                // holds: each operation sets a key to the state the stream gives it, so applying
+                // one again is harmless, while skipping one could leave a state the checkpoint
+                // has passed.
+                if let Err(e) = self.transaction(&rest, &mirrored).await {
                     return Err(self
                         .transaction_error("write the rest of a re-delivered batch", e, part.start)
                         .await);
@@ -413,11 +437,15 @@ impl MongoSink {
 
     /// The documents, dead letters and the checkpoint in one transaction, retried when the server
     /// labels the failure transient (a write conflict).
-    async fn transaction(&mut self, part: &Part) -> std::result::Result<(), TxError> {
+    async fn transaction(
+        &mut self,
+        part: &Part,
+        mirrored: &[WriteModel],
+    ) -> std::result::Result<(), TxError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.transaction_once(part).await {
+            match self.transaction_once(part, mirrored).await {
                 Err(TxError::Mongo(e))
                     if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
                         && !is_duplicate_key(&e)
@@ -431,7 +459,12 @@ impl MongoSink {
         }
     }
 
-    async fn transaction_once(&mut self, part: &Part) -> std::result::Result<(), TxError> {
+    /// `mirrored`: the part's events as operations on the mirrors ([`mirror::operations`]).
+    async fn transaction_once(
+        &mut self,
+        part: &Part,
+        mirrored: &[WriteModel],
+    ) -> std::result::Result<(), TxError> {
         if self.session.is_none() {
             self.session = Some(self.client.start_session().await?);
         }
@@ -446,6 +479,12 @@ impl MongoSink {
             if !part.docs.is_empty() {
                 self.raw_events
                     .insert_many(&part.docs)
+                    .session(&mut *session)
+                    .await?;
+            }
+            if !mirrored.is_empty() {
+                self.client
+                    .bulk_write(mirrored.iter().cloned())
                     .session(&mut *session)
                     .await?;
             }
