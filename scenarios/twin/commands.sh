@@ -8,6 +8,8 @@ check_service() {
         mongo)
             [ "$MONGO_KIND" != external ] || die "mongo is not managed by the twin (MONGODB_URI was given)" ;;
         producer | consumer | purger | gateway | capture-watcher) ;;
+        nats1 | nats2 | nats3 | consumer-nats)
+            nats_enabled || die "$1: this twin has no NATS (start it with NATS=1 scenarios/local-up)" ;;
         *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger, gateway, capture-watcher)" ;;
     esac
 }
@@ -17,7 +19,9 @@ cmd_start() {
     local svc
     for svc in "$@"; do check_service "$svc"; done
     for svc in "$@"; do
-        case "$svc" in postgres) pg_start ;; mongo) mongo_start ;; *) app_start "$svc" ;; esac
+        case "$svc" in
+            postgres) pg_start ;; mongo) mongo_start ;; nats[123]) nats_start "$svc" ;; *) app_start "$svc" ;;
+        esac
     done
 }
 cmd_stop() { # kill=1 for SIGKILL
@@ -33,6 +37,8 @@ cmd_stop() { # kill=1 for SIGKILL
             postgres:kill) pg_stop immediate ;;
             mongo:clean) mongo_stop TERM ;;
             mongo:kill) mongo_stop KILL ;;
+            nats[123]:clean) nats_stop "$svc" TERM ;;
+            nats[123]:kill) nats_stop "$svc" KILL ;;
             *:clean) app_stop "$svc" TERM ;;
             *:kill) app_stop "$svc" KILL ;;
         esac
@@ -64,6 +70,13 @@ cmd_status() {
         printf '%-15s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
             "${port:+http://127.0.0.1:$port/healthz}"
     done
+    nats_enabled || return 0
+    for svc in "${NATS_NODES[@]}"; do
+        printf '%-15s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
+            "nats://127.0.0.1:$(nats_client_port "$svc")"
+    done
+    printf '%-15s %-9s %-8s %s\n' consumer-nats "$(service_state consumer-nats)" "$(live_pid consumer-nats)" \
+        "http://127.0.0.1:$CONSUMER_NATS_HTTP_PORT/healthz (stream EVENTS)"
 }
 
 print_summary() {
@@ -75,7 +88,7 @@ The local twin is up (state, data and logs in ${TWIN_DIR#"$root"/}).
   $(cmd_status | sed '1!s/^/  /')
 
 Connect:
-  psql "$OWNER_URL"
+  psql "$(printf '%s' "$OWNER_URL" | sed -E 's#^([a-z]+://[^:/@]*):[^@]*@#\1:<password>@#')"   (the password: grep OWNER_URL ${TWIN_DIR#"$root"/}/state.env)
   $mongosh_cmd "$(uri_with_db "$MONGO_URI" "$(knob MONGODB_DATABASE consumer)")"
   (or: scenarios/local psql   /   scenarios/local mongosh)
 Next, try:
@@ -87,6 +100,13 @@ Next, try:
 Live push: http://127.0.0.1:${GATEWAY_HTTP_PORT:-8084}/?topic=courses (the gateway's demo page)
 Logs: scenarios/local logs consumer [-f]      Everything down: scenarios/local-down
 EOF
+    if nats_enabled; then
+        cat >&2 <<EOF
+NATS JetStream (NATS=1): consumer-nats publishes every event to the stream EVENTS on $(nats_urls)
+  scenarios/local kill nats2; scenarios/local start nats2     # a node goes and comes back
+  scenarios/local eventsctl lag                               # consumer and consumer-nats side by side
+EOF
+    fi
 }
 
 cmd_run() {
@@ -127,7 +147,8 @@ cmd_logs() {
     case "$1" in
         postgres) log=$PG_DIR/postgres.log ;;
         mongo) log=$TWIN_DIR/mongo/mongo.log ;;
-        producer | consumer | purger | gateway | capture-watcher | migrate) log=$TWIN_DIR/logs/$1.log ;;
+        producer | consumer | purger | gateway | capture-watcher | consumer-nats | migrate) log=$TWIN_DIR/logs/$1.log ;;
+        nats1 | nats2 | nats3) log=$TWIN_DIR/nats/$1.log ;;
         *) die "unknown service '$1'" ;;
     esac
     [ -f "$log" ] || die "no log yet: $log"

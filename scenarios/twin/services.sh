@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# producer, consumer, purger, gateway, capture-watcher and migrate: their environment (the names
+# producer, consumer, purger, gateway, capture-watcher, consumer-nats (NATS=1) and migrate: their environment (the names
 # docker-compose.yml uses), start, stop, and one-off runs in the foreground.
 
 bin_path() { echo "$BIN_DIR/$1"; }
@@ -8,6 +8,7 @@ bin_path() { echo "$BIN_DIR/$1"; }
 service_cmd() { # service
     case "$1" in
         capture-watcher) echo "$(bin_path eventsctl)"; echo capture; echo watch ;;
+        consumer-nats) bin_path consumer ;;
         *) bin_path "$1" ;;
     esac
 }
@@ -25,6 +26,15 @@ service_env() { # service
             echo "HTTP_ADDR=127.0.0.1:$CONSUMER_HTTP_PORT"
             ;;
         purger) echo "DATABASE_URL=$PURGER_URL"; echo "HTTP_ADDR=127.0.0.1:$PURGER_HTTP_PORT" ;;
+        # The same login as the MongoDB consumer, its own name and checkpoint, a 3-replica stream.
+        consumer-nats)
+            echo "DATABASE_URL=$CONSUMER_URL"
+            echo "HTTP_ADDR=127.0.0.1:$CONSUMER_NATS_HTTP_PORT"
+            echo "CONSUMER_NAME=consumer-nats"
+            echo "CONSUMER_SINK=nats"
+            echo "CONSUMER_NATS_URL=$(nats_urls)"
+            echo "CONSUMER_NATS_STREAM=EVENTS"
+            ;;
         # Read-only use of the consumer's login, as in compose.
         gateway) echo "DATABASE_URL=$CONSUMER_URL"; echo "HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" ;;
         # Wakes consumers for captured changes (it needs only what a consumer may read).
@@ -75,6 +85,7 @@ http_port() {
     case "$1" in
         producer) echo "$PRODUCER_HTTP_PORT" ;; consumer) echo "$CONSUMER_HTTP_PORT" ;;
         purger) echo "$PURGER_HTTP_PORT" ;; gateway) echo "$GATEWAY_HTTP_PORT" ;;
+        consumer-nats) echo "$CONSUMER_NATS_HTTP_PORT" ;;
     esac
 }
 

@@ -23,7 +23,9 @@ cmd_up() {
     fi
     # Servers and tools, installed when missing (the same script ./scripts/test runs).
     if [ "${TWIN_BOOTSTRAP:-1}" != 0 ]; then
-        "$root/scripts/bootstrap" || die "could not install what the twin needs (scripts/bootstrap)"
+        local -a boot=()
+        [ "${NATS:-0}" = 1 ] && boot+=(--nats)
+        "$root/scripts/bootstrap" "${boot[@]}" || die "could not install what the twin needs (scripts/bootstrap)"
     fi
     command -v python3 >/dev/null || die "python3 is needed (ports, URLs)"
     TWIN_PROFILE=${TWIN_PROFILE:-debug}
@@ -79,6 +81,11 @@ cmd_up() {
     CONSUMER_HTTP_PORT=$(pick_port 8082 "${used[@]}"); used+=("$CONSUMER_HTTP_PORT")
     PURGER_HTTP_PORT=$(pick_port 8083 "${used[@]}"); used+=("$PURGER_HTTP_PORT")
     GATEWAY_HTTP_PORT=$(pick_port 8084 "${used[@]}"); used+=("$GATEWAY_HTTP_PORT")
+    NATS_ENABLED=0 NATS_PORTS='' NATS_CLUSTER_PORTS='' NATS_MONITOR_PORTS='' CONSUMER_NATS_HTTP_PORT=''
+    if [ "${NATS:-0}" = 1 ]; then
+        NATS_ENABLED=1
+        nats_place "${used[@]}"
+    fi
 
     local -A logins=([producer]=${PRODUCER_DB_PASSWORD:-$(new_secret)}
         [consumer]=${CONSUMER_DB_PASSWORD:-$(new_secret)} [purger]=${PURGER_DB_PASSWORD:-$(new_secret)})
@@ -89,7 +96,7 @@ cmd_up() {
     local v
     for v in PG_MANAGED PG_BINDIR PG_DIR PG_SOCK PG_PORT OWNER_URL MONGO_KIND MONGO_PROGRAM MONGO_PORT MONGO_URI \
         PRODUCER_HTTP_PORT CONSUMER_HTTP_PORT PURGER_HTTP_PORT GATEWAY_HTTP_PORT PRODUCER_URL CONSUMER_URL \
-        PURGER_URL; do
+        PURGER_URL NATS_ENABLED NATS_PORTS NATS_CLUSTER_PORTS NATS_MONITOR_PORTS CONSUMER_NATS_HTTP_PORT; do
         save_var "$v" "${!v}"
     done
     # The service settings in force now are kept for later starts.
@@ -122,8 +129,10 @@ cmd_up() {
     }
     tail -n 1 "$TWIN_DIR/logs/migrate.log" >&2
     [ "$MONGO_KIND" != external ] && mongo_start
+    nats_start_all
     local svc
     for svc in consumer purger producer gateway capture-watcher; do app_start "$svc"; done
+    if nats_enabled; then app_start consumer-nats; fi
     : >"$TWIN_DIR/.ready"
     print_summary
 }
@@ -136,6 +145,7 @@ start_all() {
     # A twin made before the gateway joined has no port for it.
     if [ -n "$GATEWAY_HTTP_PORT" ]; then app_start gateway; fi
     app_start capture-watcher
+    if nats_enabled; then nats_start_all; app_start consumer-nats; fi
 }
 
 cmd_down() {

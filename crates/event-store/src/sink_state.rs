@@ -346,3 +346,56 @@ mod tests {
         assert_eq!(prefix("abc", 10), "abc");
     }
 }
+
+/// What `eventsctl status` shows of a consumer whose sink keeps its state here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkStanding {
+    pub consumer: String,
+    /// `http` or `nats`; `None` for a consumer with dead letters and no checkpoint yet.
+    pub sink: Option<String>,
+    pub checkpoint: Option<Position>,
+    pub dead_letters: i64,
+}
+
+/// Every consumer's checkpoint and dead-letter count the caller may read (the owner reads all, a
+/// consumer login its own rows); `None` when the role may not read these tables at all (a purger
+/// login), so that a status report can say "not visible" instead of failing.
+pub async fn standings(client: &impl GenericClient) -> Result<Option<Vec<SinkStanding>>> {
+    let readable: bool = client
+        .query_one(
+            "SELECT has_table_privilege('sink_checkpoints', 'SELECT')
+                AND has_table_privilege('sink_dead_letters', 'SELECT')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("check the right to read sink_checkpoints", e))?
+        .get(0);
+    if !readable {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "WITH d AS (SELECT consumer, count(*) AS n FROM sink_dead_letters GROUP BY consumer)
+             SELECT coalesce(c.consumer, d.consumer), c.sink, c.tx_id::text, c.id, coalesce(d.n, 0)
+               FROM sink_checkpoints c FULL JOIN d ON d.consumer = c.consumer
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::database("read the sinks' checkpoints and dead letters", e))?;
+    rows.iter()
+        .map(|row| {
+            let checkpoint = match (row.get::<_, Option<&str>>(2), row.get::<_, Option<i64>>(3)) {
+                (Some(tx), Some(id)) => Some(Position::from_text(tx, id)?),
+                _ => None,
+            };
+            Ok(SinkStanding {
+                consumer: row.get(0),
+                sink: row.get(1),
+                checkpoint,
+                dead_letters: row.get(4),
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}

@@ -8,6 +8,7 @@ use common::{assert_exit, json, produce, setup_with, stdout};
 use event_store::position::{self, Position};
 use mongo_format::checkpoint::update as checkpoint_update;
 use mongodb::bson::{doc, DateTime, Document};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
@@ -182,4 +183,75 @@ async fn status_reports_consumers_the_table_and_what_holds_the_horizon() {
         .await
         .unwrap();
     report.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// A webhook or JetStream consumer keeps its checkpoint and dead letters in PostgreSQL: status
+/// shows them without MONGODB_URI (as the owner), says "-" where the login may not read them (a
+/// purger login), and lag lists the consumer like any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_lag_show_consumers_whose_sink_keeps_its_state_in_postgres() {
+    use event_store::sink_state::{begin_request, commit_request, DeadLetterRow};
+    let env = common::setup(false).await;
+    produce(&env.admin, "orders", 5).await;
+    let last = position::latest(&env.admin).await.unwrap();
+    let mut hooks = common::connect(&env.pg.url_for("ops", None)).await;
+    position::register(&hooks, "hooks", last).await.unwrap();
+    begin_request(&hooks, "hooks", "http", Position::START, last)
+        .await
+        .unwrap()
+        .unwrap();
+    let letter = DeadLetterRow {
+        position: last,
+        event_id: None,
+        topic: Some("orders"),
+        key: None,
+        event_type: None,
+        payload: "{}",
+        reason: "refused_by_receiver",
+        detail: "the receiver answered 422",
+    };
+    commit_request(
+        &mut hooks,
+        "hooks",
+        Position::START,
+        last,
+        None,
+        None,
+        &[letter],
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let out = env.ctl_as("postgres", &["status", "--json"], None).await;
+    assert_exit(&out, 0, "status as the owner");
+    let report = json(&out);
+    let hooks_row = &report["consumers"][0];
+    assert_eq!(hooks_row["consumer"], "hooks", "{report}");
+    assert_eq!(hooks_row["sink"], "http", "{report}");
+    assert_eq!(hooks_row["checkpoint"], json!(last), "{report}");
+    assert_eq!(hooks_row["dead_letters"], 1, "{report}");
+    assert_eq!(report["dead_letters"], 1, "{report}");
+    let text = stdout(&env.ctl_as("postgres", &["status"], None).await);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("hooks"))
+        .unwrap_or_else(|| panic!("a line for hooks: {text}"));
+    assert_eq!(
+        line.matches(&last.to_string()).count(),
+        2,
+        "position and checkpoint: {line}"
+    );
+    assert!(text.contains("Dead letters: 1"), "{text}");
+
+    // A purger login reads every position but no sink's state: shown as unknown, not an error.
+    let out = env.keeper(&["status", "--json"]).await;
+    assert_exit(&out, 0, "status as a purger login");
+    let report = json(&out);
+    assert!(report["consumers"][0]["checkpoint"].is_null(), "{report}");
+    assert!(report["consumers"][0]["dead_letters"].is_null(), "{report}");
+
+    let out = env.keeper(&["lag", "--json"]).await;
+    assert_exit(&out, 0, "lag");
+    assert!(stdout(&out).contains("\"hooks\""), "{}", stdout(&out));
 }

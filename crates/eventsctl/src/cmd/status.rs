@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use event_store::migrations::Role;
 use event_store::position::{self, Position};
+use event_store::sink_state;
 use mongo_format::dead_letter::DEAD_LETTERS;
 use mongodb::bson::{doc, Document};
 use serde::Serialize;
@@ -50,7 +51,8 @@ struct Status {
     /// The slowest consumer that still holds purging back (events after its position stay).
     purging_held_back_by: Option<String>,
     horizon: Horizon,
-    /// Documents in the MongoDB `deadLetters` collection, all consumers (null without MONGODB_URI).
+    /// Dead letters of all consumers: the MongoDB `deadLetters` collection (when MONGODB_URI is
+    /// set) plus the `sink_dead_letters` table (when the login may read it); null if neither.
     dead_letters: Option<u64>,
 }
 
@@ -59,9 +61,13 @@ struct ConsumerStatus {
     #[serde(flatten)]
     standing: Standing,
     state: &'static str,
-    /// Its MongoDB checkpoint (where delivery resumes), when MONGODB_URI is set.
+    /// Where its sink keeps the checkpoint: `mongodb`, `http` or `nats`; null when not known
+    /// (no MONGODB_URI and no row in `sink_checkpoints`).
+    sink: Option<String>,
+    /// Its checkpoint (where delivery resumes): in MongoDB (when MONGODB_URI is set) or, for the
+    /// webhook and JetStream sinks, in `sink_checkpoints`.
     checkpoint: Option<Position>,
-    /// Its dead letters (events it set aside), when MONGODB_URI is set.
+    /// Its dead letters (events it set aside), from the same store as the checkpoint.
     dead_letters: Option<u64>,
 }
 
@@ -148,26 +154,48 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         Some(db) => Some(checkpoints(db).await?),
         None => None,
     };
+    // The webhook and JetStream sinks keep theirs in PostgreSQL.
+    let sinks = sink_state::standings(&client).await?;
     let mut consumers = Vec::with_capacity(standings.len());
     for standing in standings {
-        let dead_letters = match &mongo {
-            Some(db) => Some(
-                db.collection::<Document>(DEAD_LETTERS)
-                    .count_documents(doc! {"consumer": &standing.consumer})
-                    .await?,
+        let in_postgres = sinks
+            .iter()
+            .flatten()
+            .find(|s| s.consumer == standing.consumer);
+        let in_mongo = checkpoints
+            .as_ref()
+            .and_then(|c| c.iter().find(|(n, _)| *n == standing.consumer))
+            .map(|(_, p)| *p);
+        let (sink, checkpoint, dead_letters) = match (in_postgres, in_mongo, &mongo) {
+            (Some(s), None, _) => (
+                s.sink.clone(),
+                s.checkpoint,
+                Some(u64::try_from(s.dead_letters).unwrap_or(0)),
             ),
-            None => None,
+            (_, _, Some(db)) => (
+                in_mongo.map(|_| "mongodb".to_string()),
+                in_mongo,
+                Some(
+                    db.collection::<Document>(DEAD_LETTERS)
+                        .count_documents(doc! {"consumer": &standing.consumer})
+                        .await?,
+                ),
+            ),
+            _ => (None, None, None),
         };
         consumers.push(ConsumerStatus {
             state: consumers::state(&standing, args.stale_after, args.consumer_expiry),
-            checkpoint: checkpoints
-                .as_ref()
-                .and_then(|c| c.iter().find(|(n, _)| *n == standing.consumer))
-                .map(|(_, p)| *p),
+            sink,
+            checkpoint,
             dead_letters,
             standing,
         });
     }
+    let sink_dead_letters = sinks.as_ref().map(|all| {
+        all.iter()
+            .map(|s| u64::try_from(s.dead_letters).unwrap_or(0))
+            .sum::<u64>()
+    });
     let purging_held_back_by = consumers.iter().find(|c| c.state != "expired").map(|c| {
         format!(
             "consumer {:?} at {}",
@@ -187,13 +215,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             }),
         purging_held_back_by,
         horizon: horizon(&client).await?,
-        dead_letters: match &mongo {
-            Some(db) => Some(
+        dead_letters: match (&mongo, sink_dead_letters) {
+            (Some(db), in_postgres) => Some(
                 db.collection::<Document>(DEAD_LETTERS)
                     .count_documents(doc! {})
-                    .await?,
+                    .await?
+                    + in_postgres.unwrap_or(0),
             ),
-            None => None,
+            (None, in_postgres) => in_postgres,
         },
         consumers,
     };
@@ -203,7 +232,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     if cli.json {
         output::json(&status)?;
     } else {
-        print!("{}", render(&status, mongo.is_some()));
+        print!("{}", render(&status));
     }
     Ok(Code::Ok)
 }
@@ -339,7 +368,7 @@ async fn horizon(client: &Client) -> anyhow::Result<Horizon> {
     })
 }
 
-fn render(s: &Status, with_mongo: bool) -> String {
+fn render(s: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!("Consumers (database clock {}):\n", s.now));
     if s.consumers.is_empty() {
@@ -354,10 +383,11 @@ fn render(s: &Status, with_mongo: bool) -> String {
                     st.consumer.clone(),
                     c.state.to_string(),
                     st.position.to_string(),
-                    if with_mongo {
-                        c.checkpoint.map_or("none".into(), |p| p.to_string())
-                    } else {
-                        "-".into()
+                    match (&c.checkpoint, &c.dead_letters) {
+                        (Some(p), _) => p.to_string(),
+                        // The store was read and holds none.
+                        (None, Some(_)) => "none".into(),
+                        (None, None) => "-".into(),
                     },
                     st.lag_text(),
                     consumers::seconds(st.lag_seconds),
