@@ -32,7 +32,7 @@ use event_store::migrations::Role;
 use event_store::position::{Position, Reader};
 use event_store::testing::TestDatabase;
 use mongodb::bson::{DateTime, RawDocumentBuf};
-use support::{connect, generate, last_position};
+use support::{connect, generate, last_position, wait_published};
 use testbed::{env_or, Mongo};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -313,22 +313,6 @@ async fn run_consumer_until(
     elapsed
 }
 
-async fn wait_published(admin: &Client, name: &str, last: Position) {
-    let want = format!("{}/{}", last.tx_id, last.id);
-    loop {
-        let row = admin
-            .query_opt(
-                "SELECT tx_id::text || '/' || id FROM consumer_positions WHERE consumer = $1",
-                &[&name],
-            )
-            .await
-            .unwrap();
-        if row.map(|r| r.get::<_, String>(0)) == Some(want.clone()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Peak RSS (kB) of the binary catching up everything, and how long it took.
 async fn binary_rss(url: &str, admin: &Client, last: Position, extra: &[&str]) -> (u64, Duration) {

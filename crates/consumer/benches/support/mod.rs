@@ -1,6 +1,9 @@
-//! What the consumer's catch-up benchmarks share: a backlog of realistic events and where it ends.
+//! What the consumer's catch-up benchmarks share: a backlog of realistic events, where it ends,
+//! and waiting for a consumer to publish that end.
+// Each benchmark uses a part of this module.
+#![allow(dead_code)]
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_store::db;
 use event_store::position::Position;
@@ -48,4 +51,22 @@ pub async fn last_position(admin: &Client) -> Position {
         .await
         .unwrap();
     Position::new(row.get::<_, &str>(0).parse().unwrap(), row.get(1))
+}
+
+/// Returns once consumer `name` has published `last` (its whole backlog delivered).
+pub async fn wait_published(admin: &Client, name: &str, last: Position) {
+    let want = format!("{}/{}", last.tx_id, last.id);
+    loop {
+        let row = admin
+            .query_opt(
+                "SELECT tx_id::text || '/' || id FROM consumer_positions WHERE consumer = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        if row.map(|r| r.get::<_, String>(0)) == Some(want.clone()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
