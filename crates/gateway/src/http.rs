@@ -147,6 +147,10 @@ fn sse(app: Arc<App>, params: Params, headers: HeaderMap) -> Response {
                     metrics.sent(event.created_at);
                     chunk.extend_from_slice(&event.sse(typed));
                 }
+                Frame::Stored(event) => {
+                    metrics.sent_stored();
+                    chunk.extend_from_slice(&event.sse(typed));
+                }
                 Frame::Control(control) => chunk.extend_from_slice(&control.sse()),
                 Frame::Heartbeat => chunk.extend_from_slice(wire::SSE_HEARTBEAT),
             }
@@ -219,6 +223,10 @@ async fn ws_forward(
         tokio::select! {
             frame = rx.recv() => {
                 let message = match frame {
+                    Some(Frame::Stored(event)) => {
+                        metrics.sent_stored();
+                        Message::Text(event.json.clone().into())
+                    }
                     Some(Frame::Event(event)) => {
                         metrics.sent(event.created_at);
                         Message::Text(event.json.clone().into())

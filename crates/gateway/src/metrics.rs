@@ -74,6 +74,12 @@ impl Metrics {
         }
     }
 
+    /// Stored events handed to a catching-up client's connection (counted; their age is not
+    /// the stream's latency, so they stay out of the commit-to-send summary).
+    pub fn sent_stored(&self) {
+        self.events_sent.increment(1);
+    }
+
     pub fn closed(&self, reason: &str) {
         match reason {
             "slow_client" => self.dropped_slow.increment(1),

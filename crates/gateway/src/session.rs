@@ -296,11 +296,8 @@ impl State {
             }
         }
         for event in &step.events {
-            if sub.wants(event) {
-                let frame = Frame::Event(event.clone());
-                if tx.send(frame).await.is_err() {
-                    return Err(End::Gone);
-                }
+            if sub.wants(event) && tx.send(Frame::Stored(event.clone())).await.is_err() {
+                return Err(End::Gone);
             }
             self.after = event.position;
         }

@@ -153,7 +153,10 @@ impl Control {
 /// What a client's queue holds.
 #[derive(Debug, Clone)]
 pub enum Frame {
+    /// A live event.
     Event(Arc<Encoded>),
+    /// A stored event read for a client that is catching up: its age is no live latency.
+    Stored(Arc<Encoded>),
     Control(Control),
     /// Keeps idle connections open (an SSE comment, a WebSocket ping).
     Heartbeat,
