@@ -313,7 +313,6 @@ async fn run_consumer_until(
     elapsed
 }
 
-
 /// Peak RSS (kB) of the binary catching up everything, and how long it took.
 async fn binary_rss(url: &str, admin: &Client, last: Position, extra: &[&str]) -> (u64, Duration) {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

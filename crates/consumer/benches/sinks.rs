@@ -13,10 +13,10 @@
 //!    default 50 000), against the receiver's bound (one request per 5 ms); the binary's peak
 //!    RSS against the bound of the MongoDB sink (3 × `--batch-max-bytes` + 20 MB).
 
-mod support;
 #[path = "../tests/common/receiver.rs"]
 #[allow(dead_code)]
 mod receiver;
+mod support;
 
 use std::future::IntoFuture;
 use std::process::{Command, Stdio};
@@ -95,19 +95,32 @@ async fn messages(admin: &Client) -> Vec<Message> {
 
 /// The raw baseline: the stream the consumer would create, then every message with
 /// `in_flight` acknowledgements outstanding at most.
-async fn raw_publish(nats: &Nats, messages: &[Message], replicas: usize, in_flight: usize) -> Duration {
-    let client = async_nats::connect(nats.url()).await.unwrap();
+async fn raw_publish(
+    nats: &Nats,
+    messages: &[Message],
+    replicas: usize,
+    in_flight: usize,
+) -> Duration {
+    let servers: Vec<async_nats::ServerAddr> =
+        nats.url().split(',').map(|u| u.parse().unwrap()).collect();
+    let client = async_nats::connect(servers).await.unwrap();
     let js = jetstream::new(client);
-    js.create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["events.>".into()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // A fresh cluster answers once it has elected its meta leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = js
+        .create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["events.>".into()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+    {
+        assert!(Instant::now() < deadline, "cannot create the stream: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let started = Instant::now();
     let mut acks = FuturesOrdered::new();
     for m in messages {
@@ -126,8 +139,16 @@ async fn raw_publish(nats: &Nats, messages: &[Message], replicas: usize, in_flig
     started.elapsed()
 }
 
-async fn consumer_publish(url: &str, admin: &Client, nats: &Nats, name: &str, last: Position) -> Duration {
+async fn consumer_publish(
+    url: &str,
+    admin: &Client,
+    nats: &Nats,
+    name: &str,
+    last: Position,
+    batch: u32,
+) -> Duration {
     let mut config = Config::new(url.to_string(), None);
+    config.batch_size = batch;
     config.name = name.to_string();
     config.sink = SinkKind::Nats;
     config.nats_url = Some(nats.url());
@@ -151,34 +172,56 @@ async fn jetstream_catch_up(url: &str, admin: &Client) {
     let messages = messages(admin).await;
     let in_flight = Config::new(String::new(), None).nats_max_in_flight as usize;
 
-    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    // The default --batch-size, and a larger one: the acknowledgements of a batch are awaited
+    // before its checkpoint, so the pipeline drains once per batch.
+    let default_batch = Config::new(String::new(), None).batch_size;
+    let batches = [default_batch, env_or("BENCH_NATS_BATCH", 5000) as u32];
+    let mut raw = Vec::new();
+    let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); batches.len()];
     for round in 0..rounds {
-        for consumer_first in [round % 2 == 1, round % 2 == 0] {
+        let mut runs: Vec<Option<usize>> = vec![None];
+        runs.extend((0..batches.len()).map(Some));
+        if round % 2 == 1 {
+            runs.reverse();
+        }
+        for run in runs {
             let nats = Nats::start();
-            if consumer_first {
-                ours.push(consumer_publish(url, admin, &nats, &format!("nats{round}"), last).await);
-            } else {
-                raw.push(raw_publish(&nats, &messages, 1, in_flight).await);
+            match run {
+                None => raw.push(raw_publish(&nats, &messages, 1, in_flight).await),
+                Some(b) => {
+                    let name = format!("nats{round}-{b}");
+                    let took = consumer_publish(url, admin, &nats, &name, last, batches[b]).await;
+                    ours[b].push(took);
+                }
             }
         }
     }
-    let (raw, ours) = (best(&raw), best(&ours));
+    let raw = best(&raw);
     println!(
-        "JetStream catch-up, 1 node, {events} events, {in_flight} acks in flight: consumer {:.0} events/s \
-         ({ours:.2?}), raw async-nats publish loop {:.0} events/s ({raw:.2?}); ratio {:.2}x (target 0.9x)",
-        rate(events, ours),
-        rate(events, raw),
-        raw.as_secs_f64() / ours.as_secs_f64()
+        "JetStream catch-up, 1 node, {events} events, {in_flight} acks in flight (best of {rounds}): \
+         raw async-nats publish loop {:.0} events/s ({raw:.2?})",
+        rate(events, raw)
     );
+    for (b, runs) in ours.iter().enumerate() {
+        let took = best(runs);
+        println!(
+            "  consumer --batch-size {}: {:.0} events/s ({took:.2?}); ratio {:.2}x raw (target 0.9x)",
+            batches[b],
+            rate(events, took),
+            raw.as_secs_f64() / took.as_secs_f64()
+        );
+    }
+    let ours = best(&ours[1]);
 
     let cluster = Nats::start_cluster();
     let raw3 = raw_publish(&cluster, &messages, 3, in_flight).await;
     drop(cluster);
     let cluster = Nats::start_cluster();
-    let ours3 = consumer_publish(url, admin, &cluster, "nats-r3", last).await;
+    let ours3 = consumer_publish(url, admin, &cluster, "nats-r3", last, batches[1]).await;
     println!(
-        "JetStream catch-up, 3 nodes, R3: consumer {:.0} events/s ({ours3:.2?}), raw {:.0} events/s \
+        "JetStream catch-up, 3 nodes, R3, --batch-size {}: consumer {:.0} events/s ({ours3:.2?}), raw {:.0} events/s \
          ({raw3:.2?}); ratio {:.2}x; R3 vs 1 node (consumer) {:.2}x",
+        batches[1],
         rate(events, ours3),
         rate(events, raw3),
         raw3.as_secs_f64() / ours3.as_secs_f64(),
@@ -228,7 +271,10 @@ async fn webhook(url: &str, admin: &Client) {
         child.wait().unwrap();
         let bound_kb = (3 * max_bytes + 20 * 1024 * 1024) / 1024;
         let accepted: usize = receiver.accepted().iter().map(|a| a.ids.len()).sum();
-        assert!(accepted >= events, "the receiver took {accepted} of {events}");
+        assert!(
+            accepted >= events,
+            "the receiver took {accepted} of {events}"
+        );
         assert_eq!(receiver.bad_signatures(), 0);
         println!(
             "Webhook, receiver answering in 5 ms, --http-batch {batch}: {:.0} events/s over {events} \
