@@ -253,7 +253,17 @@ async fn a_receiver_refusing_every_request_gets_retries_not_dead_letters() {
         )
         .await
         .unwrap();
-    let mut consumer = env.spawn("strict", &receiver.url("http"));
+    let http_addr = free_addr();
+    let mut consumer = env
+        .consumer(
+            "strict",
+            &receiver.url("http"),
+            &[("HTTP_ADDR", &http_addr)],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
     wait_until(
         "the receiver saw a request",
         Duration::from_secs(30),
@@ -261,6 +271,9 @@ async fn a_receiver_refusing_every_request_gets_retries_not_dead_letters() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // /metrics counts the sink's requests by outcome, per consumer and sink.
+    let retried = sink_requests(&http_addr, "strict", "retried");
+    assert!(retried >= 1.0, "retries are counted: {retried}");
     assert_eq!(env.psql("SELECT count(*) FROM sink_dead_letters"), "0");
     assert!(
         env.checkpoint("strict").is_empty() || env.checkpoint("strict") == "0/0",
@@ -275,10 +288,42 @@ async fn a_receiver_refusing_every_request_gets_retries_not_dead_letters() {
         || async { env.checkpoint("strict") == last },
     )
     .await;
+    let delivered = sink_requests(&http_addr, "strict", "delivered");
+    assert_eq!(
+        delivered as usize,
+        receiver.accepted().len(),
+        "one delivered request per accepted one"
+    );
     kill(Pid::from_raw(consumer.id() as i32), Signal::SIGTERM).unwrap();
     consumer.wait().unwrap();
     let ids: usize = receiver.accepted().iter().map(|r| r.ids.len()).sum();
     assert_eq!(ids, 30);
+}
+
+/// A loopback address nobody listens on (for the consumer's /metrics).
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// `consumer_sink_requests_total` of `consumer` with `outcome`, read from its /metrics.
+fn sink_requests(addr: &str, consumer: &str, outcome: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("consumer_sink_requests_total{")
+                && l.contains(&format!("consumer=\"{consumer}\""))
+                && l.contains("sink=\"http\"")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
