@@ -34,7 +34,6 @@ service_env() { # service
             echo "CONSUMER_SINK=nats"
             echo "CONSUMER_NATS_URL=$(nats_urls)"
             echo "CONSUMER_NATS_STREAM=EVENTS"
-            echo "CONSUMER_BATCH_SIZE=5000"
             ;;
         # Read-only use of the consumer's login, as in compose.
         gateway) echo "DATABASE_URL=$CONSUMER_URL"; echo "HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" ;;

@@ -66,7 +66,7 @@ async fn main() {
             if consumer_first {
                 let mut config = Config::new(url.clone(), Some(mongo.uri()));
                 config.name = format!("mongo{round}");
-                config.batch_size = batch as u32;
+                config.batch_size = Some(batch as u32);
                 ours_mongo.push(run_consumer_until(config, None, &admin, last).await);
             } else {
                 let client = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
@@ -99,7 +99,7 @@ async fn main() {
         raw_null.push(elapsed);
         let mut config = Config::new(url.clone(), None);
         config.name = format!("null{round}");
-        config.batch_size = batch as u32;
+        config.batch_size = Some(batch as u32);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delivered>();
         let counter = tokio::spawn(async move {
             let mut n = 0usize;

@@ -58,7 +58,7 @@ async fn main() {
             };
             let mut config = Config::new(url.clone(), None);
             config.name = format!("{}{round}", if tls_first { "tls" } else { "plain" });
-            config.batch_size = batch;
+            config.batch_size = Some(batch);
             into.push(catch_up(config, &admin, last).await);
         }
         eprintln!(

@@ -148,7 +148,7 @@ async fn consumer_publish(
     batch: u32,
 ) -> Duration {
     let mut config = Config::new(url.to_string(), None);
-    config.batch_size = batch;
+    config.batch_size = Some(batch);
     config.name = name.to_string();
     config.sink = SinkKind::Nats;
     config.nats_url = Some(nats.url());
@@ -174,8 +174,8 @@ async fn jetstream_catch_up(url: &str, admin: &Client) {
 
     // The default --batch-size, and a larger one: the acknowledgements of a batch are awaited
     // before its checkpoint, so the pipeline drains once per batch.
-    let default_batch = Config::new(String::new(), None).batch_size;
-    let batches = [default_batch, env_or("BENCH_NATS_BATCH", 5000) as u32];
+    let default_batch = consumer::config::DEFAULT_BATCH_SIZE;
+    let batches = [default_batch, consumer::config::DEFAULT_NATS_BATCH_SIZE];
     let mut raw = Vec::new();
     let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); batches.len()];
     for round in 0..rounds {

@@ -88,14 +88,16 @@ pub struct Config {
     )]
     pub mirror: Vec<String>,
 
-    /// Events fetched from PostgreSQL and written to MongoDB per batch (one MongoDB transaction).
+    /// Events fetched from PostgreSQL and written to the sink per batch (one MongoDB
+    /// transaction, one webhook request at most --http-batch, one JetStream checkpoint). Default:
+    /// 1000; 5000 with --sink nats, whose acknowledgements are all awaited before each batch's
+    /// checkpoint (larger batches keep the publish pipeline full).
     #[arg(
         long = "batch-size",
         env = "CONSUMER_BATCH_SIZE",
-        default_value_t = 1000,
         value_parser = clap::value_parser!(u32).range(1..=100_000)
     )]
-    pub batch_size: u32,
+    pub batch_size: Option<u32>,
     /// Bytes of payload and headers per batch, as well as --batch-size: a run of large events
     /// never builds a request over MongoDB's limits, and memory stays bounded (about three
     /// batches are in flight). A single larger event still goes alone. Accepts B, KiB, MiB.
@@ -282,6 +284,10 @@ pub enum SinkKind {
     Null,
 }
 
+/// `--batch-size` when it is not set, by sink.
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub const DEFAULT_NATS_BATCH_SIZE: u32 = 5000;
+
 impl SinkKind {
     /// The name `--sink` takes.
     pub fn as_str(self) -> &'static str {
@@ -435,6 +441,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `--batch-size`, or its default for the sink.
+    pub fn batch_rows(&self) -> usize {
+        self.batch_size.unwrap_or(match self.sink {
+            SinkKind::Nats => DEFAULT_NATS_BATCH_SIZE,
+            _ => DEFAULT_BATCH_SIZE,
+        }) as usize
     }
 
     /// The `--mirror` settings, parsed.

@@ -129,7 +129,7 @@ pub async fn run_with<S: Sink>(
             rows: sink
                 .batch_rows()
                 .unwrap_or(usize::MAX)
-                .min(config.batch_size as usize),
+                .min(config.batch_rows()),
             bytes: config.batch_max_bytes,
         },
         poll_interval: config.poll_interval,

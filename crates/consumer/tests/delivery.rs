@@ -234,7 +234,7 @@ async fn topic_filter_delivers_only_its_topics_and_still_advances() {
     let env = setup().await;
     let mut config = env.config("courses-only");
     config.topics = vec!["courses".into(), "grades".into()];
-    config.batch_size = 50;
+    config.batch_size = Some(50);
     let consumer = spawn(config);
     for round in 0..5 {
         produce(&env.admin, "courses", 30 + round).await;
@@ -276,7 +276,7 @@ async fn two_named_consumers_at_different_speeds() {
     fast.mongodb_collection = "fastEvents".into();
     let mut slow = env.config("slow");
     slow.mongodb_collection = "slowEvents".into();
-    slow.batch_size = 7;
+    slow.batch_size = Some(7);
     let fast = spawn(fast);
     produce(&env.admin, "courses", 600).await;
     wait_delivered(&env, "fastEvents", "", Duration::from_secs(60)).await;
@@ -329,7 +329,7 @@ async fn redelivery_is_recognised_and_foreign_documents_stop_the_consumer() {
         let mut config = env.config(&format!("re-{mode:?}"));
         config.mongodb_collection = collection.clone();
         config.mongodb_transactions = mode;
-        config.batch_size = 100;
+        config.batch_size = Some(100);
         let consumer = spawn(config.clone());
         wait_delivered(&env, &collection, "", Duration::from_secs(60)).await;
         consumer.stop().await;
@@ -463,7 +463,7 @@ async fn positions_compare_as_numbers_across_a_digit_boundary() {
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut config = consumer::Config::new(env.consumer_url(), None);
-    config.batch_size = 7;
+    config.batch_size = Some(7);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(consumer::run_with(
         config,

@@ -147,7 +147,7 @@ async fn mongodb_losing_acknowledged_writes_loses_no_event() {
     let addr = free_addr();
     let mut config = env.config("forgetful");
     config.http.http_addr = Some(addr);
-    config.batch_size = 50;
+    config.batch_size = Some(50);
     let consumer = spawn(config);
     let stop = Arc::new(AtomicBool::new(false));
     let producer = start_producer(env.pg.url(), stop.clone());
