@@ -15,7 +15,7 @@ use consumer::sink::NullSink;
 use consumer::Config;
 use event_store::migrations;
 use event_store::position::Position;
-use support::{connect, generate, last_position};
+use support::{connect, generate, last_position, wait_published};
 use testbed::{env_or, Postgres};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -88,20 +88,7 @@ async fn catch_up(config: Config, admin: &Client, last: Position) -> Duration {
         NullSink::new(),
         shutdown.clone(),
     ));
-    let want = format!("{}/{}", last.tx_id, last.id);
-    loop {
-        let row = admin
-            .query_opt(
-                "SELECT tx_id::text || '/' || id FROM consumer_positions WHERE consumer = $1",
-                &[&name],
-            )
-            .await
-            .unwrap();
-        if row.map(|r| r.get::<_, String>(0)).as_deref() == Some(want.as_str()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_published(admin, &name, last).await;
     let elapsed = started.elapsed();
     shutdown.cancel();
     handle.await.unwrap().unwrap();

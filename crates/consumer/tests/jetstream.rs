@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use common::wait_until;
+use common::{sink_binary, wait_until};
 use event_store::migrations::Role;
 use event_store::testing::{connect, TestDatabase};
 use nix::sys::signal::{kill, Signal};
@@ -33,30 +33,21 @@ async fn setup() -> Env {
 
 impl Env {
     fn consumer(&self, name: &str, urls: &str) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_consumer"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", self.db.pg.url_for(USER, None))
-            .env("CONSUMER_SINK", "nats")
-            .env("CONSUMER_NAME", name)
-            .env("CONSUMER_NATS_URL", urls)
-            .env("CONSUMER_NATS_STREAM", STREAM)
-            .env("CONSUMER_BATCH_SIZE", "200")
-            .env("CONSUMER_POLL_INTERVAL", "200ms")
-            .env(
-                "LOG_LEVEL",
-                std::env::var("TEST_CONSUMER_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        command
+        sink_binary::command(
+            &self.db,
+            USER,
+            name,
+            &[
+                ("CONSUMER_SINK", "nats"),
+                ("CONSUMER_NATS_URL", urls),
+                ("CONSUMER_NATS_STREAM", STREAM),
+                ("CONSUMER_BATCH_SIZE", "200"),
+            ],
+        )
     }
 
     fn spawn(&self, name: &str, urls: &str) -> Child {
-        self.consumer(name, urls)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the consumer binary")
+        sink_binary::spawn(self.consumer(name, urls))
     }
 
     fn psql(&self, sql: &str) -> String {
@@ -64,13 +55,11 @@ impl Env {
     }
 
     fn checkpoint(&self, name: &str) -> String {
-        self.psql(&format!(
-            "SELECT tx_id || '/' || id FROM sink_checkpoints WHERE consumer = '{name}'"
-        ))
+        sink_binary::checkpoint(&self.db, name)
     }
 
     fn last_position(&self) -> String {
-        self.psql("SELECT tx_id || '/' || id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1")
+        sink_binary::last_position(&self.db)
     }
 
     /// event_id → position, of every event a stream should hold (all topics but the poison).

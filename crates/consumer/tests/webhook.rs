@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::receiver::{Faults, Receiver};
-use common::wait_until;
+use common::{sink_binary, wait_until};
 use event_store::migrations::Role;
 use event_store::testing::{connect, TestDatabase};
 use nix::sys::signal::{kill, Signal};
@@ -40,35 +40,26 @@ impl Env {
     }
 
     fn consumer(&self, name: &str, url: &str, extra: &[(&str, &str)]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_consumer"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", self.db.pg.url_for(USER, None))
-            .env("CONSUMER_SINK", "http")
-            .env("CONSUMER_NAME", name)
-            .env("CONSUMER_HTTP_URL", url)
-            .env("CONSUMER_HTTP_SECRET_FILE", self.secret_file())
-            .env("CONSUMER_HTTP_TIMEOUT", "1s")
-            .env("CONSUMER_HTTP_BATCH", "20")
-            .env("CONSUMER_BATCH_SIZE", "50")
-            .env("CONSUMER_POLL_INTERVAL", "200ms")
-            .env(
-                "LOG_LEVEL",
-                std::env::var("TEST_CONSUMER_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        for (k, v) in extra {
-            command.env(k, v);
-        }
+        let secret = self.secret_file();
+        let mut command = sink_binary::command(
+            &self.db,
+            USER,
+            name,
+            &[
+                ("CONSUMER_SINK", "http"),
+                ("CONSUMER_HTTP_URL", url),
+                ("CONSUMER_HTTP_SECRET_FILE", secret.to_str().unwrap()),
+                ("CONSUMER_HTTP_TIMEOUT", "1s"),
+                ("CONSUMER_HTTP_BATCH", "20"),
+                ("CONSUMER_BATCH_SIZE", "50"),
+            ],
+        );
+        command.envs(extra.iter().copied());
         command
     }
 
     fn spawn(&self, name: &str, url: &str) -> Child {
-        self.consumer(name, url, &[])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the consumer binary")
+        sink_binary::spawn(self.consumer(name, url, &[]))
     }
 
     fn psql(&self, sql: &str) -> String {
@@ -77,13 +68,11 @@ impl Env {
 
     /// The stored checkpoint, "tx/id", or "" before the first request.
     fn checkpoint(&self, name: &str) -> String {
-        self.psql(&format!(
-            "SELECT tx_id || '/' || id FROM sink_checkpoints WHERE consumer = '{name}'"
-        ))
+        sink_binary::checkpoint(&self.db, name)
     }
 
     fn last_position(&self) -> String {
-        self.psql("SELECT tx_id || '/' || id FROM events ORDER BY tx_id DESC, id DESC LIMIT 1")
+        sink_binary::last_position(&self.db)
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
+pub mod sink_binary;
 
 use std::collections::BTreeSet;
 use std::future::Future;
