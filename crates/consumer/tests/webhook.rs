@@ -499,3 +499,41 @@ async fn a_dead_letter_replayed_on_request_is_sent_again_by_the_consumer() {
     kill(Pid::from_raw(consumer.id() as i32), Signal::SIGTERM).unwrap();
     consumer.wait().unwrap();
 }
+
+/// A receiver nobody answers at, with a token in the URL's query: the consumer retries and says
+/// why, and neither its log nor /healthz shows the token (or the URL's password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_receiver_is_retried_without_its_token_in_logs_or_health() {
+    use std::io::{Read, Write};
+    let env = setup().await;
+    env.db
+        .admin
+        .execute("INSERT INTO events (topic, payload) VALUES ('orders', '{}')", &[])
+        .await
+        .unwrap();
+    let http_addr = free_addr();
+    let nobody = free_addr();
+    let url = format!("http://hook:hunter2-pw@{nobody}/in?token=tok-s3cr3t");
+    let consumer = env
+        .consumer("unreachable", &url, &[("HTTP_ADDR", &http_addr)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut stream = std::net::TcpStream::connect(&http_addr).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut health = String::new();
+    stream.read_to_string(&mut health).unwrap();
+    kill(Pid::from_raw(consumer.id() as i32), Signal::SIGTERM).unwrap();
+    let output = consumer.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(health.contains("503"), "the sink is failing: {health}");
+    assert!(log.contains(&nobody), "the log names the receiver: {log}");
+    for secret in ["tok-s3cr3t", "hunter2-pw", SECRET] {
+        assert!(!log.contains(secret), "{secret} leaked into the log: {log}");
+        assert!(!health.contains(secret), "{secret} leaked into /healthz: {health}");
+    }
+}

@@ -300,14 +300,16 @@ impl HttpSink {
             Ok(response) => response,
             Err(e) => {
                 self.metrics.outcome("retried");
-                // Connection refused, reset, timed out: the receiver may be back soon. The error
-                // text names the URL without its credentials (reqwest strips them).
+                // Connection refused, reset, timed out: the receiver may be back soon. reqwest's
+                // text would name the URL with its query string (often a token): drop it, ours
+                // names the URL without credentials or query.
+                let e = e.without_url();
                 let what = if e.is_timeout() {
                     format!("POST to {url} timed out after {:?}", self.config.timeout)
                 } else {
                     format!("POST to {url} failed: {}", error_chain(&e))
                 };
-                return Err(SinkError::failed(what, Decision::Soon, e.without_url()));
+                return Err(SinkError::failed(what, Decision::Soon, e));
             }
         };
         let status = response.status();
@@ -320,7 +322,11 @@ impl HttpSink {
             .headers()
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            // Shown like --http-url: without credentials or query.
+            .map(|to| match self.config.url.join(to) {
+                Ok(to) => describe_url(&to),
+                Err(_) => "an unparseable location".to_string(),
+            });
         let answer = first_bytes(response, ANSWER_BYTES).await;
         let message = format!(
             "the receiver at {url} answered {status}: {}",
@@ -341,7 +347,7 @@ impl HttpSink {
             Class::Misconfigured => {
                 self.metrics.outcome("retried");
                 let hint = match location {
-                    Some(to) => format!(" (redirect to {to:?}: point --http-url at it)"),
+                    Some(to) => format!(" (redirect to {to}: point --http-url at it)"),
                     None => " (check --http-url and the receiver's settings)".into(),
                 };
                 Err(SinkError::Failed {
