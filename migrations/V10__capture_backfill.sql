@@ -40,7 +40,10 @@
 --   as the table's owner: a definer cannot see its caller's role, and who can become the owner
 --   could write any such row into the table anyway.
 -- * capture_backfills: readable and writable by capture admins, each for the tables they own
---   (row policy); the database owner sees all.
+--   (row policy); the database owner sees all. A running backfill's row (its condition above all)
+--   is written only by the role that started it, and only that role runs its chunks: the
+--   condition is SQL that runs with the runner's rights. Anyone who may see the row may finish it
+--   (cancel).
 
 -- One row per backfill. `last_key`: the key columns' text output of the last finished chunk's
 -- upper bound (NULL: none finished yet), compared through each column's input function.
@@ -312,6 +315,16 @@ BEGIN
     IF NOT pg_catalog.pg_has_role(current_user, (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) b.tab), 'USAGE') THEN
         RAISE EXCEPTION 'must be the owner of table % to backfill it', b.tab USING ERRCODE = 'insufficient_privilege';
     END IF;
+    -- The condition is SQL, run below with the rights of whoever runs the chunk: only the role
+    -- that wrote it runs it. Otherwise another capture admin could plant SQL in a backfill that
+    -- the table's owner (or a superuser) goes on to run.
+    IF b.started_by OPERATOR(pg_catalog.<>) current_user THEN
+        RAISE EXCEPTION 'backfill % of table % was started by %: only that role runs its chunks', b.id, b.tab, b.started_by
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'its condition runs with the rights of whoever runs a chunk; run it as '
+                         OPERATOR(pg_catalog.||) pg_catalog.quote_ident(b.started_by)
+                         OPERATOR(pg_catalog.||) ', or cancel it and start it again';
+    END IF;
     -- The row alias must not be a column's name (a column would win over the whole row).
     WHILE EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) b.tab AND a.attname OPERATOR(pg_catalog.=) alias) LOOP
         alias := alias OPERATOR(pg_catalog.||) '_';
@@ -499,7 +512,8 @@ BEGIN
         'GRANT SELECT, INSERT, UPDATE, DELETE ON capture_backfills TO %1$I;
          CREATE POLICY capture_backfills_own_tables ON capture_backfills FOR ALL TO %1$I
              USING (pg_catalog.pg_has_role(current_user, (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tab), ''USAGE''))
-             WITH CHECK (pg_catalog.pg_has_role(current_user, (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tab), ''USAGE''));',
+             WITH CHECK (pg_catalog.pg_has_role(current_user, (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tab), ''USAGE'')
+                         AND (started_by = current_user OR finished_at IS NOT NULL));',
         v_admin);
 END
 $fn$;

@@ -640,3 +640,62 @@ async fn the_sql_function_backfills_inside_a_migration_transaction() {
         "3|t"
     );
 }
+
+/// A backfill's condition is SQL that runs with the rights of whoever runs a chunk. Another
+/// capture admin who may act as the table's owner cannot rewrite it under its starter, and
+/// neither the database owner (a superuser here) nor anyone else runs the starter's chunks; the
+/// starter does, and anyone who sees the backfill may cancel it.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_role_that_started_a_backfill_runs_its_condition() {
+    let (pg, admin) = setup().await;
+    pg.psql(
+        "CREATE ROLE deputy LOGIN IN ROLE events_capture_admin, shop_owner;
+         SET ROLE shop_owner;
+         CREATE TABLE shop.items (id int PRIMARY KEY, v text);
+         INSERT INTO shop.items SELECT i, 'v' || i FROM generate_series(1, 30) i;
+         SELECT capture_add('shop.items', 'items');",
+    );
+    let owner = connect(&pg.url_for("shop_owner", None)).await;
+    let id: i64 = owner
+        .query_one(
+            "SELECT capture_backfill_start('shop.items', 10, 'id > 0')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let deputy = connect(&pg.url_for("deputy", None)).await;
+    let planted = deputy
+        .execute(
+            "UPDATE capture_backfills SET condition = 'pg_catalog.pg_sleep(0) IS NOT NULL' \
+              WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect_err("another admin rewrites the condition");
+    let planted = format!("{planted:?}");
+    assert!(planted.contains("row-level security"), "{planted}");
+    let chunk = "SELECT rows_read FROM capture_backfill_chunk($1)";
+    for (who, client) in [("the database owner", &admin), ("deputy", &deputy)] {
+        let refused = client
+            .query_one(chunk, &[&id])
+            .await
+            .expect_err("someone else runs the starter's chunk");
+        let text = format!("{refused:?}");
+        assert!(
+            text.contains("was started by shop_owner") && text.contains("only that role"),
+            "{who}: {text}"
+        );
+    }
+    let read: i64 = owner.query_one(chunk, &[&id]).await.unwrap().get(0);
+    assert_eq!(read, 10, "the starter runs its own chunk");
+    deputy
+        .execute("SELECT capture_backfill_cancel('shop.items')", &[])
+        .await
+        .expect("another admin may cancel it");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM capture_backfills WHERE finished_at IS NULL"),
+        "0"
+    );
+}
