@@ -508,7 +508,10 @@ async fn an_unreachable_receiver_is_retried_without_its_token_in_logs_or_health(
     let env = setup().await;
     env.db
         .admin
-        .execute("INSERT INTO events (topic, payload) VALUES ('orders', '{}')", &[])
+        .execute(
+            "INSERT INTO events (topic, payload) VALUES ('orders', '{}')",
+            &[],
+        )
         .await
         .unwrap();
     let http_addr = free_addr();
@@ -534,6 +537,9 @@ async fn an_unreachable_receiver_is_retried_without_its_token_in_logs_or_health(
     assert!(log.contains(&nobody), "the log names the receiver: {log}");
     for secret in ["tok-s3cr3t", "hunter2-pw", SECRET] {
         assert!(!log.contains(secret), "{secret} leaked into the log: {log}");
-        assert!(!health.contains(secret), "{secret} leaked into /healthz: {health}");
+        assert!(
+            !health.contains(secret),
+            "{secret} leaked into /healthz: {health}"
+        );
     }
 }

@@ -399,3 +399,24 @@ pub async fn standings(client: &impl GenericClient) -> Result<Option<Vec<SinkSta
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
+
+/// Moves `consumer`'s checkpoint to `to` (`eventsctl reset`, under the consumer's lease): the
+/// request in flight is forgotten, so the next request starts at `to` under a new idempotency
+/// key. `false` when the caller sees no such row.
+pub async fn move_checkpoint(
+    client: &impl GenericClient,
+    consumer: &str,
+    to: Position,
+) -> Result<bool> {
+    let moved = client
+        .execute(
+            "UPDATE sink_checkpoints
+                SET tx_id = $2::text::xid8, id = $3, event_id = NULL,
+                    pending_tx_id = NULL, pending_id = NULL, updated_at = now()
+              WHERE consumer = $1",
+            &[&consumer, &to.tx_text(), &to.id],
+        )
+        .await
+        .map_err(|e| Error::database(format!("move the checkpoint of consumer {consumer:?}"), e))?;
+    Ok(moved == 1)
+}

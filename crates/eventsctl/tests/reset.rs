@@ -252,3 +252,51 @@ async fn reset_is_refused_while_the_consumer_runs_and_for_bad_input() {
         "nothing moved"
     );
 }
+
+/// A webhook or JetStream consumer's checkpoint lives in PostgreSQL: reset moves it (and the
+/// published position) without MONGODB_URI, forgets the request in flight, and the plan says
+/// where the checkpoint is.
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_moves_a_checkpoint_kept_in_postgres() {
+    use event_store::position::Position;
+    use event_store::sink_state::{begin_request, commit_request, load};
+    let env = setup(false).await;
+    produce(&env.admin, "orders", 5).await;
+    let last = position::latest(&env.admin).await.unwrap();
+    let mut hooks = common::connect(&env.pg.url_for("ops", None)).await;
+    position::register(&hooks, "hooks", last).await.unwrap();
+    begin_request(&hooks, "hooks", "http", Position::START, last)
+        .await
+        .unwrap()
+        .unwrap();
+    commit_request(&mut hooks, "hooks", Position::START, last, None, None, &[])
+        .await
+        .unwrap()
+        .unwrap();
+    // A request in flight past the checkpoint when the consumer stopped.
+    let later = Position::new(last.tx_id, last.id + 100);
+    begin_request(&hooks, "hooks", "http", last, later)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let plan = env.ctl(&["reset", "hooks", "--to", "earliest"]).await;
+    assert_exit(&plan, 0, "the plan");
+    assert!(
+        stdout(&plan).contains("(PostgreSQL checkpoint"),
+        "{}",
+        stdout(&plan)
+    );
+    let out = env
+        .ctl(&["reset", "hooks", "--to", "earliest", "--yes", "--json"])
+        .await;
+    assert_exit(&out, 0, "reset --yes");
+    assert_eq!(json(&out)["checkpoint_in"], "PostgreSQL");
+    let stored = load(&hooks, "hooks").await.unwrap().unwrap();
+    assert_eq!(stored.position, Position::START);
+    assert_eq!(stored.pending, None, "the request in flight is forgotten");
+    assert_eq!(
+        env.published("hooks").await.as_deref(),
+        Some(Position::START.to_string().as_str())
+    );
+}

@@ -17,6 +17,7 @@ use event_store::event::validate_name;
 use event_store::lease;
 use event_store::migrations::Role;
 use event_store::position::{self, Position};
+use event_store::sink_state;
 use mongodb::bson::{doc, DateTime, Document};
 use serde::Serialize;
 
@@ -74,6 +75,8 @@ struct Plan {
     warnings: Vec<String>,
     /// Why it cannot be applied now (the consumer runs), if so.
     running: Option<String>,
+    /// Where the checkpoint lives: `MongoDB`, or `PostgreSQL` for the webhook and JetStream sinks.
+    checkpoint_in: &'static str,
     applied: bool,
 }
 
@@ -81,14 +84,26 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
     validate_name(&args.consumer)
         .map_err(|why| exit::usage(format!("bad consumer name {:?}: {why}", args.consumer)))?;
     let client = connect::postgres(cli, Role::Consumer).await?;
-    let mongo =
-        connect::mongo_required(cli, "reset moves the consumer's MongoDB checkpoint").await?;
-    let checkpoints = mongo.collection::<Document>(mongo_format::checkpoint::CHECKPOINTS);
     let name = args.consumer.as_str();
+    // A webhook or JetStream consumer keeps its checkpoint in PostgreSQL (sink_checkpoints,
+    // visible to its own login and the owner); every other one in MongoDB.
+    let in_postgres = sink_state::load(&client, name).await?;
+    let checkpoints = match in_postgres {
+        Some(_) => None,
+        None => Some(
+            connect::mongo_required(cli, "reset moves the consumer's MongoDB checkpoint")
+                .await?
+                .collection::<Document>(mongo_format::checkpoint::CHECKPOINTS),
+        ),
+    };
 
-    let from = match checkpoints.find_one(doc! {"_id": name}).await? {
-        Some(d) => Some(mongo_format::checkpoint::position(&d, name)?),
-        None => None,
+    let from = match (&in_postgres, &checkpoints) {
+        (Some(stored), _) => Some(stored.position),
+        (None, Some(checkpoints)) => match checkpoints.find_one(doc! {"_id": name}).await? {
+            Some(d) => Some(mongo_format::checkpoint::position(&d, name)?),
+            None => None,
+        },
+        (None, None) => None,
     };
     let published = position::published_positions(&client)
         .await?
@@ -119,7 +134,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             args.to
         ));
     }
-    if from.is_none() {
+    if from.is_none() && in_postgres.is_none() {
         warnings.push(format!(
             "consumer {name:?} has no checkpoint in MongoDB yet: one is created"
         ));
@@ -144,6 +159,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         events_capped: events >= PLAN_COUNT_CAP,
         warnings,
         running: running.clone(),
+        checkpoint_in: if in_postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "MongoDB"
+        },
         applied: false,
     };
 
@@ -164,20 +184,40 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             )));
         }
         let write_mongo = async {
-            checkpoints
-                .update_one(
-                    doc! {"_id": name},
-                    mongo_format::checkpoint::update(to, DateTime::now()),
-                )
-                .upsert(true)
-                .await
-                .map(|_| ())
+            match &checkpoints {
+                Some(checkpoints) => checkpoints
+                    .update_one(
+                        doc! {"_id": name},
+                        mongo_format::checkpoint::update(to, DateTime::now()),
+                    )
+                    .upsert(true)
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from),
+                // Both in PostgreSQL: the checkpoint moves in the transaction below.
+                None => Ok(()),
+            }
         };
         // The published position may never be ahead of the checkpoint (the purger would delete
         // what the consumer still needs). Back: commit PostgreSQL first. Forward: write it in a
         // transaction committed after MongoDB. Either way a refused PostgreSQL write (another
         // login owns the row) stops the reset before MongoDB is touched.
-        if to < start {
+        if in_postgres.is_some() {
+            client.batch_execute("BEGIN").await?;
+            let moved = async {
+                position::register(&client, name, to)
+                    .await
+                    .map_err(|e| explain_position_write(e, name))?;
+                sink_state::move_checkpoint(&client, name, to).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            if let Err(e) = moved {
+                client.batch_execute("ROLLBACK").await?;
+                return Err(e);
+            }
+            client.batch_execute("COMMIT").await?;
+        } else if to < start {
             position::register(&client, name, to)
                 .await
                 .map_err(|e| explain_position_write(e, name))?;
@@ -191,7 +231,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             }
             if let Err(e) = write_mongo.await {
                 client.batch_execute("ROLLBACK").await?;
-                return Err(e.into());
+                return Err(e);
             }
             client.batch_execute("COMMIT").await?;
         }
@@ -220,9 +260,10 @@ fn print_plan(cli: &Cli, plan: &Plan) -> anyhow::Result<()> {
     }
     let at = |p: Option<Position>| p.map_or("none".to_string(), |p| p.to_string());
     let mut out = format!(
-        "Reset consumer {:?}\n  from   {} (MongoDB checkpoint; published to PostgreSQL: {})\n  to     {}\n",
+        "Reset consumer {:?}\n  from   {} ({} checkpoint; published to PostgreSQL: {})\n  to     {}\n",
         plan.consumer,
         at(plan.from),
+        plan.checkpoint_in,
         at(plan.published),
         plan.to
     );
