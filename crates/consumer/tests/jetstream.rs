@@ -372,3 +372,128 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("--nats-token-file"));
 }
+
+/// `eventsctl dead-letters replay` marks a row; the running JetStream consumer publishes the
+/// event again, alone, and removes the row once acknowledged, or keeps it with the new reason
+/// when the cause is still there (a topic that is no valid subject).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_replays_are_published_by_the_running_consumer() {
+    use event_store::sink_state::{record_dead_letter, request_replay, DeadLetterRow};
+    let env = setup().await;
+    let nats = Nats::start();
+    let urls = nats.url();
+    // A 1-second duplicate window: the replay is a new message, not a duplicate.
+    {
+        let client = async_nats::connect(&urls).await.unwrap();
+        jetstream::new(client)
+            .create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec!["events.>".into()],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    env.psql(
+        "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('g', g)
+           FROM generate_series(1, 3) g;
+         INSERT INTO events (topic, payload) VALUES ('bad..topic', '{}')",
+    );
+    let consumer = env.spawn("replays", &urls);
+    let last = env.last_position();
+    wait_until("delivered", Duration::from_secs(60), || async {
+        env.checkpoint("replays") == last
+    })
+    .await;
+    let refused: i64 = env
+        .psql("SELECT id FROM sink_dead_letters WHERE reason = 'subject_refused'")
+        .parse()
+        .expect("the bad topic is a dead letter");
+    // As if the server had refused the second event earlier.
+    let (second, event_id): (i64, String) = {
+        let row = env.psql("SELECT id || ' ' || event_id FROM events WHERE topic = 'orders' ORDER BY id OFFSET 1 LIMIT 1");
+        let (id, event_id) = row.split_once(' ').unwrap();
+        (id.parse().unwrap(), event_id.to_string())
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await; // past the duplicate window
+    let login = connect(&env.db.pg.url_for(USER, None)).await;
+    let tx: u64 = env
+        .psql(&format!("SELECT tx_id FROM events WHERE id = {second}"))
+        .parse()
+        .unwrap();
+    record_dead_letter(
+        &login,
+        "replays",
+        &DeadLetterRow {
+            position: event_store::Position::new(tx, second),
+            event_id: None,
+            topic: Some("orders"),
+            key: None,
+            event_type: None,
+            payload: "{}",
+            reason: "too_large",
+            detail: "refused earlier",
+        },
+    )
+    .await
+    .unwrap();
+    assert!(request_replay(&login, "replays", second).await.unwrap());
+    assert!(request_replay(&login, "replays", refused).await.unwrap());
+
+    wait_until("both replays answered", Duration::from_secs(30), || async {
+        env.psql("SELECT count(*) FROM sink_dead_letters WHERE replay_requested_at IS NOT NULL")
+            == "0"
+    })
+    .await;
+    stop(consumer);
+    assert_eq!(
+        env.psql(&format!(
+            "SELECT count(*) FROM sink_dead_letters WHERE id = {second}"
+        )),
+        "0",
+        "the replayed event was taken"
+    );
+    assert!(
+        env.psql(&format!(
+            "SELECT detail FROM sink_dead_letters WHERE id = {refused}"
+        ))
+        .contains("still makes no valid NATS subject"),
+        "the refused replay says why"
+    );
+    let published = messages(&urls).await;
+    assert_eq!(published.len(), 4, "{published:?}");
+    assert_eq!(published[3].1, event_id, "the replay is the last message");
+}
+
+/// `--on-poison stop`: the consumer stops at the first event it cannot publish, and nothing after
+/// it reaches the stream (it would sit before the poison event once the cause is fixed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_poison_stop_publishes_nothing_past_the_poison_event() {
+    let env = setup().await;
+    let nats = Nats::start();
+    let urls = nats.url();
+    env.psql(
+        "INSERT INTO events (topic, payload) VALUES ('orders', '{\"n\": 1}'), ('orders', '{\"n\": 2}');
+         INSERT INTO events (topic, payload) VALUES ('bad..topic', '{}');
+         INSERT INTO events (topic, payload) VALUES ('orders', '{\"n\": 3}'), ('orders', '{\"n\": 4}');",
+    );
+    let output = env
+        .consumer("strict", &urls)
+        .env("CONSUMER_ON_POISON", "stop")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "it stops: {log}");
+    assert!(log.contains("bad..topic"), "the log names the event: {log}");
+    let published = messages(&urls).await;
+    assert_eq!(
+        published.len(),
+        2,
+        "only the events before the poison: {published:?}"
+    );
+    assert_eq!(env.psql("SELECT count(*) FROM sink_dead_letters"), "0");
+}

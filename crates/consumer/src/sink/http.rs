@@ -37,8 +37,8 @@ use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::{replay, SinkError, SinkResult};
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, OnPoison, Probe, Sink, Written};
-use super::{SinkError, SinkResult};
 
 /// The longest `Retry-After` honoured; a receiver asking for more is asked again after this.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
@@ -87,9 +87,6 @@ pub struct HttpSink {
     /// When the replay requests were last looked for.
     replays_checked: std::time::Instant,
 }
-
-/// How often the sink looks for dead letters an operator asked to replay.
-const REPLAY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl HttpSink {
     /// Builds the client (reading the CA file now: a bad file is a start-up error). `pool`
@@ -370,79 +367,40 @@ impl HttpSink {
     /// the new answer is recorded (and the request cleared); a retryable failure → next time.
     async fn replay_requested(&mut self) -> SinkResult<()> {
         let client = self.db().await?;
-        let letters = sink_state::dead_letters(
-            &**client,
-            &sink_state::DeadLetterFilter {
-                consumer: Some(&self.config.name),
-                replay_requested: true,
-                limit: 100,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(store_error)?;
-        if letters.is_empty() {
-            return Ok(());
-        }
-        let reader = event_store::position::Reader::prepare(&client)
-            .await
-            .map_err(store_error)?;
-        for letter in letters {
+        for (letter, event) in replay::requested(&client, &self.config.name).await? {
             let position = letter.position;
-            let before = Position::new(position.tx_id, position.id - 1);
-            let batch = reader
-                .fetch(&client, before, 1, None)
-                .await
-                .map_err(store_error)?;
-            let event = batch.events.into_iter().find(|e| e.position == position);
-            let (reason, detail) = match event {
-                None => (
-                    letter.reason.clone(),
-                    "replay failed: the event is no longer in PostgreSQL (purged) or cannot be \
-                     read; its payload text is kept here"
-                        .to_string(),
-                ),
-                Some(event) => {
-                    let key_name = format!("{}/replay", self.config.name);
-                    match self.post_as(&key_name, before, position, &[event]).await? {
-                        Answer::Delivered => {
-                            sink_state::remove_dead_letter(
-                                &**client,
-                                &self.config.name,
-                                position.id,
-                            )
-                            .await
-                            .map_err(store_error)?;
-                            info!(
-                                id = position.id,
-                                "Replayed a dead letter; the receiver took it."
-                            );
-                            continue;
-                        }
-                        Answer::Refused { status, answer } => (
-                            "refused_by_receiver".to_string(),
-                            format!(
-                                "replay refused: the receiver answered {status}: {}",
-                                answer.trim().escape_debug()
-                            ),
-                        ),
-                    }
+            let Some(event) = event else {
+                replay::not_taken(
+                    &client,
+                    &self.config.name,
+                    &letter,
+                    &letter.reason,
+                    replay::PURGED,
+                )
+                .await?;
+                continue;
+            };
+            let key_name = format!("{}/replay", self.config.name);
+            match self
+                .post_as(&key_name, replay::before(position), position, &[event])
+                .await?
+            {
+                Answer::Delivered => replay::taken(&client, &self.config.name, position).await?,
+                Answer::Refused { status, answer } => {
+                    let detail = format!(
+                        "replay refused: the receiver answered {status}: {}",
+                        answer.trim().escape_debug()
+                    );
+                    replay::not_taken(
+                        &client,
+                        &self.config.name,
+                        &letter,
+                        "refused_by_receiver",
+                        &detail,
+                    )
+                    .await?;
                 }
-            };
-            warn!(id = position.id, detail = %detail, "A replayed dead letter was not taken.");
-            let row = DeadLetterRow {
-                position,
-                event_id: letter.event_id,
-                topic: letter.topic.as_deref(),
-                key: letter.key.as_deref(),
-                event_type: letter.event_type.as_deref(),
-                payload: &letter.payload_text,
-                reason: &reason,
-                detail: &detail,
-            };
-            sink_state::record_dead_letter(&**client, &self.config.name, &row)
-                .await
-                .map_err(store_error)?;
+            }
         }
         Ok(())
     }
@@ -516,7 +474,7 @@ impl Sink for HttpSink {
     }
 
     async fn housekeeping(&mut self) -> SinkResult<()> {
-        if self.replays_checked.elapsed() < REPLAY_CHECK_INTERVAL {
+        if self.replays_checked.elapsed() < replay::CHECK_INTERVAL {
             return Ok(());
         }
         self.replays_checked = std::time::Instant::now();

@@ -19,6 +19,7 @@ pub mod mongo;
 pub mod nats;
 pub mod null;
 mod observed;
+mod replay;
 
 use std::future::Future;
 

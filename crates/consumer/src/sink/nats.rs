@@ -9,7 +9,9 @@
 //!   acknowledged: everything up to it is in the stream;
 //! - the stream itself: each message carries `Pgevents-Consumer` and `Pgevents-Position`. On
 //!   start and after any failure the sink walks the stream back from its last message to the
-//!   checkpoint and collects the positions it finds; those are not published again.
+//!   checkpoint and collects the positions it finds, each with its `Nats-Msg-Id`; an event at
+//!   one of them with that same `event_id` is not published again (a position that now holds
+//!   another event, after a restore or failover reused it, is published).
 //!
 //! The walk, not just "the last message's position", because pipelined publishes can be stored
 //! with a hole (a message lost in a leader change while the next reached the new leader): the
@@ -19,7 +21,7 @@
 //! such as `a..b`) become dead letters in PostgreSQL (`sink_dead_letters`) and the stream goes
 //! on.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +38,8 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tracing::{info, warn};
 
 use super::http::{store_error, SinkMetrics};
+use super::{replay, SinkError, SinkResult};
 use super::{Checkpoint, DeadLetter, Delivery, Encoder, OnPoison, Probe, Sink, Written};
-use super::{SinkError, SinkResult};
 
 /// Header names (documented in docs/consumer.md).
 pub const CONSUMER_HEADER: &str = "Pgevents-Consumer";
@@ -88,12 +90,15 @@ pub struct NatsSink {
     pool: Pool,
     connected: Option<Connected>,
     stored: Option<SinkCheckpoint>,
-    /// Positions past the checkpoint found in the stream (published, checkpoint not yet moved).
-    in_stream: BTreeSet<Position>,
+    /// Positions of this consumer's messages past the checkpoint found in the stream (published,
+    /// checkpoint not yet moved), with their `Nats-Msg-Id`.
+    in_stream: BTreeMap<Position, String>,
     origin: Option<Origin>,
     metrics: SinkMetrics,
     /// Shared with the probe: the client once connected.
     probe: Arc<std::sync::Mutex<Option<async_nats::Client>>>,
+    /// When the replay requests were last looked for.
+    replays_checked: std::time::Instant,
 }
 
 impl NatsSink {
@@ -104,8 +109,9 @@ impl NatsSink {
             pool,
             connected: None,
             stored: None,
-            in_stream: BTreeSet::new(),
+            in_stream: BTreeMap::new(),
             origin: None,
+            replays_checked: std::time::Instant::now(),
             metrics,
             probe: Default::default(),
         }
@@ -239,7 +245,7 @@ impl NatsSink {
 
     /// The positions of this consumer's messages past `after`, walking the stream back from
     /// its last message.
-    async fn walk_back(&self, after: Position) -> SinkResult<BTreeSet<Position>> {
+    async fn walk_back(&self, after: Position) -> SinkResult<BTreeMap<Position, String>> {
         let connected = self.connected.as_ref().expect("connected");
         let mut stream = connected.stream.clone();
         let info = stream
@@ -247,7 +253,7 @@ impl NatsSink {
             .await
             .map_err(|e| soon("read the stream", e))?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        let mut found = BTreeSet::new();
+        let mut found = BTreeMap::new();
         if info.state.messages == 0 {
             return Ok(found);
         }
@@ -269,7 +275,12 @@ impl NatsSink {
                         match position {
                             Some(p) if p <= after => break,
                             Some(p) => {
-                                found.insert(p);
+                                let id = message
+                                    .headers
+                                    .get("Nats-Msg-Id")
+                                    .map(|v| v.as_str().to_string())
+                                    .unwrap_or_default();
+                                found.insert(p, id);
                             }
                             None => {}
                         }
@@ -293,6 +304,48 @@ impl NatsSink {
                   "Found events in the stream past the checkpoint; they are not published again.");
         }
         Ok(found)
+    }
+
+    /// Publishes each dead letter an operator asked to replay, alone (after the events that
+    /// followed it: a replay is out of order by nature), and removes it once acknowledged.
+    async fn replay_requested(&mut self) -> SinkResult<()> {
+        let client = self.db().await?;
+        let name = self.config.name.clone();
+        for (letter, event) in replay::requested(&client, &name).await? {
+            let Some(event) = event else {
+                replay::not_taken(&client, &name, &letter, &letter.reason, replay::PURGED).await?;
+                continue;
+            };
+            let Some(subject) = self.subject(&event.topic) else {
+                let detail = format!(
+                    "replay failed: topic {:?} still makes no valid NATS subject",
+                    event.topic
+                );
+                replay::not_taken(&client, &name, &letter, "subject_refused", &detail).await?;
+                continue;
+            };
+            let connected = self.connected.as_ref().expect("connected");
+            let headers = self.headers(&event);
+            let payload = Bytes::copy_from_slice(event.payload.as_str().as_bytes());
+            let acked = match connected
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(_) => replay::taken(&client, &name, letter.position).await?,
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    let detail = format!("replay failed: {e}");
+                    replay::not_taken(&client, &name, &letter, "too_large", &detail).await?;
+                }
+                // The server is away: the request stays, the next tick tries again.
+                Err(e) => return Err(publish_error(&event, e)),
+            }
+        }
+        Ok(())
     }
 
     fn subject(&self, topic: &str) -> Option<String> {
@@ -372,10 +425,27 @@ impl Sink for NatsSink {
         let mut written = Written::default();
         let mut letters: Vec<DeadLetter> = delivery.dead_letters.clone();
         let mut acks = FuturesOrdered::new();
+        let stops = |letters: &[DeadLetter]| {
+            self.config.on_poison == OnPoison::Stop
+                && letters.iter().any(|l| l.code != "undecodable")
+        };
         for event in &delivery.events {
-            if self.in_stream.contains(&event.position) {
-                written.already_present += 1;
-                continue;
+            // --on-poison stop: nothing after the poison event is published (it would be in
+            // the stream before the poison once the cause is fixed).
+            if stops(&letters) {
+                break;
+            }
+            match self.in_stream.get(&event.position) {
+                Some(id) if *id == event.event_id.to_string() => {
+                    written.already_present += 1;
+                    continue;
+                }
+                Some(id) => {
+                    warn!(position = %event.position, in_stream = %id, event_id = %event.event_id,
+                                  "The stream holds another event at this position (a restore or failover \
+                                   reused it): publishing this one.")
+                }
+                None => {}
             }
             let Some(subject) = self.subject(&event.topic) else {
                 letters.push(DeadLetter::of(
@@ -453,6 +523,14 @@ impl Sink for NatsSink {
 
     fn encoder(&self) -> Encoder {
         Delivery::plain
+    }
+
+    async fn housekeeping(&mut self) -> SinkResult<()> {
+        if self.connected.is_none() || self.replays_checked.elapsed() < replay::CHECK_INTERVAL {
+            return Ok(());
+        }
+        self.replays_checked = std::time::Instant::now();
+        self.replay_requested().await
     }
 
     fn probe(&self) -> NatsProbe {
