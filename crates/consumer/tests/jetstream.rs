@@ -332,6 +332,33 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
         "{log}"
     );
 
+    // A work queue removes what was read: the consumer could not tell what it published.
+    let queue = Nats::start();
+    {
+        let client = async_nats::connect(&queue.url()).await.unwrap();
+        jetstream::new(client)
+            .create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec!["events.>".into()],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let output = env
+        .consumer("bad", &queue.url())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(
+        log.contains("WorkQueue retention") && log.contains("limits retention"),
+        "{log}"
+    );
+
     // Unreachable: retried (the servers may be starting), with the address in the log.
     let closed = testbed::secrets::closed_port();
     let mut waiting = env

@@ -201,6 +201,27 @@ impl NatsSink {
                         config.subjects, config.storage
                     )));
                 }
+                // The walk back finds what was published only where the stream keeps it: a
+                // work queue or interest stream removes messages once read.
+                if config.retention != stream::RetentionPolicy::Limits {
+                    return Err(SinkError::Config(format!(
+                        "JetStream stream {name:?} has {:?} retention; this consumer needs limits \
+                         retention (messages stay until a limit removes them), or it could not \
+                         tell after a crash what it already published: use a stream with limits \
+                         retention, or name another with --nats-stream",
+                        config.retention
+                    )));
+                }
+                let limited = !config.max_age.is_zero()
+                    || config.max_messages > 0
+                    || config.max_bytes > 0
+                    || config.max_messages_per_subject > 0;
+                if limited {
+                    warn!(stream = %name, max_age = ?config.max_age, max_messages = config.max_messages,
+                          max_bytes = config.max_bytes,
+                          "The stream removes messages by age or size: a message removed before the \
+                           checkpoint moved past it is published again after a crash.");
+                }
                 Ok(stream)
             }
             Err(e) if is_stream_not_found(&e) => {
