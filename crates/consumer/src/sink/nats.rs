@@ -446,6 +446,7 @@ impl Sink for NatsSink {
         let mut written = Written::default();
         let mut letters: Vec<DeadLetter> = delivery.dead_letters.clone();
         let mut acks = FuturesOrdered::new();
+        let mut behind = 0usize;
         let stops = |letters: &[DeadLetter]| {
             self.config.on_poison == OnPoison::Stop
                 && letters.iter().any(|l| l.code != "undecodable")
@@ -465,6 +466,16 @@ impl Sink for NatsSink {
                     warn!(position = %event.position, in_stream = %id, event_id = %event.event_id,
                                   "The stream holds another event at this position (a restore or failover \
                                    reused it): publishing this one.")
+                }
+                // Later positions are already in the stream: this event's publish was lost (a
+                // leader change) while the next ones were stored. It goes after them.
+                None if self
+                    .in_stream
+                    .range(Position::new(event.position.tx_id, event.position.id + 1)..)
+                    .next()
+                    .is_some() =>
+                {
+                    behind += 1
                 }
                 None => {}
             }
@@ -503,6 +514,13 @@ impl Sink for NatsSink {
                 let (event, ack) = acks.next().await.expect("not empty");
                 self.acked(event, ack, &mut written, &mut letters)?;
             }
+        }
+        if behind > 0 {
+            warn!(
+                events = behind,
+                "Published events whose first publish was lost while later ones were stored (a \
+                 leader change): on their subjects they follow those later events."
+            );
         }
         while let Some((event, ack)) = acks.next().await {
             self.acked(event, ack, &mut written, &mut letters)?;
