@@ -543,3 +543,50 @@ async fn an_unreachable_receiver_is_retried_without_its_token_in_logs_or_health(
         );
     }
 }
+
+/// A receiver that refuses every event (422 to everything, a bad deploy) does not turn the stream
+/// into dead letters: after 20 refused events in a row the consumer retries slowly instead, and
+/// goes on by itself once the receiver takes events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_refusing_everything_stops_the_dead_letters_after_a_run() {
+    let env = setup().await;
+    let receiver = Receiver::start(
+        SECRET,
+        Faults {
+            always: Some(422),
+            ..Faults::default()
+        },
+    )
+    .await;
+    env.db
+        .admin
+        .execute(
+            "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('n', g)
+               FROM generate_series(1, 60) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut consumer = env.spawn("refused", &receiver.url("http"));
+    let limit = consumer::sink::http::REFUSALS_IN_A_ROW.to_string();
+    wait_until("the run of refusals", Duration::from_secs(60), || async {
+        env.psql("SELECT count(*) FROM sink_dead_letters") == limit
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.psql("SELECT count(*) FROM sink_dead_letters"),
+        limit,
+        "no more dead letters while everything is refused"
+    );
+    receiver.set_faults(Faults::default());
+    let last = env.last_position();
+    wait_until("the rest is delivered", Duration::from_secs(90), || async {
+        env.checkpoint("refused") == last
+    })
+    .await;
+    kill(Pid::from_raw(consumer.id() as i32), Signal::SIGTERM).unwrap();
+    consumer.wait().unwrap();
+    let taken: usize = receiver.accepted().iter().map(|r| r.ids.len()).sum();
+    assert_eq!(taken, 60 - consumer::sink::http::REFUSALS_IN_A_ROW);
+}

@@ -86,7 +86,13 @@ pub struct HttpSink {
     metrics: SinkMetrics,
     /// When the replay requests were last looked for.
     replays_checked: std::time::Instant,
+    /// Events refused one by one since the receiver last took a request.
+    refused_in_a_row: usize,
 }
+
+/// Refused events in a row, nothing taken in between, after which the sink stops recording dead
+/// letters and retries slowly: the receiver refuses everything.
+pub const REFUSALS_IN_A_ROW: usize = 20;
 
 impl HttpSink {
     /// Builds the client (reading the CA file now: a bad file is a start-up error). `pool`
@@ -111,6 +117,7 @@ impl HttpSink {
             origin: None,
             metrics,
             replays_checked: std::time::Instant::now(),
+            refused_in_a_row: 0,
         })
     }
 
@@ -143,8 +150,29 @@ impl HttpSink {
             if !events.is_empty() {
                 self.begin(from, to).await?;
                 match self.post(from, to, events).await? {
-                    Answer::Delivered => written.inserted += events.len(),
+                    Answer::Delivered => {
+                        self.refused_in_a_row = 0;
+                        written.inserted += events.len()
+                    }
                     Answer::Refused { status, answer } if events.len() == 1 => {
+                        // A receiver that refuses everything (a bad deploy) must not turn the
+                        // whole stream into dead letters: past a run of refused events with
+                        // nothing taken in between, wait for an operator instead.
+                        self.refused_in_a_row += 1;
+                        if self.refused_in_a_row > REFUSALS_IN_A_ROW {
+                            return Err(SinkError::Failed {
+                                message: format!(
+                                    "the receiver refused the last {REFUSALS_IN_A_ROW} events one \
+                                     by one and took none ({status}: {}); it seems to refuse \
+                                     everything: retrying slowly instead of recording more dead \
+                                     letters (fix the receiver; `eventsctl dead-letters replay` \
+                                     sends the recorded ones again)",
+                                    answer.trim().escape_debug()
+                                ),
+                                decision: Decision::Slowly,
+                                source: None,
+                            });
+                        }
                         let detail = format!(
                             "the receiver answered {status}: {}",
                             answer.trim().escape_debug()
