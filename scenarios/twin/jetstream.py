@@ -98,7 +98,9 @@ def count(url, stream, ids_file):
         for _ in seqs:
             answer = conn.reply()
             if "error" in answer:
-                continue  # a deleted sequence number
+                if answer["error"].get("err_code") == 10037:
+                    continue  # no message: a deleted sequence number
+                raise SystemExit(f"reading message {answer}: {answer['error']}")
             message = answer["message"]
             h = headers(message.get("hdrs", ""))
             ids.append(h.get("Nats-Msg-Id", ""))
