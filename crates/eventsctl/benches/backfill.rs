@@ -47,11 +47,11 @@ async fn main() {
              INSERT INTO bf (id, sku, qty, price, note)
                SELECT g, 'sku-' || g, g % 100, (g % 1000) * 0.37 + 0.01, repeat('n', g % 40)
                  FROM generate_series(1, {rows}) g;
-             SELECT capture_add('bf', 'bench.bf');
-             VACUUM ANALYZE bf;"
+             SELECT capture_add('bf', 'bench.bf');"
         ))
         .await
         .unwrap();
+    admin.batch_execute("VACUUM ANALYZE bf").await.unwrap();
     let size: i64 = admin
         .query_one("SELECT pg_relation_size('bf')", &[])
         .await
