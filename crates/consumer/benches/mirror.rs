@@ -126,7 +126,10 @@ async fn main() {
                     .count_documents(doc! {})
                     .await
                     .unwrap();
-                assert_eq!(n as i64, table_rows, "{run:?}: the mirror holds the table's rows");
+                assert_eq!(
+                    n as i64, table_rows,
+                    "{run:?}: the mirror holds the table's rows"
+                );
             }
             eprintln!("round {round}: {run:?} {took:?}");
             match run {

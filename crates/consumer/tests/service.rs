@@ -102,7 +102,10 @@ fn bad_configuration_exits_non_zero_with_a_clear_message() {
         ("CONSUMER_SINK", "null"),
         ("CONSUMER_MIRROR", "public.orders"),
     ]);
-    assert_refused(&out, "needs --sink mongodb (this consumer uses --sink null)");
+    assert_refused(
+        &out,
+        "needs --sink mongodb (this consumer uses --sink null)",
+    );
 
     let out = run_binary(&[
         ("DATABASE_URL", pg_nowhere),

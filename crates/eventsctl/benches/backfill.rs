@@ -5,12 +5,14 @@
 //! Each round (`BENCH_ROUNDS`, default 3; medians are reported):
 //!
 //! 1. **COPY**: `COPY (SELECT * FROM bf ORDER BY id) TO STDOUT`, read to the end by the client:
-//!    the cost of reading the same rows in the same order, with no events.
+//!    the cost of reading the same rows in the same order, with no events; and the **floor**: one
+//!    `INSERT INTO events … SELECT` writing the same `read` events (what the events cost, with
+//!    no chunks and no row locks).
 //! 2. **Writers alone**: `BENCH_WRITERS` (4) connections commit small transactions on the
 //!    captured table for `BENCH_SECONDS` (5): nine single-row UPDATEs of a random row for every
 //!    INSERT of a new one, each its own transaction (so each commit also writes its event).
 //! 3. **Backfill alone**: the chunk loop `eventsctl capture backfill` runs (`event_store::backfill`,
-//!    `BENCH_CHUNK_ROWS` rows per chunk, default 10 000), rows/s.
+//!    `BENCH_CHUNK_ROWS` rows per chunk, comma-separated, default `10000,1000`), rows/s.
 //! 4. **Backfill + writers**: the same backfill with the writers running; the writers' commit rate
 //!    during it against 2. (target ≥ 0.8×), and the backfill's rate against 3.
 //!
@@ -32,7 +34,22 @@ async fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let writers: usize = env_or("BENCH_WRITERS", 4);
     let seconds: u64 = env_or("BENCH_SECONDS", 5);
-    let chunk_rows: u32 = env_or("BENCH_CHUNK_ROWS", backfill::DEFAULT_CHUNK_ROWS);
+    // Comma-separated: each size is measured (the default's and a tenth of it).
+    let chunk_sizes: Vec<u32> = std::env::var("BENCH_CHUNK_ROWS")
+        .unwrap_or_else(|_| {
+            format!(
+                "{},{}",
+                backfill::DEFAULT_CHUNK_ROWS,
+                backfill::DEFAULT_CHUNK_ROWS / 10
+            )
+        })
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("BENCH_CHUNK_ROWS: numbers, comma-separated")
+        })
+        .collect();
     eprintln!("load before: {}", load());
 
     let pg = Postgres::start_with(&["fsync=on", "full_page_writes=on", "synchronous_commit=on"]);
@@ -57,40 +74,50 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
-    eprintln!(
-        "{rows} rows ({} MB) in {:?}",
-        size >> 20,
-        started.elapsed()
-    );
+    eprintln!("{rows} rows ({} MB) in {:?}", size >> 20, started.elapsed());
 
-    let (mut copy, mut alone, mut with_writers) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut writers_alone, mut writers_during) = (Vec::new(), Vec::new());
+    let mut copy = Vec::new();
+    let mut floor = Vec::new();
+    let mut writers_alone = Vec::new();
+    // Per chunk size: backfill alone, backfill with writers, the writers during it.
+    let mut alone = vec![Vec::new(); chunk_sizes.len()];
+    let mut with_writers = vec![Vec::new(); chunk_sizes.len()];
+    let mut writers_during = vec![Vec::new(); chunk_sizes.len()];
+    let mut run = 0;
     for round in 0..rounds {
         let (n, took) = copy_out(&admin).await;
         assert_eq!(n, rows as u64, "COPY returns every row");
         copy.push(rows as f64 / took.as_secs_f64());
+        floor.push(rows as f64 / sql_floor(&admin).await.as_secs_f64());
 
         let stop = CancellationToken::new();
-        let load = start_writers(&config, writers, rows, round, stop.clone());
+        run += 1;
+        let load = start_writers(&config, writers, rows, run, stop.clone());
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         stop.cancel();
         writers_alone.push(load.await.unwrap());
-
-        let (read, took) = run_backfill(&config, chunk_rows).await;
-        alone.push(read as f64 / took.as_secs_f64());
-
-        let stop = CancellationToken::new();
-        let load = start_writers(&config, writers, rows, round + rounds, stop.clone());
-        let (read, took) = run_backfill(&config, chunk_rows).await;
-        stop.cancel();
-        with_writers.push(read as f64 / took.as_secs_f64());
-        writers_during.push(load.await.unwrap());
-
         eprintln!(
-            "round {round}: COPY {:.0} rows/s; writers alone {:.0} tx/s; backfill alone {:.0} rows/s; \
-             backfill + writers {:.0} rows/s, writers {:.0} tx/s",
-            copy[round], writers_alone[round], alone[round], with_writers[round], writers_during[round]
+            "round {round}: COPY {:.0} rows/s; INSERT … SELECT floor {:.0} rows/s; writers alone {:.0} tx/s",
+            copy[round], floor[round], writers_alone[round]
         );
+
+        for (i, &chunk_rows) in chunk_sizes.iter().enumerate() {
+            let (read, took) = run_backfill(&config, chunk_rows).await;
+            alone[i].push(read as f64 / took.as_secs_f64());
+
+            let stop = CancellationToken::new();
+            run += 1;
+            let load = start_writers(&config, writers, rows, run, stop.clone());
+            let (read, took) = run_backfill(&config, chunk_rows).await;
+            stop.cancel();
+            with_writers[i].push(read as f64 / took.as_secs_f64());
+            writers_during[i].push(load.await.unwrap());
+            eprintln!(
+                "round {round}, {chunk_rows} rows per chunk: backfill alone {:.0} rows/s; \
+                 backfill + writers {:.0} rows/s, writers {:.0} tx/s",
+                alone[i][round], with_writers[i][round], writers_during[i][round]
+            );
+        }
         // Back to the same table and an empty stream for the next round.
         admin
             .execute("DELETE FROM bf WHERE id > $1", &[&rows])
@@ -100,30 +127,41 @@ async fn main() {
         admin.batch_execute("VACUUM ANALYZE bf").await.unwrap();
     }
 
-    let (copy, alone, with_writers) = (median(&copy), median(&alone), median(&with_writers));
-    let (w_alone, w_during) = (median(&writers_alone), median(&writers_during));
-    let ratio = w_during / w_alone;
+    let (copy, floor, w_alone) = (median(&copy), median(&floor), median(&writers_alone));
     println!(
-        "\nBackfill of {rows} rows, {chunk_rows} per chunk, fsync on, {writers} writer connections, \
-         median of {rounds} (load during run: {})\n",
+        "\nBackfill of {rows} rows, fsync on, {writers} writer connections, median of {rounds} \
+         (load during run: {})\n",
         load()
     );
-    println!("| case | rate | ratio | target |");
-    println!("| --- | ---: | ---: | ---: |");
-    println!("| `COPY (SELECT * FROM bf ORDER BY id) TO STDOUT` | {copy:.0} rows/s | 1.00× | |");
+    println!("| case | rate | vs COPY | vs INSERT … SELECT | writers' commits | writers vs alone | target ≥ 0.80× |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| backfill alone | {alone:.0} rows/s | {:.2}× of COPY | (report) |",
-        alone / copy
+        "| `COPY (SELECT * FROM bf ORDER BY id) TO STDOUT` | {copy:.0} rows/s | 1.00× | | | | |"
     );
     println!(
-        "| backfill while the writers run | {with_writers:.0} rows/s | {:.2}× of COPY | |",
-        with_writers / copy
+        "| floor: one `INSERT INTO events … SELECT` of the same read events | {floor:.0} rows/s | {:.3}× | 1.00× | | | |",
+        floor / copy
     );
-    println!("| writers alone (single-row commits on the captured table) | {w_alone:.0} tx/s | 1.00× | |");
-    println!(
-        "| **writers during the backfill** | {w_during:.0} tx/s | {ratio:.2}× | ≥ 0.80× ({}) |",
-        if ratio >= 0.8 { "holds" } else { "missed" }
-    );
+    println!("| writers alone (single-row commits on the captured table) | | | | {w_alone:.0} tx/s | 1.00× | |");
+    for (i, chunk_rows) in chunk_sizes.iter().enumerate() {
+        let (a, w, d) = (
+            median(&alone[i]),
+            median(&with_writers[i]),
+            median(&writers_during[i]),
+        );
+        println!(
+            "| backfill alone, {chunk_rows} rows per chunk | {a:.0} rows/s | {:.3}× | {:.2}× | | | |",
+            a / copy,
+            a / floor
+        );
+        let ratio = d / w_alone;
+        println!(
+            "| **backfill while the writers run**, {chunk_rows} rows per chunk | {w:.0} rows/s | {:.3}× | {:.2}× | {d:.0} tx/s | {ratio:.2}× | {} |",
+            w / copy,
+            w / floor,
+            if ratio >= 0.8 { "holds" } else { "missed" }
+        );
+    }
     drop(pg);
 }
 
@@ -141,6 +179,25 @@ async fn copy_out(client: &Client) -> (u64, Duration) {
         lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
     }
     (lines, started.elapsed())
+}
+
+/// The floor: the same `read` events written by one statement (no chunks, no locks, no
+/// progress), then removed again (it runs first in a round, on an empty stream).
+async fn sql_floor(client: &Client) -> Duration {
+    let started = Instant::now();
+    client
+        .batch_execute(
+            "INSERT INTO events (topic, key, type, payload)
+             SELECT 'bench.floor', jsonb_build_object('id', t.id)::text, 'read',
+                    jsonb_build_object('op', 'read', 'schema', 'public', 'table', 'bf',
+                                       'key', jsonb_build_object('id', t.id), 'new', to_jsonb(t))
+               FROM bf t ORDER BY t.id",
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    client.batch_execute("TRUNCATE events").await.unwrap();
+    took
 }
 
 /// A whole backfill of `bf`, chunk by chunk as `eventsctl capture backfill` drives it.
