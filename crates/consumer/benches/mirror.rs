@@ -64,7 +64,7 @@ async fn main() {
                SELECT g, 'sku-' || g, g % 100, (g % 1000) * 0.37 + 0.01, repeat('n', g % 40)
                  FROM generate_series(1, {rows}) g;
              SELECT capture_add('items', '{TOPIC}');
-             SELECT capture_backfill('public.items', 10000); -- qualified: see the note in docs/benchmarks.md
+             SELECT capture_backfill('public.items', 10000); -- qualified: capture_backfill(text) resolves the name under its own search_path (pg_catalog), so a bare 'items' is not found
              UPDATE items SET qty = qty + 1, updated_at = now() WHERE id % 2 = 0;
              DELETE FROM items WHERE id % 10 = 1;"
         ))

@@ -8,13 +8,14 @@
 //!    the cost of reading the same rows in the same order, with no events; and the **floor**: one
 //!    `INSERT INTO events … SELECT` writing the same `read` events (what the events cost, with
 //!    no chunks and no row locks).
-//! 2. **Writers alone**: `BENCH_WRITERS` (4) connections commit small transactions on the
+//! 2. Per chunk size (`BENCH_CHUNK_ROWS`, comma-separated, default `10000,1000`), **backfill
+//!    alone**: the chunk loop `eventsctl capture backfill` runs (`event_store::backfill`), rows/s.
+//! 3. **Writers alone**: `BENCH_WRITERS` (4) connections commit small transactions on the
 //!    captured table for `BENCH_SECONDS` (5): nine single-row UPDATEs of a random row for every
 //!    INSERT of a new one, each its own transaction (so each commit also writes its event).
-//! 3. **Backfill alone**: the chunk loop `eventsctl capture backfill` runs (`event_store::backfill`,
-//!    `BENCH_CHUNK_ROWS` rows per chunk, comma-separated, default `10000,1000`), rows/s.
 //! 4. **Backfill + writers**: the same backfill with the writers running; the writers' commit rate
-//!    during it against 2. (target ≥ 0.8×), and the backfill's rate against 3.
+//!    during it against 3., measured just before (target ≥ 0.8×; median of the rounds' ratios),
+//!    and the backfill's rate against 2.
 //!
 //! The events table is emptied between rounds.
 
@@ -78,11 +79,11 @@ async fn main() {
 
     let mut copy = Vec::new();
     let mut floor = Vec::new();
-    let mut writers_alone = Vec::new();
     // Per chunk size: backfill alone, backfill with writers, the writers during it.
     let mut alone = vec![Vec::new(); chunk_sizes.len()];
     let mut with_writers = vec![Vec::new(); chunk_sizes.len()];
     let mut writers_during = vec![Vec::new(); chunk_sizes.len()];
+    let mut writers_alone = vec![Vec::new(); chunk_sizes.len()];
     let mut run = 0;
     for round in 0..rounds {
         let (n, took) = copy_out(&admin).await;
@@ -90,20 +91,23 @@ async fn main() {
         copy.push(rows as f64 / took.as_secs_f64());
         floor.push(rows as f64 / sql_floor(&admin).await.as_secs_f64());
 
-        let stop = CancellationToken::new();
-        run += 1;
-        let load = start_writers(&config, writers, rows, run, stop.clone());
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        stop.cancel();
-        writers_alone.push(load.await.unwrap());
         eprintln!(
-            "round {round}: COPY {:.0} rows/s; INSERT … SELECT floor {:.0} rows/s; writers alone {:.0} tx/s",
-            copy[round], floor[round], writers_alone[round]
+            "round {round}: COPY {:.0} rows/s; INSERT … SELECT floor {:.0} rows/s",
+            copy[round], floor[round]
         );
 
         for (i, &chunk_rows) in chunk_sizes.iter().enumerate() {
             let (read, took) = run_backfill(&config, chunk_rows).await;
             alone[i].push(read as f64 / took.as_secs_f64());
+
+            // The writers' own rate right before they meet the backfill: the machine's load
+            // drifts over minutes, so each comparison gets its own baseline.
+            let stop = CancellationToken::new();
+            run += 1;
+            let load = start_writers(&config, writers, rows, run, stop.clone());
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            stop.cancel();
+            writers_alone[i].push(load.await.unwrap());
 
             let stop = CancellationToken::new();
             run += 1;
@@ -114,8 +118,11 @@ async fn main() {
             writers_during[i].push(load.await.unwrap());
             eprintln!(
                 "round {round}, {chunk_rows} rows per chunk: backfill alone {:.0} rows/s; \
-                 backfill + writers {:.0} rows/s, writers {:.0} tx/s",
-                alone[i][round], with_writers[i][round], writers_during[i][round]
+                 writers alone {:.0} tx/s; backfill + writers {:.0} rows/s, writers {:.0} tx/s",
+                alone[i][round],
+                writers_alone[i][round],
+                with_writers[i][round],
+                writers_during[i][round]
             );
         }
         // Back to the same table and an empty stream for the next round.
@@ -127,7 +134,7 @@ async fn main() {
         admin.batch_execute("VACUUM ANALYZE bf").await.unwrap();
     }
 
-    let (copy, floor, w_alone) = (median(&copy), median(&floor), median(&writers_alone));
+    let (copy, floor) = (median(&copy), median(&floor));
     println!(
         "\nBackfill of {rows} rows, fsync on, {writers} writer connections, median of {rounds} \
          (load during run: {})\n",
@@ -142,19 +149,28 @@ async fn main() {
         "| floor: one `INSERT INTO events … SELECT` of the same read events | {floor:.0} rows/s | {:.3}× | 1.00× | | | |",
         floor / copy
     );
-    println!("| writers alone (single-row commits on the captured table) | | | | {w_alone:.0} tx/s | 1.00× | |");
     for (i, chunk_rows) in chunk_sizes.iter().enumerate() {
-        let (a, w, d) = (
+        let (a, w, d, w_alone) = (
             median(&alone[i]),
             median(&with_writers[i]),
             median(&writers_during[i]),
+            median(&writers_alone[i]),
         );
         println!(
             "| backfill alone, {chunk_rows} rows per chunk | {a:.0} rows/s | {:.3}× | {:.2}× | | | |",
             a / copy,
             a / floor
         );
-        let ratio = d / w_alone;
+        // Per round, against the baseline measured just before it.
+        let ratios: Vec<f64> = writers_during[i]
+            .iter()
+            .zip(&writers_alone[i])
+            .map(|(d, a)| d / a)
+            .collect();
+        let ratio = median(&ratios);
+        println!(
+            "| writers alone, just before (single-row commits on the captured table) | | | | {w_alone:.0} tx/s | 1.00× | |"
+        );
         println!(
             "| **backfill while the writers run**, {chunk_rows} rows per chunk | {w:.0} rows/s | {:.3}× | {:.2}× | {d:.0} tx/s | {ratio:.2}× | {} |",
             w / copy,
