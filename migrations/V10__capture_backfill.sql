@@ -215,7 +215,7 @@ $f$;
 -- `condition` (SQL over the table's columns, run with the caller's rights; NULL: all rows) will
 -- get one `read` event. Refuses a table with rows whose key is NULL (they have no place in key
 -- order). Run as the table's owner, a member of the capture admin role.
-CREATE FUNCTION @s@.capture_backfill_start(tab regclass, chunk_rows integer DEFAULT 10000, condition text DEFAULT NULL)
+CREATE FUNCTION @s@.capture_backfill_start(tab regclass, chunk_rows integer DEFAULT 1000, condition text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -274,7 +274,7 @@ BEGIN
 END
 $f$;
 
-CREATE FUNCTION @s@.capture_backfill_start(tab text, chunk_rows integer DEFAULT 10000, condition text DEFAULT NULL)
+CREATE FUNCTION @s@.capture_backfill_start(tab text, chunk_rows integer DEFAULT 1000, condition text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql
 BEGIN ATOMIC
@@ -377,10 +377,12 @@ END;
 -- The whole backfill in the caller's transaction, for migrations (all chunks hold their locks
 -- until that transaction ends: for large live tables run `eventsctl capture backfill`, which
 -- commits every chunk). Returns the backfill's id.
-CREATE FUNCTION @s@.capture_backfill(tab text, chunk_rows integer DEFAULT 10000, condition text DEFAULT NULL)
+-- No pinned search_path: the table name is resolved as the caller writes it (a bare 'orders'
+-- on the caller's path), and the body names nothing unqualified. It runs with the caller's
+-- rights (SECURITY INVOKER), so the caller's path can change nothing it could not do itself.
+CREATE FUNCTION @s@.capture_backfill(tab text, chunk_rows integer DEFAULT 1000, condition text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $f$
 DECLARE
     backfill bigint := @s@.capture_backfill_start(@s@.capture_table(tab), chunk_rows, condition);

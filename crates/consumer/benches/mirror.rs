@@ -23,7 +23,6 @@
 //! (raw all vs consumer + mirror) is printed too. Rounds alternate the order (`BENCH_ROUNDS`,
 //! default 3); medians are reported.
 
-#[allow(dead_code)] // the support module serves several benches; this one uses part of it
 mod support;
 
 use std::time::{Duration, Instant};
@@ -64,7 +63,7 @@ async fn main() {
                SELECT g, 'sku-' || g, g % 100, (g % 1000) * 0.37 + 0.01, repeat('n', g % 40)
                  FROM generate_series(1, {rows}) g;
              SELECT capture_add('items', '{TOPIC}');
-             SELECT capture_backfill('public.items', 10000); -- qualified: capture_backfill(text) resolves the name under its own search_path (pg_catalog), so a bare 'items' is not found
+             SELECT capture_backfill('items', 10000);
              UPDATE items SET qty = qty + 1, updated_at = now() WHERE id % 2 = 0;
              DELETE FROM items WHERE id % 10 = 1;"
         ))
@@ -110,7 +109,7 @@ async fn main() {
                     let mut config = Config::new(url.clone(), Some(mongo.uri()));
                     // Each run its own name: the published position of another would end the wait.
                     config.name = format!("{run:?}{round}").to_lowercase();
-                    config.batch_size = batch as u32;
+                    config.batch_size = Some(batch as u32);
                     if run == Run::Mirror {
                         config.mirror = vec![format!("{TOPIC}={COLLECTION}")];
                     }

@@ -37,7 +37,7 @@ use crate::capture::{capture_admin, quote_ident, validate_table_name, CaptureErr
 
 /// The default rows per chunk: big enough that the per-chunk cost (a plan, a commit) is small,
 /// small enough that a chunk's locks are held for milliseconds.
-pub const DEFAULT_CHUNK_ROWS: u32 = 10_000;
+pub const DEFAULT_CHUNK_ROWS: u32 = 1_000;
 
 /// The most rows one chunk may read (the migration's limit).
 pub const MAX_CHUNK_ROWS: u32 = 1_000_000;

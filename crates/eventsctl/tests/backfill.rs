@@ -630,7 +630,8 @@ async fn the_sql_function_backfills_inside_a_migration_transaction() {
         "0",
         "rolled back with it"
     );
-    pg.psql("SET ROLE shop_owner; BEGIN; SELECT capture_backfill('shop.small', 10); COMMIT;");
+    // A bare name resolves on the caller's search_path, as in any migration.
+    pg.psql("SET ROLE shop_owner; SET search_path = shop, public; BEGIN; SELECT capture_backfill('small', 10); COMMIT;");
     assert_eq!(
         pg.psql("SELECT count(*), count(DISTINCT key) FROM events WHERE type = 'read'"),
         "25|25"
