@@ -35,7 +35,7 @@ use event_store::position::{Position, Reader};
 use event_store::testing::TestDatabase;
 use mongodb::bson::{doc, DateTime, Document, RawDocumentBuf};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern, WriteModel};
-use support::{connect, last_position};
+use support::{connect, last_position, wait_published};
 use testbed::{env_or, Mongo};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -286,20 +286,7 @@ async fn run_consumer_until(config: Config, admin: &Client, last: Position) -> D
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let handle = tokio::spawn(consumer::run(config, shutdown.clone()));
-    let want = format!("{}/{}", last.tx_id, last.id);
-    loop {
-        let row = admin
-            .query_opt(
-                "SELECT tx_id::text || '/' || id FROM consumer_positions WHERE consumer = $1",
-                &[&name],
-            )
-            .await
-            .unwrap();
-        if row.map(|r| r.get::<_, String>(0)).as_deref() == Some(want.as_str()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_published(admin, &name, last).await;
     let elapsed = started.elapsed();
     shutdown.cancel();
     handle.await.unwrap().unwrap();

@@ -83,6 +83,40 @@ fn stop(mut child: Child) {
     assert!(child.wait().unwrap().success(), "SIGTERM stops cleanly");
 }
 
+/// A stream the operator made beforehand, with `config` (its name is [`STREAM`]).
+async fn operator_stream(urls: &str, config: stream::Config) {
+    let client = async_nats::connect(urls).await.unwrap();
+    jetstream::new(client)
+        .create_stream(stream::Config {
+            name: STREAM.into(),
+            ..config
+        })
+        .await
+        .unwrap();
+}
+
+/// `events.>` into file storage, as the consumer wants it, with this duplicate window.
+fn events_stream(duplicate_window: Duration) -> stream::Config {
+    stream::Config {
+        subjects: vec!["events.>".into()],
+        storage: stream::StorageType::File,
+        duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// Runs the consumer against `urls`, asserts that start-up fails, and returns its log.
+fn refused_at_start(env: &Env, urls: &str) -> String {
+    let output = env
+        .consumer("bad", urls)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "start-up must fail: {log}");
+    log
+}
+
 fn parse(position: &str) -> (u64, i64) {
     let (tx, id) = position.split_once('/').unwrap();
     (tx.parse().unwrap(), id.parse().unwrap())
@@ -239,19 +273,7 @@ async fn published_events_are_not_published_again_after_the_duplicate_window() {
     let urls = nats.url();
     // A stream made by the operator with a 1-second duplicate window: the server's own
     // de-duplication cannot help after a pause of a few seconds.
-    {
-        let client = async_nats::connect(&urls).await.unwrap();
-        jetstream::new(client)
-            .create_stream(stream::Config {
-                name: STREAM.into(),
-                subjects: vec!["events.>".into()],
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(1),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    operator_stream(&urls, events_stream(Duration::from_secs(1))).await;
     env.psql(
         "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('g', g)
            FROM generate_series(1, 500) g",
@@ -308,25 +330,16 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
 
     // A stream that exists with other settings.
     let nats = Nats::start();
-    {
-        let client = async_nats::connect(&nats.url()).await.unwrap();
-        jetstream::new(client)
-            .create_stream(stream::Config {
-                name: STREAM.into(),
-                subjects: vec!["other.>".into()],
-                storage: stream::StorageType::Memory,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let output = env
-        .consumer("bad", &nats.url())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
+    operator_stream(
+        &nats.url(),
+        stream::Config {
+            subjects: vec!["other.>".into()],
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        },
+    )
+    .await;
+    let log = refused_at_start(&env, &nats.url());
     assert!(
         log.contains("\"EVENTS\" exists") && log.contains("events.>"),
         "{log}"
@@ -334,26 +347,17 @@ async fn bad_jetstream_settings_stop_start_up_with_one_clear_line() {
 
     // A work queue removes what was read: the consumer could not tell what it published.
     let queue = Nats::start();
-    {
-        let client = async_nats::connect(&queue.url()).await.unwrap();
-        jetstream::new(client)
-            .create_stream(stream::Config {
-                name: STREAM.into(),
-                subjects: vec!["events.>".into()],
-                storage: stream::StorageType::File,
-                retention: stream::RetentionPolicy::WorkQueue,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let output = env
-        .consumer("bad", &queue.url())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
+    operator_stream(
+        &queue.url(),
+        stream::Config {
+            subjects: vec!["events.>".into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        },
+    )
+    .await;
+    let log = refused_at_start(&env, &queue.url());
     assert!(
         log.contains("WorkQueue retention") && log.contains("limits retention"),
         "{log}"
@@ -410,19 +414,7 @@ async fn requested_replays_are_published_by_the_running_consumer() {
     let nats = Nats::start();
     let urls = nats.url();
     // A 1-second duplicate window: the replay is a new message, not a duplicate.
-    {
-        let client = async_nats::connect(&urls).await.unwrap();
-        jetstream::new(client)
-            .create_stream(stream::Config {
-                name: STREAM.into(),
-                subjects: vec!["events.>".into()],
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(1),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    operator_stream(&urls, events_stream(Duration::from_secs(1))).await;
     env.psql(
         "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('g', g)
            FROM generate_series(1, 3) g;
