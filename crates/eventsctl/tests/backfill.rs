@@ -3,32 +3,17 @@
 //! NULL keys refused, a killed backfill resumed without reading a finished chunk again, `capture
 //! list`, the refusals, and causal order per key while writers keep changing the rows.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::{eventsctl, text};
 use event_store::{db, migrations};
 use serde_json::Value;
 use testbed::Postgres;
 use tokio_postgres::Client;
-
-fn eventsctl(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_eventsctl"))
-        .env("DATABASE_URL", url)
-        .env_remove("MONGODB_URI")
-        .args(args)
-        .output()
-        .expect("run eventsctl")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 async fn connect(url: &str) -> Client {
     db::connect_spawned(&db::config(url, "backfill-test").unwrap())

@@ -1,28 +1,11 @@
 //! `eventsctl capture` against a real PostgreSQL: add, list, remove, and the refusals with their
 //! exit codes (2 bad input, 3 refused).
 
-use std::process::{Command, Output};
+mod common;
 
+use common::cli::{eventsctl, text};
 use event_store::{db, migrations};
 use testbed::Postgres;
-
-fn eventsctl(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_eventsctl"))
-        .env("DATABASE_URL", url)
-        .env_remove("MONGODB_URI")
-        .args(args)
-        .output()
-        .expect("run eventsctl")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[tokio::test]
 async fn capture_add_list_remove_through_the_cli() {

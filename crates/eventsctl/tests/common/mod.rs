@@ -3,6 +3,8 @@
 //! SQL and the MongoDB driver.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::future::Future;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
