@@ -74,6 +74,19 @@ impl Env {
     fn last_position(&self) -> String {
         sink_binary::last_position(&self.db)
     }
+
+    /// `n` events on topic `orders`, payloads `{"n": 1}` … `{"n": n}`, in one transaction.
+    async fn orders(&self, n: i64) {
+        self.db
+            .admin
+            .execute(
+                "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('n', g)
+                   FROM generate_series(1, $1::bigint) g",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    }
 }
 
 fn parse(position: &str) -> (u64, i64) {
@@ -233,15 +246,7 @@ async fn a_receiver_refusing_every_request_gets_retries_not_dead_letters() {
         },
     )
     .await;
-    env.db
-        .admin
-        .execute(
-            "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('n', g)
-               FROM generate_series(1, 30) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    env.orders(30).await;
     let http_addr = free_addr();
     let mut consumer = env
         .consumer(
@@ -558,15 +563,7 @@ async fn a_receiver_refusing_everything_stops_the_dead_letters_after_a_run() {
         },
     )
     .await;
-    env.db
-        .admin
-        .execute(
-            "INSERT INTO events (topic, payload) SELECT 'orders', jsonb_build_object('n', g)
-               FROM generate_series(1, 60) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    env.orders(60).await;
     let mut consumer = env.spawn("refused", &receiver.url("http"));
     let limit = consumer::sink::http::REFUSALS_IN_A_ROW.to_string();
     wait_until("the run of refusals", Duration::from_secs(60), || async {
