@@ -70,6 +70,25 @@ pub struct Config {
     #[arg(long = "name", env = "CONSUMER_NAME", default_value = "consumer")]
     pub name: String,
 
+    /// Run as a member of consumer group --name with this many partitions (1 to 1024): every
+    /// process started with the same name and count shares the work. An event belongs to
+    /// partition hashtextextended(coalesce(key, event_id::text), 0) mod N (made non-negative);
+    /// each partition is delivered by one member at a time, in stream order, so per-key order is
+    /// kept. MongoDB sink only. Default: no group (one process per name).
+    #[arg(long = "partitions", env = "CONSUMER_PARTITIONS")]
+    pub partitions: Option<u32>,
+
+    /// A group member that stops heartbeating (killed, paused, cut off) loses its partitions
+    /// after this long; one that cannot reach MongoDB this long gives them up. Members heartbeat
+    /// every third of it.
+    #[arg(
+        long = "lease-timeout",
+        env = "CONSUMER_LEASE_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub lease_timeout: Duration,
+
     /// Deliver only these topics (comma-separated); default: all. The position still advances over
     /// events of other topics.
     #[arg(long = "topics", env = "CONSUMER_TOPICS", value_delimiter = ',')]
@@ -428,6 +447,30 @@ impl Config {
                      would reach the mirror; add it there",
                     m.topic
                 )));
+            }
+        }
+        if let Some(partitions) = self.partitions {
+            event_store::group::validate_group_name(&self.name).map_err(|e| {
+                Error::Config(format!("--name / CONSUMER_NAME with --partitions: {e}"))
+            })?;
+            if partitions == 0 || partitions > event_store::group::MAX_PARTITIONS {
+                return Err(Error::Config(format!(
+                    "--partitions / CONSUMER_PARTITIONS {partitions}: a group has 1 to {} \
+                     partitions",
+                    event_store::group::MAX_PARTITIONS
+                )));
+            }
+            if !matches!(self.sink, SinkKind::Mongodb) {
+                return Err(Error::Config(format!(
+                    "--partitions works with --sink mongodb only (this is --sink {}): its \
+                     fencing needs the checkpoint in the same transaction as the events",
+                    self.sink.as_str()
+                )));
+            }
+            if self.lease_timeout < std::time::Duration::from_secs(1) {
+                return Err(Error::Config(
+                    "--lease-timeout / CONSUMER_LEASE_TIMEOUT must be at least 1s".into(),
+                ));
             }
         }
         if self.poll_interval.is_zero()

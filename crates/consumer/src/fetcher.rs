@@ -49,7 +49,9 @@ struct Reading {
 impl Observer for Reading {
     async fn connected(&self, client: &Client, resume: Resume) -> event_store::Result<()> {
         let ctx = &self.ctx;
-        event_store::lease::take(client, &ctx.name).await?;
+        if ctx.partition.is_none() {
+            event_store::lease::take(client, &ctx.name).await?;
+        }
         let committed = *self.committed.borrow();
         let origin = self.origin.lock().unwrap().as_deref().cloned();
         let expected = Expected {
@@ -114,6 +116,7 @@ pub fn spawn(
         channel: ctx.channel.clone(),
         limits: ctx.limits,
         topics: ctx.topics.clone(),
+        partition: ctx.partition,
         poll_interval: ctx.poll_interval,
         until_caught_up: false,
         prefetch: PREFETCH,

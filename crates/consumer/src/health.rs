@@ -39,6 +39,9 @@ pub struct Context {
     pub accept_divergence: bool,
     /// Dead letters recorded by this run, for `/healthz`.
     pub dead_letters: std::sync::atomic::AtomicU64,
+    /// The consumer group partition this is (`None`: a consumer of its own). A partition's
+    /// ownership is the group's lease, not the advisory one.
+    pub partition: Option<event_store::group::Partition>,
 }
 
 /// Observations the monitor turns into health.

@@ -35,6 +35,7 @@
 pub mod config;
 pub mod error;
 pub mod fetcher;
+pub mod group;
 pub mod health;
 pub mod metrics;
 pub mod monitor;
@@ -61,6 +62,7 @@ use crate::metrics::Metrics;
 use crate::writer::{Committed, Writer};
 use event_store::divergence::{self, Expected};
 use event_store::follow::Rewind;
+use event_store::group::Partition;
 use event_store::listener::Listener;
 use event_store::retry::{sleep_or_stop, Decision, Policy, Retry};
 
@@ -68,6 +70,9 @@ use event_store::retry::{sleep_or_stop, Decision, Policy, Retry};
 /// after the batch in flight), or until an error that waiting cannot fix.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     config.validate()?;
+    if config.partitions.is_some() {
+        return group::run(config, shutdown).await;
+    }
     match config.sink {
         SinkKind::Null => run_with(config, NullSink::new(), shutdown).await,
         SinkKind::Mongodb => {
@@ -90,25 +95,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 }
 
 /// [`run`] with a sink of the caller's making (the benchmarks observe a null sink).
-pub async fn run_with<S: Sink>(
-    config: Config,
-    mut sink: S,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run_with<S: Sink>(config: Config, sink: S, shutdown: CancellationToken) -> Result<()> {
     config.validate()?;
-    let name = config.name.clone();
-    let app = format!("events-consumer:{name}");
-    let pg = db::config(&config.postgres.database_url, &app)?;
     let health = Health::new();
-    let metrics = Metrics::new(&name);
     // Stops the helpers (and the HTTP endpoint) however this function returns.
     let stop = shutdown.child_token();
     let _stop_on_return = stop.clone().drop_guard();
     ops::spawn(config.http.http_addr, health.clone(), stop.clone())
         .await
         .map_err(|e| Error::Config(format!("{e:#}")))?;
-    health.failing(POSTGRES, "not connected yet");
-    health.failing(S::KIND, "not connected yet");
+    pipeline(&config, None, sink, health, stop).await
+}
+
+/// One consumer's delivery: the whole stream under `config.name`, or one partition of a group
+/// (then `config.name` is the partition's, its ownership is the group's lease, and the sink is
+/// fenced by the lease's epoch). Reports on `health`; returns when `stop` is cancelled.
+pub(crate) async fn pipeline<S: Sink>(
+    config: &Config,
+    partition: Option<Partition>,
+    mut sink: S,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let name = config.name.clone();
+    let app = format!("events-consumer:{name}");
+    let pg = db::config(&config.postgres.database_url, &app)?;
+    let metrics = Metrics::new(&name);
+    let stop = stop.child_token();
+    let _stop_on_return = stop.clone().drop_guard();
+    if partition.is_none() {
+        // A group member's health is shared by its partitions and says so for all of them.
+        health.failing(POSTGRES, "not connected yet");
+        health.failing(S::KIND, "not connected yet");
+    }
     info!(consumer = %name, postgres = %db::describe(&pg), sink = %sink.describe(),
           topics = ?config.topic_filter(), "Starting the consumer.");
 
@@ -141,6 +160,7 @@ pub async fn run_with<S: Sink>(
         encoder: sink.encoder(),
         accept_divergence: config.accept_divergence,
         dead_letters: Default::default(),
+        partition,
     });
 
     // PostgreSQL first: LISTEN before anything is fetched, then the checks that end start-up
@@ -150,7 +170,10 @@ pub async fn run_with<S: Sink>(
         let connected = async {
             let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
             migrations::check(listener.client(), Role::Consumer).await?;
-            event_store::lease::take(listener.client(), &ctx.name).await?;
+            if partition.is_none() {
+                group::refuse_if_grouped(listener.client(), &ctx.name).await?;
+                event_store::lease::take(listener.client(), &ctx.name).await?;
+            }
             Ok::<_, Error>(listener)
         }
         .await;
@@ -212,7 +235,8 @@ pub async fn run_with<S: Sink>(
             config.accept_divergence,
         )
         .await?;
-        Ok::<_, Error>((origin, Reader::prepare(listener.client()).await?))
+        let reader = Reader::prepare(listener.client()).await?;
+        Ok::<_, Error>((origin, reader.for_partition(partition)))
     }
     .await;
     let (first, origin) = match checked {

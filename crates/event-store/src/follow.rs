@@ -47,6 +47,7 @@ use tracing::{debug, info, warn};
 
 use crate::db::Database;
 use crate::error::{Error, Result};
+use crate::group::Partition;
 use crate::listener::Listener;
 use crate::position::{self, Batch, HorizonBlocker, Limits, Position, Reader, Watermark};
 use crate::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
@@ -70,6 +71,8 @@ pub struct Follow {
     pub limits: Limits,
     /// Only these topics (`None`: all). The position still moves over the rows skipped.
     pub topics: Option<Vec<String>>,
+    /// Only this partition of a consumer group (`None`: every event), likewise.
+    pub partition: Option<Partition>,
     /// How long a lost wake-up can delay a read.
     pub poll_interval: Duration,
     /// Stop the first time nothing more is readable, after sending [`Step::CaughtUp`] (a reader
@@ -89,6 +92,7 @@ impl Follow {
             channel: channel.into(),
             limits: Limits::DEFAULT,
             topics: None,
+            partition: None,
             poll_interval: Duration::from_secs(1),
             until_caught_up: false,
             prefetch: 1,
@@ -501,7 +505,9 @@ where
             )
             .await?;
             self.observer.connected(listener.client(), resume).await?;
-            let reader = Reader::prepare(listener.client()).await?;
+            let reader = Reader::prepare(listener.client())
+                .await?
+                .for_partition(self.follow.partition);
             Ok::<_, Error>((listener, reader))
         }
         .await;

@@ -38,6 +38,7 @@ pub mod divergence;
 pub mod error;
 pub mod event;
 pub mod follow;
+pub mod group;
 pub mod lease;
 pub mod listener;
 pub mod migrations;

@@ -211,6 +211,9 @@ impl Role {
                 (TABLE, "consumer_positions", "UPDATE"),
                 (TABLE, "purge_watermark", "SELECT"),
                 (FUNCTION, "events_horizon_blocker()", "EXECUTE"),
+                (TABLE, "consumer_groups", "INSERT"),
+                (TABLE, "consumer_group_members", "INSERT"),
+                (TABLE, "consumer_group_partitions", "UPDATE"),
             ],
             Role::Gateway => &[
                 (TABLE, "events", "SELECT"),

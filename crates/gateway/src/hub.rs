@@ -143,6 +143,7 @@ impl Hub {
             channel: self.channel.clone(),
             limits: self.limits,
             topics: None,
+            partition: None,
             poll_interval: self.poll_interval,
             until_caught_up: false,
             prefetch: 1,

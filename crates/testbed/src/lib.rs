@@ -19,6 +19,7 @@
 //! directories, also when the test panics.
 //!
 //! - [`Nats`]: `nats-server` with JetStream, one node or a three-node cluster on loopback.
+//! - [`Proxy`]: a loopback TCP proxy that adds latency or cuts a client off.
 //!
 //! [`reference`] checks the configuration reference (`docs/configuration.md`) against each
 //! binary's `--help`.
@@ -32,6 +33,7 @@ mod mongo;
 mod nats;
 mod postgres;
 mod process;
+mod proxy;
 pub mod reference;
 pub mod secrets;
 
@@ -39,6 +41,7 @@ pub use certs::Ca;
 pub use mongo::{Mongo, MongoKind};
 pub use nats::Nats;
 pub use postgres::Postgres;
+pub use proxy::Proxy;
 
 /// The workspace root, where `.venv` and `.tools` live.
 pub fn workspace_root() -> std::path::PathBuf {

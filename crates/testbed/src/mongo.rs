@@ -145,6 +145,12 @@ impl Mongo {
         }
     }
 
+    /// The server's address (for a [`crate::Proxy`] in front of it); not for an external server.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.owned("proxy");
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     /// A database name no other test in this process (or, for an external server, any other
     /// process) uses.
     pub fn unique_database(&self, prefix: &str) -> String {

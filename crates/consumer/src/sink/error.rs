@@ -48,6 +48,20 @@ pub enum SinkError {
         expected: Position,
         found: Option<Position>,
     },
+    /// This member no longer owns the consumer group's partition: another member took it over
+    /// (this one was paused, or cut off, past its lease) and stamped a newer epoch on its
+    /// checkpoint. Nothing more is written to it from here.
+    #[error(
+        "partition {partition} was taken over by another member of the group (its checkpoint \
+         carries epoch {}, this member's is {epoch}); this member's write was refused and it \
+         stops writing that partition",
+        found.map_or("(none)".to_string(), |e| e.to_string())
+    )]
+    Fenced {
+        partition: String,
+        epoch: i64,
+        found: Option<i64>,
+    },
     /// An event cannot be stored and `--on-poison stop` is set.
     #[error(
         "event {} (id {}, topic {}) cannot be stored: {}: {}. Fix the data or the mapping, or run \
@@ -82,9 +96,10 @@ impl SinkError {
     /// Retry soon, slowly, or never.
     pub fn decision(&self) -> Decision {
         match self {
-            SinkError::Config(_) | SinkError::Integrity(_) | SinkError::Poison(_) => {
-                Decision::Never
-            }
+            SinkError::Config(_)
+            | SinkError::Integrity(_)
+            | SinkError::Poison(_)
+            | SinkError::Fenced { .. } => Decision::Never,
             SinkError::CheckpointMoved { .. } | SinkError::Throttled { .. } => Decision::Soon,
             SinkError::Failed { decision, .. } => *decision,
         }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::Position;
 use crate::error::{Error, Result};
 use crate::event::RawJson;
+use crate::group::Partition;
 
 /// An event as read back from the `events` table.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,11 +153,14 @@ pub struct Reader {
     fetch: Statement,
     beyond_horizon: Statement,
     watermark: Statement,
+    /// Only the events of this partition of a consumer group are wanted (`None`: all).
+    partition: Option<Partition>,
 }
 
 /// Rows past `$1/$2`, below the horizon, in position order, at most `$3` rows and about `$5` bytes.
-/// Rows of topics outside `$4` (NULL = all topics) come back without payload and headers: the
-/// reader only needs their position to pass them.
+/// Rows of topics outside `$4` (NULL = all topics), and rows outside partition `$7` of `$6`
+/// (NULL = no partitions; see [`crate::group`] for the hash), come back without payload and
+/// headers: the reader only needs their position to pass them.
 ///
 /// Payload and headers travel as text: a jsonb value may hold numbers no double holds (`1e400`)
 /// and nesting deeper than JSON parsers allow, and the reader must never fail on data. The sink
@@ -188,7 +192,10 @@ SELECT sized.id, sized.tx_id::text, sized.event_id, sized.topic, sized.key, size
                             THEN pg_column_size(e.payload) + pg_column_size(e.headers)
                             ELSE 0 END AS stored
                   FROM events e,
-                       LATERAL (SELECT ($4::text[] IS NULL OR e.topic = ANY($4::text[]))) AS f(wanted)
+                       LATERAL (SELECT ($4::text[] IS NULL OR e.topic = ANY($4::text[]))
+                                   AND ($6::bigint IS NULL
+                                        OR ((hashtextextended(coalesce(e.key, e.event_id::text), 0) % $6::bigint)
+                                            + $6::bigint) % $6::bigint = $7::bigint)) AS f(wanted)
                  WHERE (e.tx_id, e.id) > ($1::text::xid8, $2::bigint)
                    AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
                  ORDER BY e.tx_id, e.id
@@ -221,7 +228,15 @@ impl Reader {
             fetch,
             beyond_horizon,
             watermark,
+            partition: None,
         })
+    }
+
+    /// This reader wants only the events of `partition` (a consumer group's member reading one
+    /// of its partitions); the position still moves over every row.
+    pub fn for_partition(mut self, partition: Option<Partition>) -> Reader {
+        self.partition = partition;
+        self
     }
 
     /// [`watermark`] with the prepared statement: readers check it on every fetch.
@@ -259,8 +274,17 @@ impl Reader {
     ) -> Result<Batch> {
         let rows = i64::try_from(limits.rows.max(1)).unwrap_or(i64::MAX);
         let bytes = i64::try_from(limits.bytes.max(1)).unwrap_or(i64::MAX);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&after.tx_text(), &after.id, &rows, &topics, &bytes];
+        let count = self.partition.map(|p| i64::from(p.count));
+        let index = self.partition.map(|p| i64::from(p.index));
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &after.tx_text(),
+            &after.id,
+            &rows,
+            &topics,
+            &bytes,
+            &count,
+            &index,
+        ];
         let stream = client
             .query_raw(&self.fetch, params)
             .await

@@ -113,6 +113,9 @@ pub struct MongoSink {
     /// `None` until detected, and again after any failure (the deployment may have changed).
     transactions: Option<bool>,
     session: Option<ClientSession>,
+    /// A consumer group's partition: the epoch of this member's ownership, which every
+    /// checkpoint update requires (see [`MongoSink::claim`]).
+    epoch: Option<i64>,
 }
 
 /// A contiguous part of a delivery, written with its own end position (splitting isolates events
@@ -195,7 +198,124 @@ impl MongoSink {
             transactions: None,
             logged_mode: None,
             session: None,
+            epoch: None,
         })
+    }
+
+    /// The same MongoDB, for partition `name` of a consumer group owned at `epoch`: the client
+    /// (and its connection pool) is shared, the checkpoint is the partition's.
+    pub fn partition(&self, name: String, epoch: i64) -> MongoSink {
+        MongoSink {
+            client: self.client.clone(),
+            events: self.events.clone(),
+            raw_events: self.raw_events.clone(),
+            checkpoints: self.checkpoints.clone(),
+            dead_letters: self.dead_letters.clone(),
+            database: self.database.clone(),
+            mirrors: self.mirrors.clone(),
+            name,
+            where_: self.where_.clone(),
+            on_poison: self.on_poison,
+            allow_transactions: self.allow_transactions,
+            logged_mode: None,
+            transactions: None,
+            session: None,
+            epoch: Some(epoch),
+        }
+    }
+
+    /// Stamps this partition's epoch on its checkpoint, fencing off every earlier owner: their
+    /// next checkpoint update (which requires their epoch) matches nothing, in the same
+    /// transaction as their events. A partition without a checkpoint yet starts from the
+    /// checkpoint of consumer `takes_over` (the consumer the group replaced), or from the start.
+    /// Fails with [`SinkError::Fenced`] when a newer owner already claimed it.
+    pub async fn claim(&self, takes_over: &str) -> SinkResult<()> {
+        let epoch = self.epoch.expect("claim is for partitions");
+        // A previous owner killed mid-transaction holds the checkpoint's lock until its
+        // transaction is aborted: end it first, or the stamp would wait for the server's limit.
+        let previous = self
+            .checkpoints
+            .find_one(doc! {"_id": &self.name})
+            .await
+            .map_err(|e| self.error("read the partition's checkpoint", e))?;
+        if let Some(session) = previous
+            .as_ref()
+            .and_then(|p| p.get_document("session").ok())
+        {
+            self.end_orphaned_transaction(session).await;
+        }
+        loop {
+            let stamped = self
+                .checkpoints
+                .update_one(
+                    doc! {"_id": &self.name, "$or": [
+                        {"epoch": {"$exists": false}},
+                        {"epoch": {"$lt": epoch}},
+                    ]},
+                    doc! {"$set": {"epoch": epoch}},
+                )
+                .await
+                .map_err(|e| self.error("claim the partition's checkpoint", e))?;
+            if stamped.matched_count > 0 {
+                return Ok(());
+            }
+            let found = self
+                .checkpoints
+                .find_one(doc! {"_id": &self.name})
+                .await
+                .map_err(|e| self.error("read the partition's checkpoint", e))?;
+            if let Some(found) = found {
+                return Err(self.fenced(&found));
+            }
+            // The partition's first owner: start where the consumer it replaces stopped.
+            let base = self
+                .checkpoints
+                .find_one(doc! {"_id": takes_over})
+                .await
+                .map_err(|e| self.error("read the checkpoint the group takes over", e))?;
+            let mut first = doc! {"_id": &self.name, "tx_id": 0_i64, "id": 0_i64};
+            if let Some(base) = base {
+                for field in ["tx_id", "id", "event_id", "origin"] {
+                    if let Some(value) = base.get(field) {
+                        first.insert(field, value.clone());
+                    }
+                }
+                tracing::info!(partition = %self.name, consumer = %takes_over,
+                    "Taking over the checkpoint of the consumer this group replaces.");
+            }
+            first.insert("epoch", epoch);
+            first.insert("updated_at", DateTime::now());
+            match self.checkpoints.insert_one(first).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_duplicate_key(&e) => continue, // claimed by someone meanwhile
+                Err(e) => return Err(self.error("create the partition's checkpoint", e)),
+            }
+        }
+    }
+
+    /// The error for a checkpoint whose epoch is not ours: a newer owner took the partition.
+    fn fenced(&self, found: &Document) -> SinkError {
+        SinkError::Fenced {
+            partition: self.name.clone(),
+            epoch: self.epoch.unwrap_or_default(),
+            found: found.get("epoch").and_then(checkpoint::bson_i64),
+        }
+    }
+
+    /// The filter and update that move this sink's checkpoint from `start` to `to` (for a
+    /// partition, only while its epoch is ours).
+    fn checkpoint_move(&self, start: Position, to: &Checkpoint) -> (Document, Document) {
+        let (mut filter, update) = checkpoint::moved(
+            &self.name,
+            start,
+            to.position,
+            to.event_id,
+            to.origin.as_ref(),
+        );
+        if let Some(epoch) = self.epoch {
+            filter.insert("epoch", epoch);
+        }
+        (filter, update)
     }
 
     /// A consumer killed mid-transaction leaves that transaction open on the server, holding
@@ -473,6 +593,7 @@ impl MongoSink {
             .iter()
             .map(|l| (l.id(), self.dead_letter_update(l)))
             .collect();
+        let (filter, mut update) = self.checkpoint_move(part.start, &part.to);
         let session = self.session.as_mut().expect("just set");
         session.start_transaction().await?;
         let writes = async {
@@ -495,7 +616,6 @@ impl MongoSink {
                     .session(&mut *session)
                     .await?;
             }
-            let (filter, mut update) = checkpoint_move(&self.name, part.start, &part.to);
             update
                 .get_document_mut("$set")
                 .expect("built with $set")
@@ -644,7 +764,7 @@ impl MongoSink {
 
     /// Moves the checkpoint from `start` to `end` outside a transaction.
     async fn move_checkpoint(&self, start: Position, to: &Checkpoint) -> SinkResult<()> {
-        let (filter, update) = checkpoint_move(&self.name, start, to);
+        let (filter, update) = self.checkpoint_move(start, to);
         let moved = self
             .checkpoints
             .update_one(filter, update)
@@ -717,6 +837,11 @@ impl Sink for MongoSink {
             .await
             .map_err(|e| self.error("read the checkpoint", e))?;
         let Some(found) = found else { return Ok(None) };
+        if let Some(epoch) = self.epoch {
+            if found.get("epoch").and_then(checkpoint::bson_i64) != Some(epoch) {
+                return Err(self.fenced(&found));
+            }
+        }
         if let Ok(session) = found.get_document("session") {
             self.end_orphaned_transaction(session).await;
         }
@@ -908,9 +1033,4 @@ pub fn checkpoint_from(doc: &Document, name: &str) -> SinkResult<Checkpoint> {
         event_id: stored.event_id,
         origin: stored.origin,
     })
-}
-
-/// The filter and update that move a checkpoint from `start` to `to`.
-fn checkpoint_move(name: &str, start: Position, to: &Checkpoint) -> (Document, Document) {
-    checkpoint::moved(name, start, to.position, to.event_id, to.origin.as_ref())
 }
