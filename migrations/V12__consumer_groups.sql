@@ -72,9 +72,10 @@ LANGUAGE plpgsql
 SET search_path FROM CURRENT
 AS $fn$
 DECLARE
-    v_old  name := (SELECT r.role FROM event_stream_roles r WHERE r.job = 'consumer');
-    v_role name := prefix || '_consumer';
-    v_each name;
+    v_old    name := (SELECT r.role FROM event_stream_roles r WHERE r.job = 'consumer');
+    v_role   name := prefix || '_consumer';
+    v_purger name := prefix || '_purger';
+    v_each   name;
 BEGIN
     PERFORM events_grant_roles_before_groups(prefix); -- validates the prefix, creates the roles
     FOREACH v_each IN ARRAY ARRAY[coalesce(v_old, 'events_consumer'), v_role] LOOP
@@ -99,6 +100,18 @@ BEGIN
              USING (events_consumer_may_write(group_name, current_user))
              WITH CHECK (events_consumer_may_write(group_name, current_user));',
         v_role, v_role || '_own_groups');
+    -- The purger's login reads them (as it reads consumer_positions): `eventsctl status` runs as
+    -- the owner or a purger login and shows each group's members and partitions.
+    EXECUTE pg_catalog.format(
+        'REVOKE ALL ON consumer_groups, consumer_group_members, consumer_group_partitions FROM %1$I;
+         DROP POLICY IF EXISTS %2$I ON consumer_groups;
+         DROP POLICY IF EXISTS %2$I ON consumer_group_members;
+         DROP POLICY IF EXISTS %2$I ON consumer_group_partitions;
+         GRANT SELECT ON consumer_groups, consumer_group_members, consumer_group_partitions TO %1$I;
+         CREATE POLICY %2$I ON consumer_groups FOR SELECT TO %1$I USING (true);
+         CREATE POLICY %2$I ON consumer_group_members FOR SELECT TO %1$I USING (true);
+         CREATE POLICY %2$I ON consumer_group_partitions FOR SELECT TO %1$I USING (true);',
+        v_purger, v_purger || '_reads_groups');
 END
 $fn$;
 REVOKE ALL ON FUNCTION events_grant_roles(text) FROM PUBLIC;

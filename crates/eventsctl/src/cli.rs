@@ -67,4 +67,5 @@ pub enum Command {
     #[command(name = "dead-letters")]
     DeadLetters(cmd::dead_letters::Args),
     Capture(cmd::capture::Args),
+    Group(cmd::group::Args),
 }

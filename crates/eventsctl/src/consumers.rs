@@ -58,7 +58,8 @@ impl Standing {
     }
 }
 
-/// Every consumer that published a position (or only `only`), slowest first.
+/// Every consumer that published a position (or only `only`: a consumer, or a consumer group's
+/// partitions), slowest first.
 pub async fn standings(
     client: &Client,
     only: Option<&str>,
@@ -68,7 +69,8 @@ pub async fn standings(
     let listening = listening(client).await?;
     let mut out = Vec::new();
     for published in position::published_positions(client).await? {
-        if only.is_some_and(|name| name != published.consumer) {
+        let of_group = event_store::group::split_name(&published.consumer).map(|(g, _)| g);
+        if only.is_some_and(|name| name != published.consumer && Some(name) != of_group) {
             continue;
         }
         let backlog = position::backlog(client, published.position, cap).await?;

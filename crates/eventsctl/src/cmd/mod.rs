@@ -6,6 +6,7 @@ pub mod append;
 pub mod backfill;
 pub mod capture;
 pub mod dead_letters;
+pub mod group;
 pub mod lag;
 pub mod reset;
 pub mod status;
@@ -26,5 +27,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Append(args) => append::run(&cli, args).await,
         Command::DeadLetters(args) => dead_letters::run(&cli, args).await,
         Command::Capture(args) => capture::run(&cli, args).await,
+        Command::Group(args) => group::run(&cli, args).await,
     }
 }

@@ -85,9 +85,38 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         .map_err(|why| exit::usage(format!("bad consumer name {:?}: {why}", args.consumer)))?;
     let client = connect::postgres(cli, Role::Consumer).await?;
     let name = args.consumer.as_str();
+    // A consumer group: every partition moves, and only while no member runs (a member between
+    // two partitions would not show as running any one of them).
+    if let Some(count) = event_store::group::partitions_of(&client, name).await? {
+        let members = event_store::group::members(&client, name).await?;
+        if args.yes && !members.is_empty() {
+            let ids: Vec<&str> = members.iter().map(|m| m.member.as_str()).collect();
+            return Err(exit::refused(format!(
+                "consumer group {name:?} has {} running member(s) ({}); stop every member, then \
+                 run the reset again",
+                members.len(),
+                ids.join(", ")
+            )));
+        }
+        for partition in event_store::group::Partition::all(count) {
+            reset_one(cli, &client, &partition.name(name), args).await?;
+        }
+        return Ok(Code::Ok);
+    }
+    reset_one(cli, &client, name, args).await
+}
+
+/// Plans (and with --yes applies) the reset of one consumer: a consumer of its own, or one
+/// partition of a group.
+async fn reset_one(
+    cli: &Cli,
+    client: &tokio_postgres::Client,
+    name: &str,
+    args: &Args,
+) -> anyhow::Result<Code> {
     // A webhook or JetStream consumer keeps its checkpoint in PostgreSQL (sink_checkpoints,
     // visible to its own login and the owner); every other one in MongoDB.
-    let in_postgres = sink_state::load(&client, name).await?;
+    let in_postgres = sink_state::load(client, name).await?;
     let checkpoints = match in_postgres {
         Some(_) => None,
         None => Some(
@@ -105,14 +134,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         },
         (None, None) => None,
     };
-    let published = position::published_positions(&client)
+    let published = position::published_positions(client)
         .await?
         .into_iter()
         .find(|p| p.consumer == name)
         .map(|p| p.position);
-    let resolved = args.to.resolve(&client).await?;
+    let resolved = args.to.resolve(client).await?;
     let to = resolved.position;
-    let (_, next_xid) = position::horizon(&client).await?;
+    let (_, next_xid) = position::horizon(client).await?;
     if consumers::ahead_of_cluster(to, next_xid) {
         return Err(exit::usage(format!(
             "position {to} is ahead of this cluster's transaction counter (next xid {next_xid}): \
@@ -126,7 +155,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         std::cmp::Ordering::Greater => ("skip", start, to),
         std::cmp::Ordering::Equal => ("none", to, to),
     };
-    let events = position::count_between(&client, low, high, PLAN_COUNT_CAP).await?;
+    let events = position::count_between(client, low, high, PLAN_COUNT_CAP).await?;
     let mut warnings = Vec::new();
     if resolved.nothing_newer {
         warnings.push(format!(
@@ -139,7 +168,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             "consumer {name:?} has no checkpoint in MongoDB yet: one is created"
         ));
     }
-    if let Some(w) = position::watermark(&client).await? {
+    if let Some(w) = position::watermark(client).await? {
         if to != Position::START && to < w.position {
             warnings.push(format!(
                 "events up to {} were purged: resetting to {to} re-delivers only what is still \
@@ -148,7 +177,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             ));
         }
     }
-    let running = consumers::running(&client, name).await?;
+    let running = consumers::running(client, name).await?;
     let mut plan = Plan {
         consumer: name.to_string(),
         from,
@@ -175,8 +204,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             )));
         }
         // Hold the lease while writing, so the consumer cannot start in between.
-        if !lease::try_acquire(&client, name).await? {
-            let holder = lease::holder(&client, name).await?;
+        if !lease::try_acquire(client, name).await? {
+            let holder = lease::holder(client, name).await?;
             print_plan(cli, &plan)?;
             return Err(exit::refused(format!(
                 "consumer {name:?} just started ({}); stop it, then run the reset again",
@@ -205,10 +234,10 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         if in_postgres.is_some() {
             client.batch_execute("BEGIN").await?;
             let moved = async {
-                position::register(&client, name, to)
+                position::register(client, name, to)
                     .await
                     .map_err(|e| explain_position_write(e, name))?;
-                sink_state::move_checkpoint(&client, name, to).await?;
+                sink_state::move_checkpoint(client, name, to).await?;
                 Ok::<_, anyhow::Error>(())
             }
             .await;
@@ -218,13 +247,13 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             }
             client.batch_execute("COMMIT").await?;
         } else if to < start {
-            position::register(&client, name, to)
+            position::register(client, name, to)
                 .await
                 .map_err(|e| explain_position_write(e, name))?;
             write_mongo.await?;
         } else {
             client.batch_execute("BEGIN").await?;
-            let registered = position::register(&client, name, to).await;
+            let registered = position::register(client, name, to).await;
             if let Err(e) = registered {
                 client.batch_execute("ROLLBACK").await?;
                 return Err(explain_position_write(e, name));
@@ -235,7 +264,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             }
             client.batch_execute("COMMIT").await?;
         }
-        lease::release(&client, name).await?;
+        lease::release(client, name).await?;
         plan.applied = true;
     }
     print_plan(cli, &plan)?;

@@ -54,6 +54,28 @@ struct Status {
     /// Dead letters of all consumers: the MongoDB `deadLetters` collection (when MONGODB_URI is
     /// set) plus the `sink_dead_letters` table (when the login may read it); null if neither.
     dead_letters: Option<u64>,
+    /// Consumer groups (`consumer --partitions`): their members and who owns which partition;
+    /// each partition is also a consumer above (`<group>.p00` …). Null when this login may not
+    /// read the group tables.
+    groups: Option<Vec<GroupStatus>>,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupStatus {
+    group: String,
+    partitions: u32,
+    /// Running members (heartbeat not expired), by id.
+    members: Vec<MemberStatus>,
+    /// Partitions nobody owns now (between owners, or no member runs).
+    unowned: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct MemberStatus {
+    member: String,
+    /// It can reach its sink (a member that cannot is given no partitions).
+    ready: bool,
+    partitions: Vec<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -225,6 +247,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
             (None, in_postgres) => in_postgres,
         },
         consumers,
+        groups: groups(&client).await.ok(),
     };
     if let Some(bar) = progress {
         bar.finish_and_clear();
@@ -235,6 +258,40 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
         print!("{}", render(&status));
     }
     Ok(Code::Ok)
+}
+
+/// Every consumer group, its members and their partitions.
+async fn groups(client: &Client) -> anyhow::Result<Vec<GroupStatus>> {
+    use event_store::group;
+    let mut out = Vec::new();
+    for (name, partitions) in group::all(client).await? {
+        let leases = group::leases(client, &name).await?;
+        let members = group::members(client, &name)
+            .await?
+            .into_iter()
+            .map(|m| MemberStatus {
+                partitions: leases
+                    .iter()
+                    .filter(|l| l.member.as_deref() == Some(m.member.as_str()))
+                    .map(|l| l.partition.index)
+                    .collect(),
+                member: m.member,
+                ready: m.ready,
+            })
+            .collect();
+        let unowned = leases
+            .iter()
+            .filter(|l| l.member.is_none())
+            .map(|l| l.partition.index)
+            .collect();
+        out.push(GroupStatus {
+            group: name,
+            partitions,
+            members,
+            unowned,
+        });
+    }
+    Ok(out)
 }
 
 /// Every checkpoint in the consumers' MongoDB database.
@@ -368,6 +425,29 @@ async fn horizon(client: &Client) -> anyhow::Result<Horizon> {
     })
 }
 
+/// Partition indexes as short ranges: `0-3, 8, 10-11` (`none` for none).
+fn ranges(indexes: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < indexes.len() {
+        let mut j = i;
+        while j + 1 < indexes.len() && indexes[j + 1] == indexes[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            indexes[i].to_string()
+        } else {
+            format!("{}-{}", indexes[i], indexes[j])
+        });
+        i = j + 1;
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn render(s: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!("Consumers (database clock {}):\n", s.now));
@@ -425,6 +505,30 @@ fn render(s: &Status) -> String {
         out.push_str(&format!(
             "Dead letters: {n} (eventsctl dead-letters list)\n"
         ));
+    }
+    for g in s.groups.iter().flatten() {
+        out.push_str(&format!(
+            "\nConsumer group {} ({} partitions, {} running members; partitions are the consumers {}.p…):\n",
+            g.group,
+            g.partitions,
+            g.members.len(),
+            g.group
+        ));
+        for m in &g.members {
+            out.push_str(&format!(
+                "  member {}{}: partitions {}\n",
+                m.member,
+                if m.ready {
+                    ""
+                } else {
+                    " (cannot reach its sink)"
+                },
+                ranges(&m.partitions)
+            ));
+        }
+        if !g.unowned.is_empty() {
+            out.push_str(&format!("  unowned: partitions {}\n", ranges(&g.unowned)));
+        }
     }
 
     out.push_str("\nEvents:\n");
