@@ -8,9 +8,11 @@ check_service() {
         mongo)
             [ "$MONGO_KIND" != external ] || die "mongo is not managed by the twin (MONGODB_URI was given)" ;;
         producer | consumer | purger | gateway | capture-watcher) ;;
+        # Members of the consumer group `orders-group` (16 partitions), started on demand.
+        group-member-[1-9]) ;;
         nats1 | nats2 | nats3 | consumer-nats)
             nats_enabled || die "$1: this twin has no NATS (start it with NATS=1 scenarios/local-up)" ;;
-        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger, gateway, capture-watcher)" ;;
+        *) die "unknown service '$1' (postgres, mongo, producer, consumer, purger, gateway, capture-watcher, group-member-1…9)" ;;
     esac
 }
 cmd_start() {
@@ -147,7 +149,7 @@ cmd_logs() {
     case "$1" in
         postgres) log=$PG_DIR/postgres.log ;;
         mongo) log=$TWIN_DIR/mongo/mongo.log ;;
-        producer | consumer | purger | gateway | capture-watcher | consumer-nats | migrate) log=$TWIN_DIR/logs/$1.log ;;
+        producer | consumer | purger | gateway | capture-watcher | consumer-nats | group-member-[1-9] | migrate) log=$TWIN_DIR/logs/$1.log ;;
         nats1 | nats2 | nats3) log=$TWIN_DIR/nats/$1.log ;;
         *) die "unknown service '$1'" ;;
     esac

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# producer, consumer, purger, gateway, capture-watcher, consumer-nats (NATS=1) and migrate: their environment (the names
+# producer, consumer, purger, gateway, capture-watcher, consumer-nats (NATS=1), group-member-N (on
+# demand) and migrate: their environment (the names
 # docker-compose.yml uses), start, stop, and one-off runs in the foreground.
 
 bin_path() { echo "$BIN_DIR/$1"; }
@@ -8,7 +9,7 @@ bin_path() { echo "$BIN_DIR/$1"; }
 service_cmd() { # service
     case "$1" in
         capture-watcher) echo "$(bin_path eventsctl)"; echo capture; echo watch ;;
-        consumer-nats) bin_path consumer ;;
+        consumer-nats | group-member-*) bin_path consumer ;;
         *) bin_path "$1" ;;
     esac
 }
@@ -34,6 +35,16 @@ service_env() { # service
             echo "CONSUMER_SINK=nats"
             echo "CONSUMER_NATS_URL=$(nats_urls)"
             echo "CONSUMER_NATS_STREAM=EVENTS"
+            ;;
+        # Members of one consumer group (scenario s10): the consumer's login, 16 partitions, a
+        # collection of their own.
+        group-member-*)
+            echo "DATABASE_URL=$CONSUMER_URL"
+            echo "MONGODB_URI=$MONGO_URI"
+            echo "MONGODB_COLLECTION=groupEvents"
+            echo "CONSUMER_NAME=orders-group"
+            echo "CONSUMER_PARTITIONS=16"
+            echo "CONSUMER_LEASE_TIMEOUT=${GROUP_LEASE_TIMEOUT:-10s}"
             ;;
         # Read-only use of the consumer's login, as in compose.
         gateway) echo "DATABASE_URL=$CONSUMER_URL"; echo "HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" ;;

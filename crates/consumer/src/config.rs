@@ -80,7 +80,7 @@ pub struct Config {
 
     /// A group member that stops heartbeating (killed, paused, cut off) loses its partitions
     /// after this long; one that cannot reach MongoDB this long gives them up. Members heartbeat
-    /// every third of it.
+    /// every tenth of it (200 ms to 1 s).
     #[arg(
         long = "lease-timeout",
         env = "CONSUMER_LEASE_TIMEOUT",
@@ -520,6 +520,9 @@ impl Config {
             on_poison: self.on_poison,
             // Checked by validate(), which runs before any sink is made.
             mirrors: self.mirrors().unwrap_or_default(),
+            // A group member's partitions share one client: a connection each, and some to spare
+            // for probes.
+            max_pool_size: self.partitions.map(|p| p.saturating_add(4)),
         }
     }
 }

@@ -2,13 +2,14 @@
 //! share its work, one partition per pipeline (see [`event_store::group`] for the hash, the
 //! leases and the fencing).
 //!
-//! The member's loop, every third of `--lease-timeout`:
+//! The member's loop, every tenth of `--lease-timeout` (200 ms to 1 s):
 //! 1. **Heartbeat and renew** in PostgreSQL: its member row, and every partition lease it holds.
 //!    A lease missing from the renewal was taken over: that partition's pipeline is stopped at
 //!    once (and its next write would be refused by the epoch anyway). When PostgreSQL cannot be
 //!    reached for a whole lease timeout, the member stops every partition: its leases may have
 //!    been given to others meanwhile.
-//! 2. **Probe MongoDB**: a member that has not reached it for a lease timeout reports itself not
+//! 2. **Probe MongoDB**: a member that has not reached it (by a probe or a partition's write) for
+//!    a lease timeout reports itself not
 //!    ready, gets no partitions, and gives up those it has, so the group moves them to members
 //!    that can deliver them.
 //! 3. **Rebalance**: compute this member's share from the live members; stop the partitions no
@@ -83,7 +84,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let name = config.name.clone();
     let me = member_id();
     let timeout = config.lease_timeout;
-    let tick = (timeout / 3).max(Duration::from_millis(200));
+    // Heartbeats are cheap (three small statements); looking often keeps hand-overs short.
+    let tick = (timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(1));
     let health = Health::new();
     let stop = shutdown.child_token();
     let _stop_on_return = stop.clone().drop_guard();
@@ -109,20 +111,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let mut running: BTreeMap<u32, Running> = BTreeMap::new();
     let mut pg_ok_at = Instant::now();
     let mut pg_failing = false;
-    let mut sink_ok_at: Option<Instant> = None;
+    // The probe, or any partition's write: a busy MongoDB answers writes while a ping waits.
+    let reached: crate::health::Reached = Default::default();
     let mut ready_logged: Option<bool> = None;
     let outcome = loop {
         // MongoDB first: whether this member can deliver decides whether it asks for a share.
-        let reached = tokio::time::timeout(PROBE_TIMEOUT, probe.ping()).await;
-        match reached {
+        let pinged = tokio::time::timeout(PROBE_TIMEOUT, probe.ping()).await;
+        match pinged {
             Ok(Ok(())) => {
-                sink_ok_at = Some(Instant::now());
+                *reached.lock().unwrap() = Some(Instant::now());
                 health.ok(MongoSink::KIND);
             }
             Ok(Err(e)) => health.failing(MongoSink::KIND, e.to_string()),
             Err(_) => health.failing(MongoSink::KIND, "the probe timed out"),
         }
-        let ready = sink_ok_at.is_some_and(|at| at.elapsed() < timeout);
+        let ready = reached
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < timeout);
         if ready_logged != Some(ready) {
             if ready {
                 info!(group = %name, member = %me, "MongoDB is reachable: asking for a share of the partitions.");
@@ -182,7 +188,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     }
                     match group::acquire(&client, &name, partition, &me, timeout).await {
                         Ok(Some(epoch)) => {
-                            let run = start(&config, &template, partition, epoch, &health, &stop);
+                            let run = start(
+                                &config, &template, partition, epoch, &health, &reached, &stop,
+                            );
                             info!(group = %name, partition = partition.index, epoch,
                                   consumer = %partition.name(&name), "Took the partition.");
                             running.insert(partition.index, run);
@@ -341,8 +349,10 @@ fn start(
     partition: Partition,
     epoch: i64,
     health: &Arc<Health>,
+    reached: &crate::health::Reached,
     stop: &CancellationToken,
 ) -> Running {
+    let reached = reached.clone();
     let group = config.name.clone();
     let mut config = config.clone();
     config.name = partition.name(&group);
@@ -368,7 +378,7 @@ fn start(
                     }
                 }
             }
-            crate::pipeline(&config, Some(partition), sink, health, stop).await
+            crate::pipeline(&config, Some((partition, reached)), sink, health, stop).await
         })
     };
     Running {

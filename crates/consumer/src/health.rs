@@ -42,7 +42,13 @@ pub struct Context {
     /// The consumer group partition this is (`None`: a consumer of its own). A partition's
     /// ownership is the group's lease, not the advisory one.
     pub partition: Option<event_store::group::Partition>,
+    /// When a write last succeeded, for the group member: a busy sink that answers writes but
+    /// is slow to answer probes is still reachable.
+    pub sink_reached: Option<Reached>,
 }
+
+/// When the sink was last reached (shared by a group member's partitions).
+pub type Reached = Arc<Mutex<Option<Instant>>>;
 
 /// Observations the monitor turns into health.
 #[derive(Default)]
@@ -90,6 +96,9 @@ impl Context {
     /// A sink write (`write_ok`) or probe succeeded. Counts a recovery when the sink had been
     /// found unreachable; a probe cannot clear a failing write.
     pub fn sink_ok(&self, write_ok: bool) {
+        if let (true, Some(reached)) = (write_ok, &self.sink_reached) {
+            *reached.lock().unwrap() = Some(Instant::now());
+        }
         if write_ok {
             self.status.sink_error.lock().unwrap().take();
         } else if self.status.sink_error.lock().unwrap().is_some() {

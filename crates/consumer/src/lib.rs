@@ -112,7 +112,7 @@ pub async fn run_with<S: Sink>(config: Config, sink: S, shutdown: CancellationTo
 /// fenced by the lease's epoch). Reports on `health`; returns when `stop` is cancelled.
 pub(crate) async fn pipeline<S: Sink>(
     config: &Config,
-    partition: Option<Partition>,
+    part: Option<(Partition, health::Reached)>,
     mut sink: S,
     health: Arc<Health>,
     stop: CancellationToken,
@@ -121,6 +121,7 @@ pub(crate) async fn pipeline<S: Sink>(
     let app = format!("events-consumer:{name}");
     let pg = db::config(&config.postgres.database_url, &app)?;
     let metrics = Metrics::new(&name);
+    let (partition, sink_reached) = part.unzip();
     let stop = stop.child_token();
     let _stop_on_return = stop.clone().drop_guard();
     if partition.is_none() {
@@ -161,6 +162,7 @@ pub(crate) async fn pipeline<S: Sink>(
         accept_divergence: config.accept_divergence,
         dead_letters: Default::default(),
         partition,
+        sink_reached,
     });
 
     // PostgreSQL first: LISTEN before anything is fetched, then the checks that end start-up

@@ -393,6 +393,15 @@ async fn a_group_takes_over_the_consumer_of_its_name_and_refuses_it_afterwards()
         },
     )
     .await;
+    // A member waits while the consumer of its name runs on its own.
+    let mut config = env.config("billing");
+    config.partitions = Some(4);
+    config.lease_timeout = Duration::from_secs(2);
+    let metrics_at = free_addr();
+    config.http.http_addr = Some(metrics_at);
+    let group = spawn(config.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.pg.psql("SELECT count(*) FROM consumer_groups"), "0");
     single.stop().await;
     // Marks what is delivered again: a document overwritten by a re-delivery would lose this.
     env.collection(RECEIVED)
@@ -401,10 +410,6 @@ async fn a_group_takes_over_the_consumer_of_its_name_and_refuses_it_afterwards()
         .await
         .unwrap();
 
-    let mut config = env.config("billing");
-    config.partitions = Some(4);
-    config.lease_timeout = Duration::from_secs(2);
-    let group = spawn(config.clone());
     produce_keyed(&admin, 1000, 50).await;
     wait_delivered(&env, RECEIVED, "", Duration::from_secs(60)).await;
     let old = env
@@ -427,6 +432,16 @@ async fn a_group_takes_over_the_consumer_of_its_name_and_refuses_it_afterwards()
         "billing.p00,billing.p01,billing.p02,billing.p03"
     );
 
+    let (_, metrics) = http_get(metrics_at, "/metrics").await.expect("/metrics");
+    for p in 0..4 {
+        assert!(
+            metrics.contains(&format!(
+                "consumer_events_delivered_total{{consumer=\"billing.p0{p}\"}}"
+            )),
+            "per-partition series:\n{metrics}"
+        );
+    }
+
     // The same name without --partitions is refused while the group exists.
     let alone = consumer::run(
         env.config("billing"),
@@ -438,6 +453,7 @@ async fn a_group_takes_over_the_consumer_of_its_name_and_refuses_it_afterwards()
 
     // So is another partition count, naming both and the way to change it.
     config.partitions = Some(8);
+    config.http.http_addr = None;
     let mismatch = consumer::run(config, tokio_util::sync::CancellationToken::new())
         .await
         .expect_err("a different count is refused");

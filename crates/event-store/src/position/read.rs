@@ -272,7 +272,18 @@ impl Reader {
         limits: Limits,
         topics: Option<&[String]>,
     ) -> Result<Batch> {
-        let rows = i64::try_from(limits.rows.max(1)).unwrap_or(i64::MAX);
+        // A partition wants about one row in `count`: scan that many more, so that its batches
+        // hold about `limits.rows` events (not `rows / count`, which would multiply the sink's
+        // writes by the partition count). Unwanted rows come without payload, so this costs
+        // little memory; the byte bound applies to the wanted rows as always.
+        let scan = match self.partition {
+            Some(p) => limits
+                .rows
+                .max(1)
+                .saturating_mul(p.count.clamp(1, 64) as usize),
+            None => limits.rows.max(1),
+        };
+        let rows = i64::try_from(scan).unwrap_or(i64::MAX);
         let bytes = i64::try_from(limits.bytes.max(1)).unwrap_or(i64::MAX);
         let count = self.partition.map(|p| i64::from(p.count));
         let index = self.partition.map(|p| i64::from(p.index));
@@ -327,7 +338,7 @@ impl Reader {
                 }
             }
         }
-        batch.more |= last_more || batch.scanned >= limits.rows;
+        batch.more |= last_more || batch.scanned >= scan;
         Ok(batch)
     }
 

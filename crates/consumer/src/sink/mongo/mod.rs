@@ -83,6 +83,9 @@ pub struct MongoConfig {
     pub on_poison: OnPoison,
     /// Collections kept equal to captured tables, by topic ([`mirror`]).
     pub mirrors: Vec<Mirror>,
+    /// Connections to keep at most, when the URI does not say (`maxPoolSize`): a group member's
+    /// partitions share one client. `None`: the driver's default.
+    pub max_pool_size: Option<u32>,
 }
 
 /// The `--mongodb-transactions` choices.
@@ -141,6 +144,7 @@ impl MongoSink {
             transactions,
             on_poison,
             mirrors,
+            max_pool_size,
         } = config;
         let mut options = ClientOptions::parse(&uri)
             .await
@@ -170,6 +174,9 @@ impl MongoSink {
         }
         if options.connect_timeout.is_none() {
             options.connect_timeout = Some(Duration::from_secs(10));
+        }
+        if options.max_pool_size.is_none() {
+            options.max_pool_size = max_pool_size.map(|n| n.max(10));
         }
         let hosts: Vec<String> = options.hosts.iter().map(|h| h.to_string()).collect();
         let where_ = format!(
