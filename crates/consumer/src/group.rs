@@ -31,7 +31,7 @@ use event_store::db;
 use event_store::group::{self, Partition};
 use event_store::migrations::{self, Role};
 use event_store::retry::{sleep_or_stop, Decision, Policy, Retry};
-use services::ops::{self, Health};
+use services::ops::Health;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -86,12 +86,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let timeout = config.lease_timeout;
     // Heartbeats are cheap (three small statements); looking often keeps hand-overs short.
     let tick = (timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(1));
-    let health = Health::new();
-    let stop = shutdown.child_token();
+    let (health, stop) = crate::serve(&config, &shutdown).await?;
     let _stop_on_return = stop.clone().drop_guard();
-    ops::spawn(config.http.http_addr, health.clone(), stop.clone())
-        .await
-        .map_err(|e| Error::Config(format!("{e:#}")))?;
     let template = MongoSink::new(config.mongo()).await?;
     let probe = template.probe();
     let pg = db::config(

@@ -97,14 +97,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 /// [`run`] with a sink of the caller's making (the benchmarks observe a null sink).
 pub async fn run_with<S: Sink>(config: Config, sink: S, shutdown: CancellationToken) -> Result<()> {
     config.validate()?;
-    let health = Health::new();
+    let (health, stop) = serve(&config, &shutdown).await?;
     // Stops the helpers (and the HTTP endpoint) however this function returns.
-    let stop = shutdown.child_token();
     let _stop_on_return = stop.clone().drop_guard();
+    pipeline(&config, None, sink, health, stop).await
+}
+
+/// The process's health (and, with `--http-addr`, `/healthz` and `/metrics` serving it), and the
+/// token that stops its helpers: a child of `shutdown`.
+pub(crate) async fn serve(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<(Arc<Health>, CancellationToken)> {
+    let health = Health::new();
+    let stop = shutdown.child_token();
     ops::spawn(config.http.http_addr, health.clone(), stop.clone())
         .await
         .map_err(|e| Error::Config(format!("{e:#}")))?;
-    pipeline(&config, None, sink, health, stop).await
+    Ok((health, stop))
 }
 
 /// One consumer's delivery: the whole stream under `config.name`, or one partition of a group

@@ -157,13 +157,7 @@ pub async fn join(client: &mut Client, group: &str, partitions: u32) -> Result<J
             took_over: None,
         });
     }
-    tx.execute(
-        "INSERT INTO consumer_group_partitions (group_name, partition)
-         SELECT $1, p FROM generate_series(0, $2 - 1) AS p",
-        &[&group, &count],
-    )
-    .await
-    .map_err(|e| Error::database(context(), e))?;
+    insert_partitions(&tx, group, count).await?;
     let base = tx
         .query_opt(
             "DELETE FROM consumer_positions WHERE consumer = $1 RETURNING tx_id::text, id",
@@ -174,15 +168,7 @@ pub async fn join(client: &mut Client, group: &str, partitions: u32) -> Result<J
     let took_over = match base {
         Some(row) => {
             let position = Position::from_text(row.get(0), row.get(1))?;
-            let names: Vec<String> = Partition::all(partitions).map(|p| p.name(group)).collect();
-            tx.execute(
-                "INSERT INTO consumer_positions (consumer, tx_id, id)
-                 SELECT n, $2::text::xid8, $3 FROM unnest($1::text[]) AS n
-                 ON CONFLICT (consumer) DO NOTHING",
-                &[&names, &position.tx_text(), &position.id],
-            )
-            .await
-            .map_err(|e| Error::database(context(), e))?;
+            publish_partitions(&tx, group, partitions, position, false).await?;
             Some(position)
         }
         None => None,
@@ -490,28 +476,58 @@ pub async fn repartition(
     )
     .await
     .map_err(|e| Error::database(context(), e))?;
+    insert_partitions(&tx, group, count).await?;
+    if let Some(position) = oldest {
+        publish_partitions(&tx, group, partitions, position, true).await?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Error::database(context(), e))?;
+    Ok(oldest)
+}
+
+/// The lease rows of a group of `count` partitions, all free.
+async fn insert_partitions(
+    tx: &tokio_postgres::Transaction<'_>,
+    group: &str,
+    count: i32,
+) -> Result<()> {
     tx.execute(
         "INSERT INTO consumer_group_partitions (group_name, partition)
          SELECT $1, p FROM generate_series(0, $2 - 1) AS p",
         &[&group, &count],
     )
     .await
-    .map_err(|e| Error::database(context(), e))?;
-    if let Some(position) = oldest {
-        let names: Vec<String> = Partition::all(partitions).map(|p| p.name(group)).collect();
-        tx.execute(
+    .map_err(|e| Error::database(format!("create the partitions of group {group:?}"), e))?;
+    Ok(())
+}
+
+/// Publishes `position` for every partition of a group of `count` (the purger keeps what comes
+/// after it): over rows already there too when `overwrite`.
+async fn publish_partitions(
+    tx: &tokio_postgres::Transaction<'_>,
+    group: &str,
+    count: u32,
+    position: Position,
+    overwrite: bool,
+) -> Result<()> {
+    let names: Vec<String> = Partition::all(count).map(|p| p.name(group)).collect();
+    let conflict = if overwrite {
+        "DO UPDATE SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id"
+    } else {
+        "DO NOTHING"
+    };
+    tx.execute(
+        &format!(
             "INSERT INTO consumer_positions (consumer, tx_id, id)
              SELECT n, $2::text::xid8, $3 FROM unnest($1::text[]) AS n
-             ON CONFLICT (consumer) DO UPDATE SET tx_id = EXCLUDED.tx_id, id = EXCLUDED.id",
-            &[&names, &position.tx_text(), &position.id],
-        )
-        .await
-        .map_err(|e| Error::database(context(), e))?;
-    }
-    tx.commit()
-        .await
-        .map_err(|e| Error::database(context(), e))?;
-    Ok(oldest)
+             ON CONFLICT (consumer) {conflict}"
+        ),
+        &[&names, &position.tx_text(), &position.id],
+    )
+    .await
+    .map_err(|e| Error::database(format!("publish the positions of group {group:?}"), e))?;
+    Ok(())
 }
 
 fn millis(d: Duration) -> i64 {
