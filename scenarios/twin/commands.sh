@@ -72,6 +72,13 @@ cmd_status() {
         printf '%-15s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
             "${port:+http://127.0.0.1:$port/healthz}"
     done
+    # Group members, once started (scenarios/local start group-member-1 …).
+    for svc in group-member-{1..9}; do
+        [ -f "$TWIN_DIR/run/$svc.pid" ] || continue
+        printf '%-15s %-9s %-8s %s
+' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
+            "group orders-group (16 partitions)"
+    done
     nats_enabled || return 0
     for svc in "${NATS_NODES[@]}"; do
         printf '%-15s %-9s %-8s %s\n' "$svc" "$(service_state "$svc")" "$(live_pid "$svc")" \
@@ -99,6 +106,7 @@ Next, try:
   scenarios/local mongosh --quiet --eval 'db.receivedEvents.countDocuments()'
   scenarios/local stop consumer; scenarios/local eventsctl lag; scenarios/local start consumer
   scenarios/local eventsctl tail --from latest --follow
+  scenarios/local start group-member-1 group-member-2   # a consumer group (collection groupEvents)
 Live push: http://127.0.0.1:${GATEWAY_HTTP_PORT:-8084}/?topic=courses (the gateway's demo page)
 Logs: scenarios/local logs consumer [-f]      Everything down: scenarios/local-down
 EOF

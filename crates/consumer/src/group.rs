@@ -24,6 +24,7 @@
 //! row removed, so the others take the partitions over on their next look.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,11 +40,68 @@ use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::health::POSTGRES;
+use crate::sink::mongo::MongoProbe;
 use crate::sink::{MongoSink, Probe, Sink, SinkError};
 use crate::Config;
 
-/// How long a probe of MongoDB may take before it counts as failed.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the member's probe learnt of MongoDB.
+#[derive(Default)]
+struct Probed {
+    /// A probe has answered (either way).
+    answered: AtomicBool,
+    /// The last answer was a failure.
+    failing: AtomicBool,
+}
+
+impl Probed {
+    /// Reachable: the probe has answered, and its last answer was no failure, or something (a
+    /// probe or a write) reached MongoDB within `timeout`.
+    fn ready(&self, reached: &crate::health::Reached, timeout: Duration) -> bool {
+        let recent = reached
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < timeout);
+        self.answered.load(Ordering::Relaxed) && (!self.failing.load(Ordering::Relaxed) || recent)
+    }
+}
+
+/// Probes MongoDB every `every` on a task of its own, so that a slow answer never delays the
+/// heartbeat (a late heartbeat would lose the leases).
+fn spawn_probe(
+    probe: MongoProbe,
+    reached: crate::health::Reached,
+    health: Arc<Health>,
+    every: Duration,
+    stop: CancellationToken,
+) -> Arc<Probed> {
+    let probed = Arc::new(Probed::default());
+    let seen = probed.clone();
+    tokio::spawn(async move {
+        loop {
+            // Bounded by the driver's server selection timeout.
+            let answer = tokio::select! {
+                answer = probe.ping() => answer,
+                _ = stop.cancelled() => return,
+            };
+            match answer {
+                Ok(()) => {
+                    *reached.lock().unwrap() = Some(Instant::now());
+                    seen.failing.store(false, Ordering::Relaxed);
+                    health.ok(MongoSink::KIND);
+                }
+                Err(e) => {
+                    seen.failing.store(true, Ordering::Relaxed);
+                    health.failing(MongoSink::KIND, e.to_string());
+                }
+            }
+            seen.answered.store(true, Ordering::Relaxed);
+            if sleep_or_stop(every, &stop).await {
+                return;
+            }
+        }
+    });
+    probed
+}
 
 /// A partition this member runs (or is stopping).
 struct Running {
@@ -109,22 +167,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let mut pg_failing = false;
     // The probe, or any partition's write: a busy MongoDB answers writes while a ping waits.
     let reached: crate::health::Reached = Default::default();
+    let probing = spawn_probe(probe, reached.clone(), health.clone(), tick, stop.clone());
     let mut ready_logged: Option<bool> = None;
     let outcome = loop {
-        // MongoDB first: whether this member can deliver decides whether it asks for a share.
-        let pinged = tokio::time::timeout(PROBE_TIMEOUT, probe.ping()).await;
-        match pinged {
-            Ok(Ok(())) => {
-                *reached.lock().unwrap() = Some(Instant::now());
-                health.ok(MongoSink::KIND);
-            }
-            Ok(Err(e)) => health.failing(MongoSink::KIND, e.to_string()),
-            Err(_) => health.failing(MongoSink::KIND, "the probe timed out"),
-        }
-        let ready = reached
-            .lock()
-            .unwrap()
-            .is_some_and(|at| at.elapsed() < timeout);
+        // Whether this member can deliver decides whether it asks for a share. Slow answers are
+        // no reason to give partitions up: only failures, with no write succeeding meanwhile.
+        let ready = probing.ready(&reached, timeout);
         if ready_logged != Some(ready) {
             if ready {
                 info!(group = %name, member = %me, "MongoDB is reachable: asking for a share of the partitions.");
