@@ -173,7 +173,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         // Whether this member can deliver decides whether it asks for a share. Slow answers are
         // no reason to give partitions up: only failures, with no write succeeding meanwhile.
         let ready = probing.ready(&reached, timeout);
-        if ready_logged != Some(ready) {
+        let answered = probing.answered.load(Ordering::Relaxed);
+        if answered && ready_logged != Some(ready) {
             if ready {
                 info!(group = %name, member = %me, "MongoDB is reachable: asking for a share of the partitions.");
             } else if ready_logged.is_some() {
