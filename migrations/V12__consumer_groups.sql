@@ -45,8 +45,9 @@ ALTER TABLE consumer_groups ENABLE ROW LEVEL SECURITY;
 ALTER TABLE consumer_group_members ENABLE ROW LEVEL SECURITY;
 ALTER TABLE consumer_group_partitions ENABLE ROW LEVEL SECURITY;
 
--- A login registered for consumer `orders` in consumer_names may also write its partitions
--- `orders.p00` … (V9's check, extended by the partition suffix).
+-- A login registered for consumer `orders` in consumer_names may also write the partitions
+-- `orders.p00` … of group `orders` (V9's check, extended to the partitions of a group it may
+-- use; a consumer merely named like a partition stays with its own registration).
 CREATE OR REPLACE FUNCTION events_consumer_may_write(consumer text, who name) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -56,12 +57,16 @@ BEGIN ATOMIC
                 OR EXISTS (SELECT FROM consumer_names n
                             WHERE n.login = who
                               AND (n.consumer = $1
-                                   OR n.consumer = pg_catalog.regexp_replace($1, '\.p[0-9]{2,4}$', ''))));
+                                   OR (n.consumer = pg_catalog.regexp_replace($1, '\.p[0-9]{2,4}$', '')
+                                       AND EXISTS (SELECT FROM consumer_groups g
+                                                    WHERE g.name = n.consumer
+                                                      AND pg_catalog.substring($1, '\.p([0-9]{2,4})$')::integer < g.partitions)))));
 END;
 REVOKE ALL ON FUNCTION events_consumer_may_write(text, name) FROM PUBLIC;
 
--- events_grant_roles as before (V11), then the consumer role's rights on the group tables, and
--- DELETE on its own consumer_positions rows (a group's first start hands the position of the
+-- events_grant_roles as before (V11), then the consumer role's rights on the group tables (the
+-- rows of groups its login created, as consumer_positions: owner = current_user), and DELETE on
+-- the consumer_positions rows its login owns (a restrictive policy: never an ownerless row) (a group's first start hands the position of the
 -- consumer it takes over to its partitions, and removes the old row so that the purger does not
 -- keep events for a consumer that no longer runs).
 ALTER FUNCTION events_grant_roles(text) RENAME TO events_grant_roles_before_groups;
@@ -85,21 +90,27 @@ BEGIN
              REVOKE DELETE ON consumer_positions FROM %1$I;
              DROP POLICY IF EXISTS %2$I ON consumer_groups;
              DROP POLICY IF EXISTS %2$I ON consumer_group_members;
-             DROP POLICY IF EXISTS %2$I ON consumer_group_partitions;', v_each, v_each || '_own_groups');
+             DROP POLICY IF EXISTS %2$I ON consumer_group_partitions;
+             DROP POLICY IF EXISTS %3$I ON consumer_positions;', v_each, v_each || '_own_groups',
+            v_each || '_deletes_own_positions');
     END LOOP;
     EXECUTE pg_catalog.format(
         'GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_groups, consumer_group_members, consumer_group_partitions TO %1$I;
          GRANT DELETE ON consumer_positions TO %1$I;
          CREATE POLICY %2$I ON consumer_groups FOR ALL TO %1$I
-             USING (events_consumer_may_write(name, current_user))
-             WITH CHECK (events_consumer_may_write(name, current_user));
+             USING (owner = current_user AND events_consumer_may_write(name, current_user))
+             WITH CHECK (owner = current_user AND events_consumer_may_write(name, current_user));
          CREATE POLICY %2$I ON consumer_group_members FOR ALL TO %1$I
-             USING (events_consumer_may_write(group_name, current_user))
-             WITH CHECK (owner = current_user AND events_consumer_may_write(group_name, current_user));
+             USING (EXISTS (SELECT FROM consumer_groups g WHERE g.name = group_name AND g.owner = current_user))
+             WITH CHECK (owner = current_user
+                         AND EXISTS (SELECT FROM consumer_groups g WHERE g.name = group_name AND g.owner = current_user));
          CREATE POLICY %2$I ON consumer_group_partitions FOR ALL TO %1$I
-             USING (events_consumer_may_write(group_name, current_user))
-             WITH CHECK (events_consumer_may_write(group_name, current_user));',
-        v_role, v_role || '_own_groups');
+             USING (EXISTS (SELECT FROM consumer_groups g WHERE g.name = group_name AND g.owner = current_user))
+             WITH CHECK (EXISTS (SELECT FROM consumer_groups g WHERE g.name = group_name AND g.owner = current_user));
+         DROP POLICY IF EXISTS %3$I ON consumer_positions;
+         CREATE POLICY %3$I ON consumer_positions AS RESTRICTIVE FOR DELETE TO %1$I
+             USING (owner = current_user);',
+        v_role, v_role || '_own_groups', v_role || '_deletes_own_positions');
     -- The purger's login reads them (as it reads consumer_positions): `eventsctl status` runs as
     -- the owner or a purger login and shows each group's members and partitions.
     EXECUTE pg_catalog.format(

@@ -9,9 +9,10 @@
 //!   (a fresh MongoDB database and name) and ends when every partition has published the last
 //!   position. Ratios are against the single consumer of the same run.
 //! - **Hand-over**: 3 members (lease timeout `BENCH_LEASE` = 10 s) deliver a stream at 500
-//!   events/s; one member is dropped without leaving (its connections die as in `kill -9`).
+//!   events/s; one member is aborted without leaving.
 //!   Reported: the time until each of its partitions has delivered an event written after the
-//!   death; the target is at most the lease timeout + 2 s.
+//!   death; the target is at most the lease timeout + 2 s. (Aborting the member's task stops its
+//!   heartbeats without releasing its leases, which is what a kill -9 leaves behind.)
 
 mod support;
 
@@ -80,9 +81,6 @@ fn config(url: &str, uri: &str, mongo: &Mongo, name: &str, partitions: Option<u3
     config.batch_size = std::env::var("BENCH_BATCH")
         .ok()
         .and_then(|b| b.parse().ok());
-    if std::env::var("BENCH_TRANSACTIONS").as_deref() == Ok("off") {
-        config.mongodb_transactions = consumer::Transactions::Off;
-    }
     config
 }
 

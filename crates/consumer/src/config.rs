@@ -467,6 +467,25 @@ impl Config {
                     self.sink.as_str()
                 )));
             }
+            // A paused member's late writes are refused by the checkpoint update in the same
+            // transaction as its events; without transactions they would land first.
+            if self.mongodb_transactions == Transactions::Off {
+                return Err(Error::Config(
+                    "--partitions needs MongoDB transactions (a replica set, single-node included): \
+                     drop --mongodb-transactions off"
+                        .into(),
+                ));
+            }
+            // A truncate is one event, in one partition, but empties the whole mirror: the other
+            // partitions' changes around it would land in the wrong order.
+            if !self.mirror.is_empty() {
+                return Err(Error::Config(
+                    "--mirror cannot be used with --partitions (a truncate would be applied out of \
+                     order with the other partitions' changes): run the mirror as a consumer of \
+                     its own"
+                        .into(),
+                ));
+            }
             if self.lease_timeout < std::time::Duration::from_secs(1) {
                 return Err(Error::Config(
                     "--lease-timeout / CONSUMER_LEASE_TIMEOUT must be at least 1s".into(),
@@ -616,6 +635,35 @@ mod tests {
         let mut all = vec!["consumer", "--database-url", "postgres://u@h/db"];
         all.extend_from_slice(args);
         Config::try_parse_from(all)
+    }
+
+    #[test]
+    fn a_group_needs_mongodb_transactions_no_mirror_and_a_plain_name() {
+        let ok = parse(&["--mongodb-uri", "mongodb://m", "--partitions", "16"]).unwrap();
+        ok.validate().unwrap();
+        for (extra, says) in [
+            (
+                &["--mongodb-transactions", "off"][..],
+                "needs MongoDB transactions",
+            ),
+            (
+                &["--mirror", "app.items=items", "--topics", "app.items"][..],
+                "--mirror cannot",
+            ),
+            (&["--name", "a.b"][..], "no '.'"),
+            (&["--sink", "null"][..], "--sink mongodb only"),
+        ] {
+            let mut args = vec!["--mongodb-uri", "mongodb://m", "--partitions", "16"];
+            args.extend_from_slice(extra);
+            let err = parse(&args).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{extra:?}: {err}");
+        }
+        let zero = parse(&["--mongodb-uri", "mongodb://m", "--partitions", "0"]).unwrap();
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 1024"));
     }
 
     #[test]

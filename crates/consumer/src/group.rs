@@ -189,12 +189,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
 
         let looked = async {
+            // The count first: a group repartitioned while this member was away (paused, cut
+            // off) must not be read with the old hash.
+            match group::partitions_of(&client, &name).await? {
+                Some(n) if n == count => {}
+                other => {
+                    return Err(event_store::Error::Config(format!(
+                        "consumer group {name:?} now has {} partitions (it was repartitioned), \
+                         this member runs with --partitions {count}: restart it with the new count",
+                        other.map_or("no".into(), |n| n.to_string())
+                    )))
+                }
+            }
             group::heartbeat(&client, &name, &me, ready, timeout).await?;
             let owned = group::renew(&client, &name, &me, timeout).await?;
             let members = group::members(&client, &name).await?;
             Ok::<_, event_store::Error>((owned, members))
-        }
-        .await;
+        };
+        // Bounded: a call hanging on a silent network must not outlive the leases unnoticed.
+        let looked = match tokio::time::timeout(timeout, looked).await {
+            Ok(looked) => looked,
+            Err(_) => Err(event_store::Error::LeaseHeld(
+                "the group's heartbeat took longer than --lease-timeout".into(),
+            )),
+        };
         match looked {
             Ok((owned, members)) => {
                 pg_ok_at = Instant::now();
@@ -311,20 +329,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     };
 
-    // Leaving: every partition finishes its batch in flight, then the leases go.
+    // Leaving: every partition finishes its batch in flight while the leases are kept alive
+    // (the batch may take longer than a lease), and each lease goes as soon as its partition
+    // stopped, for the next owner to take at once.
     for run in running.values() {
         run.stop.cancel();
     }
-    for (index, run) in std::mem::take(&mut running) {
-        match run.task.await {
-            Ok(Err(e)) if !matches!(e, Error::Sink(SinkError::Fenced { .. })) => {
-                warn!(group = %name, partition = index, error = %e, "Partition stopped with an error.")
+    while !running.is_empty() {
+        let ended: Vec<u32> = running
+            .iter()
+            .filter(|(_, r)| r.task.is_finished())
+            .map(|(i, _)| *i)
+            .collect();
+        for index in ended {
+            let run = running.remove(&index).expect("listed");
+            match run.task.await {
+                Ok(Err(e)) if !matches!(e, Error::Sink(SinkError::Fenced { .. })) => {
+                    warn!(group = %name, partition = index, error = %e, "Partition stopped with an error.")
+                }
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                _ => {}
             }
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            _ => {}
+            let _ = tokio::time::timeout(timeout, group::release(&client, &name, index, &me)).await;
         }
+        if running.is_empty() {
+            break;
+        }
+        let _ = tokio::time::timeout(timeout, group::renew(&client, &name, &me, timeout)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    match group::leave(&client, &name, &me).await {
+    match tokio::time::timeout(timeout, group::leave(&client, &name, &me))
+        .await
+        .unwrap_or_else(|_| {
+            Err(event_store::Error::LeaseHeld(
+                "leaving took longer than --lease-timeout".into(),
+            ))
+        }) {
         Ok(()) => {
             info!(group = %name, member = %me, "Left the group; its partitions are free for the others.")
         }
@@ -353,8 +393,9 @@ async fn connect(
             if !event_store::lease::try_acquire(&client, name).await? {
                 let holder = event_store::lease::holder(&client, name).await.ok().flatten();
                 return Err(event_store::Error::LeaseHeld(format!(
-                    "consumer {name:?} is running without --partitions ({}); stop it before \
-                     starting the group, which takes over its checkpoint",
+                    "the lease of consumer {name:?} is held ({}): a consumer of this name runs \
+                     without --partitions (stop it; the group takes over its checkpoint), or \
+                     another member is joining; waiting",
                     holder.map_or("holder not visible".into(), |h| h.to_string())
                 )));
             }

@@ -183,8 +183,10 @@ pub(crate) async fn pipeline<S: Sink>(
             let listener = Listener::connect(&ctx.pg, &ctx.channel, ctx.wake.clone()).await?;
             migrations::check(listener.client(), Role::Consumer).await?;
             if partition.is_none() {
-                group::refuse_if_grouped(listener.client(), &ctx.name).await?;
+                // The lease first: a group's first member takes it while it creates the group,
+                // so that the check below cannot miss a group created meanwhile.
                 event_store::lease::take(listener.client(), &ctx.name).await?;
+                group::refuse_if_grouped(listener.client(), &ctx.name).await?;
             }
             Ok::<_, Error>(listener)
         }

@@ -563,3 +563,43 @@ async fn partitions_of_a_member_that_cannot_reach_mongodb_go_to_the_others() {
     assert!(cut_off.wait().unwrap().success());
     assert!(healthy.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_away_during_a_repartition_stops_instead_of_reading_with_the_old_hash() {
+    let env = setup().await;
+    let logs = tempfile::tempdir().unwrap();
+    let admin = env.superuser().await;
+    let log = log_of(logs.path(), "away");
+    let mut away = member(&env, "stock", 4, &log, &[]);
+    produce_keyed(&admin, 500, 50).await;
+    wait_delivered(&env, RECEIVED, "", Duration::from_secs(60)).await;
+    signal(&away, Signal::SIGSTOP);
+    // Its heartbeat expires; the group is repartitioned meanwhile (as `eventsctl group
+    // repartition` does it in PostgreSQL).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut owner = event_store::testing::connect(&env.pg.url()).await;
+    event_store::group::repartition(&mut owner, "stock", 8, None)
+        .await
+        .expect("no live member");
+    signal(&away, Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = away.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the member kept running with the old count"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("now has 8 partitions"), "{text}");
+    assert_eq!(
+        owners(&env, "stock").len(),
+        8,
+        "the new partitions exist, none taken by the old member"
+    );
+    assert!(owners(&env, "stock").iter().all(|o| o == "-"));
+}

@@ -47,9 +47,10 @@ use tracing::{debug, info, warn};
 
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::group::Partition;
 use crate::listener::Listener;
-use crate::position::{self, Batch, HorizonBlocker, Limits, Position, Reader, Watermark};
+use crate::position::{
+    self, Batch, HorizonBlocker, Limits, Partition, Position, Reader, Watermark,
+};
 use crate::retry::{sleep_or_stop, Policy, Retry, HORIZON_POLL};
 
 /// How long committed events may wait behind an open transaction before the blocker is named.
@@ -341,7 +342,7 @@ impl ReadState {
 
     fn adapt(&mut self, batch: &Batch, asked: usize) {
         if batch.cut_on_text {
-            self.rows = Some(batch.scanned.max(1));
+            self.rows = Some((batch.scanned / batch.scan_factor.max(1)).max(1));
         } else if let Some(rows) = self.rows {
             if batch.scanned >= asked {
                 self.rows = Some(rows.saturating_mul(2));

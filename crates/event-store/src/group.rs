@@ -43,26 +43,7 @@ pub const MAX_PARTITIONS: u32 = 1024;
 pub const PARTITION_SQL: &str =
     "((hashtextextended(coalesce(key, event_id::text), 0) % $1::bigint) + $1::bigint) % $1::bigint";
 
-/// One partition of a group of `count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Partition {
-    pub index: u32,
-    pub count: u32,
-}
-
-impl Partition {
-    /// The internal consumer name of this partition of `group`: `orders.p03` (two digits at
-    /// least, as many as the largest index needs, so the names sort in partition order).
-    pub fn name(&self, group: &str) -> String {
-        let width = (self.count.max(2) - 1).to_string().len().max(2);
-        format!("{group}.p{:0width$}", self.index)
-    }
-
-    /// Every partition of a group of `count`.
-    pub fn all(count: u32) -> impl Iterator<Item = Partition> {
-        (0..count).map(move |index| Partition { index, count })
-    }
-}
+pub use crate::position::Partition;
 
 /// The group and partition index a partition's consumer name stands for (`orders.p03` →
 /// `("orders", 3)`), if it has the form.
@@ -284,8 +265,16 @@ pub async fn acquire(
                     expires_at = now() + $4::bigint * interval '1 millisecond'
               WHERE group_name = $1 AND partition = $2
                 AND (member IS NULL OR member = $3 OR expires_at IS NULL OR expires_at < now())
+                -- Never under another count (a repartition while this member was away).
+                AND EXISTS (SELECT FROM consumer_groups g WHERE g.name = $1 AND g.partitions = $5)
              RETURNING epoch",
-            &[&group, &index, &member, &millis(timeout)],
+            &[
+                &group,
+                &index,
+                &member,
+                &millis(timeout),
+                &(partition.count as i32),
+            ],
         )
         .await
         .map_err(|e| {
@@ -406,13 +395,15 @@ pub async fn all(client: &Client) -> Result<Vec<(String, u32)>> {
         .collect())
 }
 
-/// Changes `group` to `partitions` partitions while no member runs: every new partition starts
-/// at the oldest published position of the old ones (re-delivering, never skipping), and the
-/// old partitions' rows go. Returns that position (`None`: no partition had published one).
+/// Changes `group` to `partitions` partitions while no member runs: every new partition's
+/// published position is the oldest of the old ones' and `floor` (where the sink's checkpoints
+/// start them: the purger must keep everything they read again), and the old partitions' rows
+/// go. Returns that position (`None`: none was known).
 pub async fn repartition(
     client: &mut Client,
     group: &str,
     partitions: u32,
+    floor: Option<Position>,
 ) -> Result<Option<Position>> {
     if partitions == 0 || partitions > MAX_PARTITIONS {
         return Err(Error::Config(format!(
@@ -457,6 +448,10 @@ pub async fn repartition(
         .map_err(|e| Error::database(context(), e))?
         .map(|r| Position::from_text(r.get(0), r.get(1)))
         .transpose()?;
+    let oldest = match (oldest, floor) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     tx.execute(
         "DELETE FROM consumer_positions WHERE consumer = ANY($1)",
         &[&old_names],

@@ -126,3 +126,44 @@ async fn status_lag_reset_and_repartition_act_per_group() {
         "8"
     );
 }
+
+/// A consumer login may touch only the groups, and delete only the position rows, its own login
+/// created: not another login's, and not the ownerless rows from before V4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_login_cannot_touch_a_group_or_delete_positions_it_does_not_own() {
+    let env = setup(true).await;
+    produce(&env.admin, "orders", 50).await;
+    let a = spawn(member(&env, 2));
+    wait_all_delivered(&env).await;
+    a.stop().await;
+    env.pg.psql("INSERT INTO consumer_positions (consumer, tx_id, id, owner) VALUES ('legacy', '1', 1, NULL)");
+    let other = common::connect(&env.pg.url_for("ops2", None)).await;
+    for sql in [
+        "DELETE FROM consumer_groups",
+        "UPDATE consumer_groups SET partitions = 9",
+        "UPDATE consumer_group_partitions SET epoch = 0, member = 'x'",
+        "DELETE FROM consumer_group_partitions",
+        "DELETE FROM consumer_positions",
+    ] {
+        let changed = other.execute(sql, &[]).await.unwrap_or(0);
+        assert_eq!(changed, 0, "{sql} changed rows as another login");
+    }
+    assert_eq!(env.pg.psql("SELECT partitions FROM consumer_groups"), "2");
+    assert_eq!(
+        env.pg.psql("SELECT count(*) FROM consumer_positions"),
+        "3",
+        "both partitions' rows and the ownerless one stay"
+    );
+    // The owning login may delete its own rows (the group's first start does), never the
+    // ownerless one.
+    let own = common::connect(&env.pg.url_for("ops", None)).await;
+    assert_eq!(
+        own.execute(
+            "DELETE FROM consumer_positions WHERE consumer = 'legacy'",
+            &[]
+        )
+        .await
+        .unwrap(),
+        0
+    );
+}

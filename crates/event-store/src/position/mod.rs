@@ -73,6 +73,7 @@
 //! transaction id (`latest` has finished, `own` is assigned), so the restore check is unchanged.
 
 mod lookup;
+mod partition;
 mod published;
 mod purge;
 mod read;
@@ -86,6 +87,7 @@ use crate::error::{Error, Result};
 pub use lookup::{
     before_time, count_between, ends, event_at, newest_of_topics, oldest, origin, Ends, Origin,
 };
+pub use partition::Partition;
 pub use published::{publish, published_positions, register, PublishedPosition};
 pub use purge::{
     kept, purge_batch, purge_step, purgeable, purgeable_past, Kept, PurgeStep, Purged,

@@ -7,10 +7,10 @@ use futures_util::StreamExt;
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
+use super::Partition;
 use super::Position;
 use crate::error::{Error, Result};
 use crate::event::RawJson;
-use crate::group::Partition;
 
 /// An event as read back from the `events` table.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +105,9 @@ pub struct Batch {
     pub cut_on_text: bool,
     /// Bytes of payload and headers text in the batch.
     pub bytes: usize,
+    /// Rows scanned per row asked for (a partition's reader scans more: see
+    /// [`Reader::for_partition`]); 1 otherwise.
+    pub scan_factor: usize,
     /// The `event_id` of the row at `end` (wanted or not): a checkpoint records it, so a reader
     /// can later tell that the row at its position is still the same event.
     pub end_event_id: Option<uuid::Uuid>,
@@ -301,7 +304,10 @@ impl Reader {
             .await
             .map_err(|e| Error::database(format!("fetch events after {after}"), e))?;
         futures_util::pin_mut!(stream);
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            scan_factor: scan / limits.rows.max(1),
+            ..Batch::default()
+        };
         let mut last_more = false;
         while let Some(row) = stream.next().await {
             let row = row.map_err(|e| Error::database(format!("fetch events after {after}"), e))?;

@@ -162,7 +162,7 @@ async fn repartition(cli: &Cli, args: &RepartitionArgs) -> anyhow::Result<Code> 
                 checkpoints.delete_one(doc! {"_id": &partition}).await?;
             }
         }
-        group::repartition(&mut client, name, args.partitions)
+        group::repartition(&mut client, name, args.partitions, Some(start))
             .await
             .map_err(|e| match e {
                 event_store::Error::LeaseHeld(why) => exit::refused(why),

@@ -363,6 +363,13 @@ impl MongoSink {
             let sessions = hello.contains_key("logicalSessionTimeoutMinutes");
             (replica_set || router) && sessions
         };
+        if self.epoch.is_some() && !transactions {
+            return Err(SinkError::Config(format!(
+                "consumer groups (--partitions) need MongoDB transactions, and {} has none (a \
+                 standalone server): run it as a replica set (a single-node one works)",
+                self.where_
+            )));
+        }
         if self.logged_mode != Some(transactions) {
             self.logged_mode = Some(transactions);
             if transactions {
