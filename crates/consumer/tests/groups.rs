@@ -334,15 +334,32 @@ async fn a_stale_owner_cannot_move_the_checkpoint_after_a_take_over() {
         new.open().await.unwrap().unwrap().position,
         Position::new(10, 1)
     );
+    // A late batch of the stale owner, with an event in it.
+    let event = event_store::Event {
+        position: Position::new(11, 2),
+        event_id: uuid::Uuid::new_v4(),
+        topic: "t".into(),
+        key: Some("k".into()),
+        event_type: None,
+        payload: event_store::RawJson::from("{\"late\": true}".to_string()),
+        headers: event_store::RawJson::from("{}".to_string()),
+        created_at: std::time::SystemTime::now(),
+    };
     let second = Delivery {
         start: Position::new(10, 1),
         end: Position::new(11, 2),
+        events: vec![event],
         ..Delivery::default()
     };
     let refused = old
         .write(&second)
         .await
         .expect_err("the stale owner is refused");
+    assert_eq!(
+        env.mongo_count(RECEIVED).await,
+        0,
+        "the refused batch's event is not stored (same transaction as the checkpoint)"
+    );
     assert!(
         matches!(refused, SinkError::CheckpointMoved { .. }),
         "{refused}"
@@ -371,6 +388,7 @@ async fn a_stale_owner_cannot_move_the_checkpoint_after_a_take_over() {
         .await;
     assert!(matches!(stale_claim, Err(SinkError::Fenced { .. })));
     new.write(&second).await.expect("the new owner writes");
+    assert_eq!(env.mongo_count(RECEIVED).await, 1);
     let stored = env.checkpoint("fenced.p00").await.unwrap();
     assert_eq!(checkpoint_text(&stored), "11/2");
     assert_eq!(stored.get_i64("epoch").unwrap(), 2);
