@@ -453,13 +453,8 @@ impl Config {
             event_store::group::validate_group_name(&self.name).map_err(|e| {
                 Error::Config(format!("--name / CONSUMER_NAME with --partitions: {e}"))
             })?;
-            if partitions == 0 || partitions > event_store::group::MAX_PARTITIONS {
-                return Err(Error::Config(format!(
-                    "--partitions / CONSUMER_PARTITIONS {partitions}: a group has 1 to {} \
-                     partitions",
-                    event_store::group::MAX_PARTITIONS
-                )));
-            }
+            event_store::group::check_count(partitions)
+                .map_err(|e| Error::Config(format!("CONSUMER_PARTITIONS: {e}")))?;
             if !matches!(self.sink, SinkKind::Mongodb) {
                 return Err(Error::Config(format!(
                     "--partitions works with --sink mongodb only (this is --sink {}): its \

@@ -74,6 +74,16 @@ pub fn validate_group_name(name: &str) -> Result<()> {
     }
 }
 
+/// Checks a partition count: 1 to [`MAX_PARTITIONS`].
+pub fn check_count(partitions: u32) -> Result<()> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Err(Error::Config(format!(
+            "--partitions {partitions} is out of range: a group has 1 to {MAX_PARTITIONS} partitions"
+        )));
+    }
+    Ok(())
+}
+
 /// What [`join`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
@@ -101,11 +111,7 @@ fn count_mismatch(group: &str, stored: i32, asked: u32) -> Error {
 /// transaction (the sink's checkpoint is taken over by each partition's first owner).
 pub async fn join(client: &mut Client, group: &str, partitions: u32) -> Result<Joined> {
     validate_group_name(group)?;
-    if partitions == 0 || partitions > MAX_PARTITIONS {
-        return Err(Error::Config(format!(
-            "--partitions {partitions} is out of range: a group has 1 to {MAX_PARTITIONS} partitions"
-        )));
-    }
+    check_count(partitions)?;
     let context = || format!("join consumer group {group:?}");
     let tx = client
         .transaction()
@@ -405,11 +411,7 @@ pub async fn repartition(
     partitions: u32,
     floor: Option<Position>,
 ) -> Result<Option<Position>> {
-    if partitions == 0 || partitions > MAX_PARTITIONS {
-        return Err(Error::Config(format!(
-            "--partitions {partitions} is out of range: a group has 1 to {MAX_PARTITIONS} partitions"
-        )));
-    }
+    check_count(partitions)?;
     let context = || format!("repartition consumer group {group:?}");
     let tx = client
         .transaction()

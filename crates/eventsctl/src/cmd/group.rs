@@ -79,13 +79,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<Code> {
 async fn repartition(cli: &Cli, args: &RepartitionArgs) -> anyhow::Result<Code> {
     let name = args.group.as_str();
     group::validate_group_name(name).map_err(|e| exit::usage(e.to_string()))?;
-    if args.partitions == 0 || args.partitions > group::MAX_PARTITIONS {
-        return Err(exit::usage(format!(
-            "--partitions {}: a group has 1 to {} partitions",
-            args.partitions,
-            group::MAX_PARTITIONS
-        )));
-    }
+    group::check_count(args.partitions).map_err(|e| exit::usage(e.to_string()))?;
     let mut client = connect::postgres(cli, Role::Consumer).await?;
     let Some(old) = group::partitions_of(&client, name).await? else {
         return Err(exit::usage(format!(
