@@ -207,13 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             Ok::<_, event_store::Error>((owned, members))
         };
         // Bounded: a call hanging on a silent network must not outlive the leases unnoticed.
-        let looked = match tokio::time::timeout(timeout, looked).await {
-            Ok(looked) => looked,
-            Err(_) => Err(event_store::Error::LeaseHeld(
-                "the group's heartbeat took longer than --lease-timeout".into(),
-            )),
-        };
-        match looked {
+        match bounded(timeout, "the group's heartbeat", looked).await {
             Ok((owned, members)) => {
                 pg_ok_at = Instant::now();
                 if pg_failing {
@@ -266,7 +260,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     }
                 }
             }
-            Err(e) if e.decision() == Decision::Never => break Err(e.into()),
+            Err(e) if e.decision() == Decision::Never => break Err(e),
             Err(e) => {
                 if !pg_failing {
                     pg_failing = true;
@@ -293,34 +287,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
 
         // Partitions that ended: released for the next owner (or the failure reported).
-        let ended: Vec<u32> = running
-            .iter()
-            .filter(|(_, r)| r.task.is_finished())
-            .map(|(i, _)| *i)
-            .collect();
-        let mut fatal = None;
-        for index in ended {
-            let run = running.remove(&index).expect("listed");
-            let result = run
-                .task
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-            match result {
-                Ok(()) => {}
-                Err(Error::Sink(e @ SinkError::Fenced { .. })) => {
-                    warn!(group = %name, partition = index, error = %e, "Stopped the partition.");
-                }
-                Err(e) => {
-                    error!(group = %name, partition = index, error = %e,
-                           "The partition's delivery stopped with an error.");
-                    fatal = Some(e);
-                }
-            }
-            if let Err(e) = group::release(&client, &name, index, &me).await {
-                warn!(group = %name, partition = index, error = %e,
-                      "Cannot release the partition; it moves once its lease expires.");
-            }
-        }
+        let fatal = reap(&mut running, &client, &name, &me, timeout).await;
         if let Some(e) = fatal {
             break Err(e);
         }
@@ -335,36 +302,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     for run in running.values() {
         run.stop.cancel();
     }
-    while !running.is_empty() {
-        let ended: Vec<u32> = running
-            .iter()
-            .filter(|(_, r)| r.task.is_finished())
-            .map(|(i, _)| *i)
-            .collect();
-        for index in ended {
-            let run = running.remove(&index).expect("listed");
-            match run.task.await {
-                Ok(Err(e)) if !matches!(e, Error::Sink(SinkError::Fenced { .. })) => {
-                    warn!(group = %name, partition = index, error = %e, "Partition stopped with an error.")
-                }
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                _ => {}
-            }
-            let _ = tokio::time::timeout(timeout, group::release(&client, &name, index, &me)).await;
+    loop {
+        if let Some(e) = reap(&mut running, &client, &name, &me, timeout).await {
+            warn!(group = %name, error = %e, "A partition stopped with an error.");
         }
         if running.is_empty() {
             break;
         }
-        let _ = tokio::time::timeout(timeout, group::renew(&client, &name, &me, timeout)).await;
+        let _ = bounded(
+            timeout,
+            "renewing",
+            group::renew(&client, &name, &me, timeout),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    match tokio::time::timeout(timeout, group::leave(&client, &name, &me))
-        .await
-        .unwrap_or_else(|_| {
-            Err(event_store::Error::LeaseHeld(
-                "leaving took longer than --lease-timeout".into(),
-            ))
-        }) {
+    match bounded(
+        timeout,
+        "leaving the group",
+        group::leave(&client, &name, &me),
+    )
+    .await
+    {
         Ok(()) => {
             info!(group = %name, member = %me, "Left the group; its partitions are free for the others.")
         }
@@ -372,6 +331,65 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                         "Cannot leave the group cleanly; its partitions move once their leases expire."),
     }
     outcome
+}
+
+/// `work`, failing with [`Error::Timeout`] (retried soon) when it takes longer than `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = event_store::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => Ok(done?),
+        Err(_) => Err(Error::Timeout(format!("{what} (limit: --lease-timeout)"))),
+    }
+}
+
+/// Collects the partitions whose pipeline ended and releases their leases, for the next owner
+/// to take at once. Returns the first error other than a fencing (which only means the partition
+/// moved on).
+async fn reap(
+    running: &mut BTreeMap<u32, Running>,
+    client: &Client,
+    name: &str,
+    me: &str,
+    timeout: Duration,
+) -> Option<Error> {
+    let ended: Vec<u32> = running
+        .iter()
+        .filter(|(_, r)| r.task.is_finished())
+        .map(|(i, _)| *i)
+        .collect();
+    let mut fatal = None;
+    for index in ended {
+        let run = running.remove(&index).expect("listed");
+        let result = run
+            .task
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match result {
+            Ok(()) => {}
+            Err(Error::Sink(e @ SinkError::Fenced { .. })) => {
+                warn!(group = %name, partition = index, error = %e, "Stopped the partition.");
+            }
+            Err(e) => {
+                error!(group = %name, partition = index, error = %e,
+                       "The partition's delivery stopped with an error.");
+                fatal.get_or_insert(e);
+            }
+        }
+        if let Err(e) = bounded(
+            timeout,
+            "releasing a partition",
+            group::release(client, name, index, me),
+        )
+        .await
+        {
+            warn!(group = %name, partition = index, error = %e,
+                  "Cannot release the partition; it moves once its lease expires.");
+        }
+    }
+    fatal
 }
 
 /// Connects, checks the schema and privileges, and joins the group (creating it, and taking
