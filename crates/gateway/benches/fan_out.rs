@@ -71,12 +71,21 @@ async fn main() {
     let mut gateway = Gateway::start(&url, &[]).await;
     let (mut raw, mut ours, mut consumer) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
+        let before = Cpu::now(&gateway);
         raw.push(raw_read(&url, last).await);
+        let after_raw = Cpu::now(&gateway);
         consumer.push(consumer_null_sink(&url, last, round).await);
+        let after_consumer = Cpu::now(&gateway);
         ours.push(sse_catch_up(gateway.addr, catch_up_events as usize).await);
+        let after_gateway = Cpu::now(&gateway);
         eprintln!(
-            "round {round}: raw {:?}, consumer {:?}, gateway {:?}",
-            raw[round], consumer[round], ours[round]
+            "round {round}: raw {:?} ({}), consumer {:?} ({}), gateway {:?} ({})",
+            raw[round],
+            after_raw.since(&before),
+            consumer[round],
+            after_consumer.since(&after_raw),
+            ours[round],
+            after_gateway.since(&after_consumer),
         );
     }
     let rate = |runs: &[Duration]| catch_up_events as f64 / best(runs).as_secs_f64();
@@ -120,6 +129,63 @@ async fn main() {
         );
         gateway.stop();
     }
+}
+
+/// CPU seconds used so far by PostgreSQL (every `postgres` process, and the backends that have
+/// exited, which the postmaster's children counters hold), the gateway and this benchmark (the
+/// raw reader, the consumer and the SSE client): where a round's time went on the shared cores.
+struct Cpu {
+    postgres: f64,
+    gateway: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    fn now(gateway: &Gateway) -> Cpu {
+        let mut postgres = 0.0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) {
+                if stat.contains(" (postgres) ") {
+                    postgres += ticks_to_seconds(&stat) + children_seconds(&stat);
+                }
+            }
+        }
+        Cpu {
+            postgres,
+            gateway: gateway.usage().0,
+            bench: ticks_to_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap()),
+        }
+    }
+
+    fn since(&self, before: &Cpu) -> String {
+        format!(
+            "CPU ms: postgres {:.0}, gateway {:.0}, bench {:.0}",
+            (self.postgres - before.postgres) * 1e3,
+            (self.gateway - before.gateway) * 1e3,
+            (self.bench - before.bench) * 1e3
+        )
+    }
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds.
+fn ticks_to_seconds(stat: &str) -> f64 {
+    stat_seconds(stat, 11)
+}
+
+/// cutime + cstime (reaped children) of a `/proc/PID/stat` line, in seconds.
+fn children_seconds(stat: &str) -> f64 {
+    stat_seconds(stat, 13)
+}
+
+/// Fields `at` and `at + 1` after the command of a `/proc/PID/stat` line, as seconds.
+fn stat_seconds(stat: &str, at: usize) -> f64 {
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[at].parse::<f64>().unwrap() + fields[at + 1].parse::<f64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks / hz
 }
 
 fn best(runs: &[Duration]) -> Duration {
@@ -223,19 +289,13 @@ impl Gateway {
     fn usage(&self) -> (f64, u64) {
         let pid = self.child.id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let rss = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
             .unwrap_or(0);
-        (ticks / hz, rss)
+        (ticks_to_seconds(&stat), rss)
     }
 
     fn stop(&mut self) {
@@ -311,8 +371,10 @@ async fn stream(addr: SocketAddr, path: &str, mut on_frame: impl FnMut(&[u8]) ->
     }
 }
 
+/// The client's frame search: memmem, as a browser's parser would be, so that the client (which
+/// shares the 2 cores with the gateway and PostgreSQL here) costs what a real one does.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// One client streaming every stored event.

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_store::follow::ReadState;
+use event_store::follow::{ReadState, Round};
 use event_store::position::{Limits, Reader, Watermark};
 use event_store::{db, Position};
 use tokio::sync::{mpsc, Semaphore};
@@ -46,6 +46,18 @@ pub struct CatchUp {
     idle: Mutex<Vec<Conn>>,
     limits: Limits,
     metrics: Metrics,
+}
+
+impl Step {
+    fn encode(round: Round) -> Step {
+        Step {
+            scanned: round.batch.scanned,
+            more: round.batch.more,
+            end: round.batch.end,
+            events: round.batch.events.into_iter().map(Encoded::new).collect(),
+            watermark: round.watermark,
+        }
+    }
 }
 
 impl CatchUp {
@@ -87,6 +99,11 @@ impl CatchUp {
 
     /// The next batch of `state` (which keeps the row limit adapted across fetches).
     async fn fetch_from(&self, state: &mut ReadState, topics: Option<&[String]>) -> Result<Step> {
+        Ok(Step::encode(self.fetch_round(state, topics).await?))
+    }
+
+    /// The next batch of `state`, read but not yet encoded.
+    async fn fetch_round(&self, state: &mut ReadState, topics: Option<&[String]>) -> Result<Round> {
         let _permit = self.permits.acquire().await.expect("never closed");
         let conn = self.take().await?;
         let fetched = state
@@ -96,17 +113,13 @@ impl CatchUp {
         // A failed connection is not given back; the next fetch makes a new one.
         let round = fetched?;
         self.give_back(conn);
-        Ok(Step {
-            scanned: round.batch.scanned,
-            more: round.batch.more,
-            end: round.batch.end,
-            events: round.batch.events.into_iter().map(Encoded::new).collect(),
-            watermark: round.watermark,
-        })
+        Ok(round)
     }
 
     /// Reads stored events past `after` on a task of its own, one batch ahead of the caller,
-    /// until a batch comes back short (or fails, or the caller drops the receiver).
+    /// until a batch comes back short (or fails, or the caller drops the receiver). The next
+    /// batch's fetch is sent before this one is encoded, so PostgreSQL reads it while this task
+    /// encodes (the connection task buffers the rows meanwhile).
     pub fn read_ahead(
         self: &Arc<Self>,
         after: Position,
@@ -116,12 +129,30 @@ impl CatchUp {
         let catch_up = self.clone();
         tokio::spawn(async move {
             let mut state = ReadState::new(after);
+            let topics = topics.as_deref();
+            let mut fetched = catch_up.fetch_round(&mut state, topics).await;
             loop {
-                let step = catch_up.fetch_from(&mut state, topics.as_deref()).await;
-                let last = step.as_ref().map_or(true, |s| !s.more);
-                if tx.send(step).await.is_err() || last {
+                let round = match fetched {
+                    Ok(round) => round,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if !round.batch.more {
+                    let _ = tx.send(Ok(Step::encode(round))).await;
                     return;
                 }
+                // `join` polls the fetch first: its query is on the wire before encoding starts.
+                let (next, step) =
+                    futures_util::future::join(catch_up.fetch_round(&mut state, topics), async {
+                        Step::encode(round)
+                    })
+                    .await;
+                if tx.send(Ok(step)).await.is_err() {
+                    return;
+                }
+                fetched = next;
             }
         });
         rx

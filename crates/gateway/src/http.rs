@@ -225,11 +225,11 @@ async fn ws_forward(
                 let message = match frame {
                     Some(Frame::Stored(event)) => {
                         metrics.sent_stored();
-                        Message::Text(event.json.clone().into())
+                        Message::Text(event.json().into())
                     }
                     Some(Frame::Event(event)) => {
                         metrics.sent(event.created_at);
-                        Message::Text(event.json.clone().into())
+                        Message::Text(event.json().into())
                     }
                     Some(Frame::Control(control)) => Message::Text(control.ws_json().into()),
                     Some(Frame::Heartbeat) => Message::Ping(Bytes::from_static(b"hb")),

@@ -20,39 +20,43 @@ pub struct Encoded {
     pub topic: String,
     pub key: Option<String>,
     pub created_at: SystemTime,
-    /// The JSON object, one line.
-    pub json: String,
-    /// The complete SSE frame: `event: TYPE`, `id`, `data`, blank line.
+    /// The complete SSE frame: `event: TYPE`, `id`, `data: JSON`, blank line. The JSON object
+    /// (what WebSocket sends) is a slice of it, so an event is encoded into one buffer, once.
     sse: Bytes,
     /// Where `id:` starts in `sse`: the frame without its `event:` line (a plain `message`).
     untyped_from: usize,
+    /// Where the JSON object lies in `sse`.
+    json: std::ops::Range<usize>,
 }
 
 impl Encoded {
     pub fn new(event: Event) -> Arc<Encoded> {
+        use std::fmt::Write;
+        let name = sse_event_name(event.event_type.as_deref());
+        // `event:` first, so the untyped frame is a zero-copy slice of the typed one.
+        let mut sse = String::with_capacity(name.len() + 48 + event.json_len_hint());
+        sse.push_str("event: ");
+        sse.push_str(name);
+        sse.push('\n');
+        let untyped_from = sse.len();
+        // Writing to a String cannot fail.
+        let _ = write!(sse, "id: {}\ndata: ", event.position);
+        let json_from = sse.len();
         // The shape every reader prints, payload and headers as PostgreSQL printed them (exact:
         // jsonb numbers such as 1e400 or 40-digit integers survive, where a round trip through
         // f64 would not).
-        let json = one_line(event.to_json());
-        let name = sse_event_name(event.event_type.as_deref());
-        // `event:` first, so the untyped frame is a zero-copy slice of the typed one.
-        let event_line = format!("event: {name}\n");
-        let mut sse = String::with_capacity(event_line.len() + json.len() + 64);
-        sse.push_str(&event_line);
-        sse.push_str("id: ");
-        sse.push_str(&event.position.to_string());
-        sse.push_str("\ndata: ");
-        sse.push_str(&json);
+        event.write_json(&mut sse);
+        one_line(&mut sse, json_from);
+        let json = json_from..sse.len();
         sse.push_str("\n\n");
-        let sse = Bytes::from(sse);
         Arc::new(Encoded {
             position: event.position,
             topic: event.topic,
             key: event.key,
             created_at: event.created_at,
+            sse: Bytes::from(sse),
+            untyped_from,
             json,
-            sse,
-            untyped_from: event_line.len(),
         })
     }
 
@@ -65,16 +69,21 @@ impl Encoded {
             self.sse.slice(self.untyped_from..)
         }
     }
+
+    /// The JSON object, one line (a WebSocket text message).
+    pub fn json(&self) -> &str {
+        std::str::from_utf8(&self.sse[self.json.clone()]).expect("encoded from a String")
+    }
 }
 
-/// JSON text on one line. PostgreSQL's jsonb text has no raw line breaks (they are escaped inside
-/// strings), so this only guards the framing should one ever appear between tokens, where JSON
-/// allows whitespace.
-fn one_line(json: String) -> String {
-    if json.contains(['\n', '\r']) {
-        json.replace(['\n', '\r'], " ")
-    } else {
-        json
+/// The JSON text from `from` on one line. PostgreSQL's jsonb text has no raw line breaks (they
+/// are escaped inside strings), so this only guards the framing should one ever appear between
+/// tokens, where JSON allows whitespace (a space is as good there).
+fn one_line(text: &mut String, from: usize) {
+    if memchr::memchr2(b'\n', b'\r', &text.as_bytes()[from..]).is_some() {
+        let flat = text[from..].replace(['\n', '\r'], " ");
+        text.truncate(from);
+        text.push_str(&flat);
     }
 }
 
@@ -226,6 +235,20 @@ mod tests {
             assert_eq!(text.lines().next(), Some("event: message"), "{t:?}");
             assert_eq!(text.lines().count(), 4, "{text}");
         }
+    }
+
+    #[test]
+    fn line_breaks_between_tokens_never_reach_the_framing() {
+        let mut e = event(Some("created"));
+        e.payload = "{\"a\":\r\n1}".to_string().into();
+        let e = Encoded::new(e);
+        let sse = e.sse(true);
+        let text = std::str::from_utf8(&sse).unwrap();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert_eq!(text.lines().nth(2).unwrap(), format!("data: {}", e.json()));
+        let v: serde_json::Value = serde_json::from_str(e.json()).unwrap();
+        assert_eq!(v["payload"]["a"], 1);
+        assert!(text.ends_with("}\n\n"), "{text}");
     }
 
     #[test]

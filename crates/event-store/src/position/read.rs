@@ -32,10 +32,15 @@ impl Event {
     /// gateway): `{position, id, event_id, topic, key, type, created_at, payload, headers}`, with
     /// payload and headers spliced in exactly as PostgreSQL printed them (no parse, no rounding).
     pub fn to_json(&self) -> String {
-        use std::fmt::Write;
         // One buffer, written in place: readers print hundreds of thousands of these a second.
-        let mut out =
-            String::with_capacity(200 + self.payload.len() + self.headers.len() + self.topic.len());
+        let mut out = String::with_capacity(self.json_len_hint());
+        self.write_json(&mut out);
+        out
+    }
+
+    /// [`Event::to_json`] appended to `out` (the gateway writes it straight into an SSE frame).
+    pub fn write_json(&self, out: &mut String) {
+        use std::fmt::Write;
         let headers = if self.headers.is_empty() {
             "{}"
         } else {
@@ -47,11 +52,11 @@ impl Event {
             r#"{{"position":"{}","id":{},"event_id":"{}","topic":"#,
             self.position, self.position.id, self.event_id
         );
-        json_string(&mut out, Some(&self.topic));
+        json_string(out, Some(&self.topic));
         out.push_str(r#","key":"#);
-        json_string(&mut out, self.key.as_deref());
+        json_string(out, self.key.as_deref());
         out.push_str(r#","type":"#);
-        json_string(&mut out, self.event_type.as_deref());
+        json_string(out, self.event_type.as_deref());
         let _ = write!(
             out,
             r#","created_at":"{}","payload":"#,
@@ -61,7 +66,15 @@ impl Event {
         out.push_str(r#","headers":"#);
         out.push_str(headers);
         out.push('}');
-        out
+    }
+
+    /// About how long [`Event::to_json`] is: enough to write it without growing the buffer.
+    pub fn json_len_hint(&self) -> usize {
+        200 + self.payload.len()
+            + self.headers.len()
+            + self.topic.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.event_type.as_ref().map_or(0, String::len)
     }
 
     /// The event's `id` column (its place in the commit-independent sequence).
