@@ -52,12 +52,13 @@ async fn main() {
             "\ncatch-up of {events} events, MongoDB {} ms away (each direction):",
             delay.as_millis()
         );
-        let single = catch_up(&admin, &url, &uri, &mongo, None, last, events).await;
-        println!("  one consumer                 {single:>9.0} events/s (baseline)");
+        let (single, busy) = catch_up(&admin, &url, &uri, &mongo, None, last, events).await;
+        println!("  one consumer                 {single:>9.0} events/s (baseline); {busy}");
         for members in [1, 2, 4] {
-            let rate = catch_up(&admin, &url, &uri, &mongo, Some(members), last, events).await;
+            let (rate, busy) =
+                catch_up(&admin, &url, &uri, &mongo, Some(members), last, events).await;
             println!(
-                "  group of {PARTITIONS}, {members} member(s)     {rate:>9.0} events/s ({:.2}× one consumer)",
+                "  group of {PARTITIONS}, {members} member(s)     {rate:>9.0} events/s ({:.2}× one consumer); {busy}",
                 rate / single
             );
         }
@@ -95,13 +96,14 @@ async fn catch_up(
     members: Option<u32>,
     last: Position,
     events: usize,
-) -> f64 {
+) -> (f64, Busy) {
     let name = format!(
         "bench{}",
         RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let config = config(url, uri, mongo, &name, members);
     let stop = CancellationToken::new();
+    let cpu_before = (server_cpu(mongo), own_cpu());
     let started = Instant::now();
     let handles: Vec<_> = (0..members.unwrap_or(1))
         .map(|_| tokio::spawn(consumer::run(config.clone(), stop.clone())))
@@ -120,11 +122,75 @@ async fn catch_up(
     };
     wait_all_published(admin, &names, last).await;
     let elapsed = started.elapsed();
+    let busy = Busy {
+        server: (server_cpu(mongo) - cpu_before.0) / elapsed.as_secs_f64(),
+        members: (own_cpu() - cpu_before.1) / elapsed.as_secs_f64(),
+    };
     stop.cancel();
     for h in handles {
         h.await.unwrap().unwrap();
     }
-    events as f64 / elapsed.as_secs_f64()
+    (events as f64 / elapsed.as_secs_f64(), busy)
+}
+
+/// How busy the MongoDB-wire server and this process (the consumers) were during a case, in
+/// cores: a server near 1.0 is a single-threaded server at its ceiling, which no number of
+/// members can raise.
+struct Busy {
+    server: f64,
+    members: f64,
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MongoDB-wire server {:.2} cores, consumers {:.2} cores",
+            self.server, self.members
+        )
+    }
+}
+
+/// CPU seconds of the MongoDB-wire server and the processes it started.
+fn server_cpu(mongo: &Mongo) -> f64 {
+    let Some(pid) = mongo.pid() else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let own = head.split(' ').next() == Some(&pid.to_string());
+        if own || fields.get(1) == Some(&pid.to_string().as_str()) {
+            total += stat_seconds(&fields);
+        }
+    }
+    total
+}
+
+/// CPU seconds of this process (every member runs in it).
+fn own_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    stat_seconds(&fields)
+}
+
+/// utime + stime + cutime + cstime of the fields after a `/proc/PID/stat` command, in seconds.
+fn stat_seconds(fields: &[&str]) -> f64 {
+    let ticks: f64 = fields[11..15]
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks / hz
 }
 
 /// Returns once every consumer in `names` has published `last`.

@@ -166,6 +166,11 @@ impl Mongo {
         );
     }
 
+    /// The server's process id, when this harness started it (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid().as_raw() as u32)
+    }
+
     pub fn is_running(&self) -> bool {
         self.kind == MongoKind::External || self.process.is_some()
     }
