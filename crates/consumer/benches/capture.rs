@@ -151,7 +151,7 @@ async fn main() {
     let bulk_rows: i64 = env_or("BENCH_BULK_ROWS", 100_000);
     let rate: u64 = env_or("BENCH_RATE", 500);
     let latency_seconds: u64 = env_or("BENCH_LATENCY_SECONDS", 10);
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
 
     let pg = Postgres::start_with(&["fsync=on", "full_page_writes=on", "synchronous_commit=on"]);
     let config = db::config(&pg.url(), "bench").unwrap();
@@ -204,7 +204,7 @@ async fn main() {
     println!(
         "\nSingle-row UPDATE transactions, {connections} connections, fsync on, median of {rounds} × {seconds} s \
          (load during run: {})\n",
-        load()
+        testbed::machine::load()
     );
     println!("| variant | commits/s | × uncaptured | × floor | × seeds' row trigger |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -269,7 +269,7 @@ async fn main() {
     let captured = median_time(Variant::Captured);
     println!(
         "\nOne UPDATE of {bulk_rows} rows, fsync on, median of {rounds} (load during run: {})\n",
-        load()
+        testbed::machine::load()
     );
     println!("| variant | seconds | × uncaptured | captured ÷ this |");
     println!("| --- | ---: | ---: | ---: |");
@@ -348,7 +348,7 @@ async fn main() {
     println!(
         "\nCOMMIT sent → stored (in-process consumer, fallback poll off), {rate} captured changes/s \
          for {latency_seconds} s (load during run: {})\n",
-        load()
+        testbed::machine::load()
     );
     println!("| into | woken by | p50 | p90 | p99 | max |");
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
@@ -504,10 +504,4 @@ fn median(v: &[f64]) -> f64 {
 fn pct(v: &[Duration], p: f64) -> f64 {
     let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
     v[i].as_secs_f64() * 1000.0
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

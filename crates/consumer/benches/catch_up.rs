@@ -46,7 +46,7 @@ async fn main() {
     let mongo_events = env_or("BENCH_MONGO_EVENTS", 100_000).min(total);
     let rounds = env_or("BENCH_ROUNDS", 3);
     let batch = env_or("BENCH_BATCH", 1000);
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
 
     let TestDatabase { pg, admin } =
         TestDatabase::start(&[("bench_consumer", Role::Consumer)]).await;
@@ -133,7 +133,7 @@ async fn main() {
     let (rn, on) = (rate(total, best(&raw_null)), rate(total, best(&ours_null)));
     println!(
         "\nCatch-up, batch size {batch}, best of {rounds} (load during run: {})\n",
-        load()
+        testbed::machine::load()
     );
     println!("| case | events | raw baseline | consumer | ratio | target |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
@@ -207,12 +207,6 @@ async fn large_payloads(rounds: usize) {
         o,
         o / r
     );
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// The documents the consumer would write, in batches, read with the shared position SQL.

@@ -23,6 +23,7 @@ use event_store::migrations::Role;
 use event_store::position::Position;
 use event_store::testing::TestDatabase;
 use support::{generate, last_position};
+use testbed::machine::ProcStat;
 use testbed::{env_or, Mongo, Proxy};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +38,7 @@ async fn main() {
     if let Ok(filter) = std::env::var("BENCH_LOG") {
         let _ = services::telemetry::init(&filter);
     }
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
     let TestDatabase { pg, admin } =
         TestDatabase::start(&[("bench_consumer", Role::Consumer)]).await;
     let url = pg.url_for("bench_consumer", None);
@@ -71,7 +72,7 @@ async fn main() {
         pause.as_secs_f64(),
         lease_s + 2
     );
-    eprintln!("load after: {}", load());
+    eprintln!("load after: {}", testbed::machine::load());
 }
 
 fn config(url: &str, uri: &str, mongo: &Mongo, name: &str, partitions: Option<u32>) -> Config {
@@ -156,41 +157,16 @@ fn server_cpu(mongo: &Mongo) -> f64 {
     let Some(pid) = mongo.pid() else {
         return 0.0;
     };
-    let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split(' ').collect();
-        let own = head.split(' ').next() == Some(&pid.to_string());
-        if own || fields.get(1) == Some(&pid.to_string().as_str()) {
-            total += stat_seconds(&fields);
-        }
-    }
-    total
+    ProcStat::all()
+        .iter()
+        .filter(|p| p.pid == pid || p.parent == pid)
+        .map(ProcStat::total_cpu)
+        .sum()
 }
 
 /// CPU seconds of this process (every member runs in it).
 fn own_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    stat_seconds(&fields)
-}
-
-/// utime + stime + cutime + cstime of the fields after a `/proc/PID/stat` command, in seconds.
-fn stat_seconds(fields: &[&str]) -> f64 {
-    let ticks: f64 = fields[11..15]
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap_or(0.0))
-        .sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    ticks / hz
+    ProcStat::of_self().total_cpu()
 }
 
 /// Returns once every consumer in `names` has published `last`.
@@ -302,10 +278,4 @@ async fn wait_owned(admin: &Client, members: i64) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

@@ -49,7 +49,7 @@ async fn main() {
     let rows: i64 = env_or("BENCH_ROWS", 10_000);
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let batch: usize = env_or("BENCH_BATCH", 1000);
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
 
     let TestDatabase { pg, admin } =
         TestDatabase::start(&[("bench_consumer", Role::Consumer)]).await;
@@ -156,7 +156,7 @@ async fn main() {
     println!(
         "\nMirror apply, {rows} rows → {events} events, {ops} replace/delete operations, batch \
          size {batch}, median of {rounds} (load during run: {})\n",
-        load()
+        testbed::machine::load()
     );
     println!("| case | time | rate | ratio | target |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -297,10 +297,4 @@ fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort();
     v[v.len() / 2]
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

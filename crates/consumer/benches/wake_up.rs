@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() {
     let rate = env_or("BENCH_RATE", 500);
     let seconds = env_or("BENCH_SECONDS", 20);
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
     let pg = Postgres::start();
     let config = db::config(&pg.url(), "bench").unwrap();
     let mut admin = db::connect_spawned(&config).await.unwrap();
@@ -128,7 +128,7 @@ async fn main() {
          null sink (load during run: {})\n",
         counted.len(),
         total as f64 / produce_time.as_secs_f64(),
-        load()
+        testbed::machine::load()
     );
     println!("| reader | p50 | p90 | p99 | max | target |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
@@ -149,10 +149,4 @@ async fn main() {
         pct(&ours, 0.5) - pct(&raw, 0.5),
         pct(&ours, 0.99) - pct(&raw, 0.99)
     );
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

@@ -51,7 +51,7 @@ async fn main() {
                 .expect("BENCH_CHUNK_ROWS: numbers, comma-separated")
         })
         .collect();
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
 
     let pg = Postgres::start_with(&["fsync=on", "full_page_writes=on", "synchronous_commit=on"]);
     let config = db::config(&pg.url(), "bench").unwrap();
@@ -138,7 +138,7 @@ async fn main() {
     println!(
         "\nBackfill of {rows} rows, fsync on, {writers} writer connections, median of {rounds} \
          (load during run: {})\n",
-        load()
+        testbed::machine::load()
     );
     println!("| case | rate | vs COPY | vs INSERT … SELECT | writers' commits | writers vs alone | target ≥ 0.80× |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
@@ -289,10 +289,4 @@ fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

@@ -27,7 +27,7 @@ async fn main() {
     let total: i64 = env_or("BENCH_STATUS_EVENTS", 10_000_000);
     let tail_n: i64 = env_or("BENCH_TAIL_EVENTS", 1_000_000).min(total);
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
-    eprintln!("load before: {}", load());
+    eprintln!("load before: {}", testbed::machine::load());
 
     let pg = Postgres::start();
     let mut admin = db::connect_spawned(&db::config(&pg.url(), "bench").unwrap())
@@ -152,7 +152,7 @@ async fn main() {
     println!(
         "\neventsctl on {total} events ({:.1} GiB with indexes), 5 consumers, best of {rounds} (load: {})\n",
         size as f64 / (1u64 << 30) as f64,
-        load()
+        testbed::machine::load()
     );
     println!("| what | eventsctl | raw baseline (same run) | ratio |");
     println!("| --- | ---: | ---: | ---: |");
@@ -213,10 +213,4 @@ async fn null_catch_up(url: String, round: usize, last: Position) -> Duration {
     drop(rx);
     let _ = handle.await;
     elapsed.expect("the consumer reached the end of the tail range")
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

@@ -28,6 +28,7 @@ use event_store::position::{Position, Reader};
 use event_store::{db, migrations};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use testbed::machine::ProcStat;
 use testbed::{env_or, Postgres};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -142,18 +143,14 @@ struct Cpu {
 
 impl Cpu {
     fn now(gateway: &Gateway) -> Cpu {
-        let mut postgres = 0.0;
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) {
-                if stat.contains(" (postgres) ") {
-                    postgres += ticks_to_seconds(&stat) + children_seconds(&stat);
-                }
-            }
-        }
         Cpu {
-            postgres,
+            postgres: ProcStat::all()
+                .iter()
+                .filter(|p| p.command == "postgres")
+                .map(ProcStat::total_cpu)
+                .sum(),
             gateway: gateway.usage().0,
-            bench: ticks_to_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap()),
+            bench: ProcStat::of_self().cpu,
         }
     }
 
@@ -165,27 +162,6 @@ impl Cpu {
             (self.bench - before.bench) * 1e3
         )
     }
-}
-
-/// utime + stime of a `/proc/PID/stat` line, in seconds.
-fn ticks_to_seconds(stat: &str) -> f64 {
-    stat_seconds(stat, 11)
-}
-
-/// cutime + cstime (reaped children) of a `/proc/PID/stat` line, in seconds.
-fn children_seconds(stat: &str) -> f64 {
-    stat_seconds(stat, 13)
-}
-
-/// Fields `at` and `at + 1` after the command of a `/proc/PID/stat` line, as seconds.
-fn stat_seconds(stat: &str, at: usize) -> f64 {
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    let ticks: f64 = fields[at].parse::<f64>().unwrap() + fields[at + 1].parse::<f64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    ticks / hz
 }
 
 fn best(runs: &[Duration]) -> Duration {
@@ -288,14 +264,13 @@ impl Gateway {
     /// (CPU seconds used so far, RSS in KiB) from /proc.
     fn usage(&self) -> (f64, u64) {
         let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let rss = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
             .unwrap_or(0);
-        (ticks_to_seconds(&stat), rss)
+        (ProcStat::of(pid).map_or(0.0, |p| p.cpu), rss)
     }
 
     fn stop(&mut self) {

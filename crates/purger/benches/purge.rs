@@ -300,12 +300,6 @@ async fn purge(
     }
 }
 
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let events: i64 = std::env::var("PURGE_BENCH_EVENTS")
@@ -325,10 +319,10 @@ async fn main() {
     let spec = std::env::var("PURGE_BENCH_CASES").unwrap_or_else(|_| DEFAULT_CASES.into());
     let cases: Vec<Case> = spec.split(',').map(|c| parse_case(c.trim())).collect();
     let started = SystemTime::now();
-    eprintln!("load average before: {}", load());
+    eprintln!("load average before: {}", testbed::machine::load());
     let mut outcomes = Vec::new();
     for case in &cases {
-        eprintln!("running: {} (load {})", case.name, load());
+        eprintln!("running: {} (load {})", case.name, testbed::machine::load());
         outcomes.push(run_case(&pg, &admin, events, case).await);
     }
     let raw_rate = outcomes
@@ -345,7 +339,7 @@ async fn main() {
             .await
             .unwrap()
             .get::<_, String>(0),
-        load(),
+        testbed::machine::load(),
         started.elapsed().unwrap().as_secs_f64()
     );
     println!(

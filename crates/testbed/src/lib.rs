@@ -29,6 +29,7 @@
 //! running while a server restarts.
 
 mod certs;
+pub mod machine;
 mod mongo;
 mod nats;
 mod postgres;
