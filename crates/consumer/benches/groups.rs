@@ -8,6 +8,11 @@
 //!   2 and 4 members (in-process, each with its own connections). Each case starts from nothing
 //!   (a fresh MongoDB database and name) and ends when every partition has published the last
 //!   position. Ratios are against the single consumer of the same run.
+//! - **The server's own ceiling** (raw baseline): 1 and 16 writers of the Rust driver, each a
+//!   loop of transactions of one batch of inserts plus one checkpoint update (what one
+//!   partition writes), through the same proxy. A group of 16 partitions runs 16 such
+//!   transactions at once, so it cannot beat the 16-writer rate; when that rate is below the
+//!   1-writer rate, the server, not the group, is what stops scaling.
 //! - **Hand-over**: 3 members (lease timeout `BENCH_LEASE` = 10 s) deliver a stream at 500
 //!   events/s; one member is aborted without leaving.
 //!   Reported: the time until each of its partitions has delivered an event written after the
@@ -53,6 +58,15 @@ async fn main() {
             "\ncatch-up of {events} events, MongoDB {} ms away (each direction):",
             delay.as_millis()
         );
+        // The same batch as a consumer's (`BENCH_BATCH` or the default).
+        let batch = config(&url, &uri, &mongo, "raw", None).batch_rows();
+        for writers in [1, PARTITIONS] {
+            let (rate, conflicts) = raw_transactions(&uri, &mongo, writers, events, batch).await;
+            println!(
+                "  raw: {writers:>2} driver writer(s)       {rate:>9.0} docs/s (the server's ceiling at \
+                 this concurrency; {conflicts} write conflicts retried)"
+            );
+        }
         let (single, busy) = catch_up(&admin, &url, &uri, &mongo, None, last, events).await;
         println!("  one consumer                 {single:>9.0} events/s (baseline); {busy}");
         for members in [1, 2, 4] {
@@ -132,6 +146,79 @@ async fn catch_up(
         h.await.unwrap().unwrap();
     }
     (events as f64 / elapsed.as_secs_f64(), busy)
+}
+
+/// Documents per second that `writers` concurrent driver sessions store, each a loop of
+/// transactions of one batch of inserts and one checkpoint update, and how many transactions
+/// the server refused with a write conflict (retried, as the consumer retries them).
+async fn raw_transactions(
+    uri: &str,
+    mongo: &Mongo,
+    writers: u32,
+    events: usize,
+    batch: usize,
+) -> (f64, u64) {
+    use mongodb::bson::{doc, Document};
+    use mongodb::error::TRANSIENT_TRANSACTION_ERROR;
+    let client = mongodb::Client::with_uri_str(uri).await.unwrap();
+    let db = client.database(&mongo.unique_database("raw"));
+    let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|writer| {
+            let (client, db, conflicts) = (client.clone(), db.clone(), conflicts.clone());
+            tokio::spawn(async move {
+                let events_coll = db.collection::<Document>("receivedEvents");
+                let checkpoints = db.collection::<Document>("checkpoints");
+                let mut session = client.start_session().await.unwrap();
+                let share = events / writers as usize;
+                for start in (0..share).step_by(batch) {
+                    let docs: Vec<Document> = (start..(start + batch).min(share))
+                        .map(|i| {
+                            doc! {"writer": writer, "seq": i as i64, "topic": "courses",
+                            "payload": {"title": format!("Course number {i}"), "credits": (i % 7) as i32}}
+                        })
+                        .collect();
+                    loop {
+                        session.start_transaction().await.unwrap();
+                        let written = async {
+                            events_coll.insert_many(&docs).session(&mut session).await?;
+                            checkpoints
+                                .update_one(
+                                    doc! {"_id": writer},
+                                    doc! {"$set": {"seq": start as i64}},
+                                )
+                                .upsert(true)
+                                .session(&mut session)
+                                .await?;
+                            Ok::<_, mongodb::error::Error>(())
+                        }
+                        .await;
+                        let outcome = match written {
+                            Ok(()) => session.commit_transaction().await,
+                            Err(e) => {
+                                let _ = session.abort_transaction().await;
+                                Err(e)
+                            }
+                        };
+                        match outcome {
+                            Ok(()) => break,
+                            Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                                conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(e) => panic!("raw transaction failed: {e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    db.drop().await.unwrap();
+    (rate, conflicts.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// How busy the MongoDB-wire server and this process (the consumers) were during a case, in

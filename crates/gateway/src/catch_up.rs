@@ -116,43 +116,38 @@ impl CatchUp {
         Ok(round)
     }
 
-    /// Reads stored events past `after` on a task of its own, one batch ahead of the caller,
-    /// until a batch comes back short (or fails, or the caller drops the receiver). The next
-    /// batch's fetch is sent before this one is encoded, so PostgreSQL reads it while this task
-    /// encodes (the connection task buffers the rows meanwhile).
+    /// Reads stored events past `after` ahead of the caller, until a batch comes back short (or
+    /// fails, or the caller drops the receiver).
+    ///
+    /// Two tasks make a pipeline: one fetches (PostgreSQL's scan and the rows' decoding), the
+    /// other encodes, so the next batch is read while this one is encoded and the one before is
+    /// sent. Doing both on one task left decoding and encoding in series, and the catch-up ran
+    /// at the speed of their sum. At most four batches are in flight for a client (fetching,
+    /// queued, encoding, queued for sending), each bounded by the catch-up limits.
     pub fn read_ahead(
         self: &Arc<Self>,
         after: Position,
         topics: Option<Vec<String>>,
     ) -> mpsc::Receiver<Result<Step>> {
-        let (tx, rx) = mpsc::channel(1);
+        let (rounds_tx, mut rounds) = mpsc::channel::<Result<Round>>(1);
         let catch_up = self.clone();
         tokio::spawn(async move {
             let mut state = ReadState::new(after);
             let topics = topics.as_deref();
-            let mut fetched = catch_up.fetch_round(&mut state, topics).await;
             loop {
-                let round = match fetched {
-                    Ok(round) => round,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                if !round.batch.more {
-                    let _ = tx.send(Ok(Step::encode(round))).await;
+                let fetched = catch_up.fetch_round(&mut state, topics).await;
+                let last = !matches!(&fetched, Ok(round) if round.batch.more);
+                if rounds_tx.send(fetched).await.is_err() || last {
                     return;
                 }
-                // `join` polls the fetch first: its query is on the wire before encoding starts.
-                let (next, step) =
-                    futures_util::future::join(catch_up.fetch_round(&mut state, topics), async {
-                        Step::encode(round)
-                    })
-                    .await;
-                if tx.send(Ok(step)).await.is_err() {
+            }
+        });
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(fetched) = rounds.recv().await {
+                if tx.send(fetched.map(Step::encode)).await.is_err() {
                     return;
                 }
-                fetched = next;
             }
         });
         rx

@@ -6,6 +6,12 @@ use clap::Parser;
 use services::config::exit_code;
 use services::{shutdown, telemetry};
 
+// Every event the gateway sends is allocated on a reader task and freed on the connection task
+// that sent it; glibc's allocator pays for each such cross-thread free (10–15 % of the gateway's
+// CPU in a catch-up profile). mimalloc frees them into the owning thread's heap cheaply.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = gateway::Config::parse();
